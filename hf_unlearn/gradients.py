@@ -1,0 +1,48 @@
+"""Batched gradient sums of ℓ over a set of rows, sharded across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .distributed import Processes
+from .objective import UnlearningTask, example_losses
+from .params import ParameterSpace
+
+
+class Batches:
+    """This process's shard of `rows`, collated once into device tensors and reused on every pass."""
+
+    def __init__(
+        self, task: UnlearningTask, rows: Sequence[Mapping], batch_size: int, device, processes: Processes
+    ):
+        shard = processes.shard(list(range(len(rows))))
+        self.batches = [
+            {k: v.to(device) for k, v in task.collate([rows[j] for j in shard[i : i + batch_size]]).items()}
+            for i in range(0, len(shard), batch_size)
+        ]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+def gradient_sum(
+    model: torch.nn.Module,
+    task: UnlearningTask,
+    space: ParameterSpace,
+    batches: Batches,
+    normalization: str,
+    processes: Processes,
+    desc: str | None = None,
+) -> torch.Tensor:
+    """Σ_z ∇θ ℓ(z; θ) over every row of `batches` on every process, as a flat (P,) vector."""
+    total = torch.zeros(space.numel, dtype=space.params[0].dtype, device=space.params[0].device)
+    for batch in tqdm(batches, desc=desc, disable=desc is None or not processes.is_main, leave=False):
+        loss = example_losses(task, model, batch, normalization).sum()  # Σ_batch ℓ
+        total += space.flatten(torch.autograd.grad(loss, space.params, materialize_grads=True))
+    return processes.sum(total)

@@ -1,0 +1,9 @@
+"""Solvers for (C + λI) x = rhs, by name. Each returns `(x, SolverStats)`."""
+
+from .base import SolverStats
+from .cg import conjugate_gradient
+from .direct import dense_matrix, direct_solve
+
+SOLVERS = {"cg": conjugate_gradient, "direct": direct_solve}
+
+__all__ = ["SOLVERS", "SolverStats", "conjugate_gradient", "dense_matrix", "direct_solve"]

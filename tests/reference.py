@@ -1,0 +1,209 @@
+"""Tiny config-built models and exact float64 references for the tests.
+
+Everything here is deliberately naive: per-example and per-token Python loops, dense Hessians from
+`torch.func.hessian`, `torch.linalg.solve`. The library is checked against it.
+"""
+
+from __future__ import annotations
+
+import random
+import types
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.func import functional_call
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+from hf_unlearn import UnlearningTask
+from hf_unlearn.params import ParameterSpace
+
+VOCAB = 32
+
+
+def _rmsnorm_in_own_dtype(self, hidden_states):
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _eager_attention_in_own_dtype(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    groups = module.num_key_value_groups
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, L, L)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+AttentionInterface.register("eager_own_dtype", _eager_attention_in_own_dtype)
+AttentionMaskInterface.register("eager_own_dtype", eager_mask)
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float64, lora_dropout: float = 0.1, exact: bool = True):
+    """A 2-layer Llama with LoRA (r=2) on q_proj/v_proj; B is random so that ∂ℓ/∂A ≠ 0.
+
+    Llama's RMSNorm and eager softmax compute in float32 whatever the model dtype, which caps agreement
+    between two float64 computations at ~1e-8; `exact` keeps both in the model's dtype so that the maths
+    can be checked to float64 round-off.
+    """
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation="eager_own_dtype" if exact else "eager",
+    )
+    base = LlamaForCausalLM(config).to(dtype)
+    if exact:
+        for module in base.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                module.forward = types.MethodType(_rmsnorm_in_own_dtype, module)
+    lora = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj", "v_proj"],
+        lora_dropout=lora_dropout,
+        init_lora_weights=False,
+    )
+    return get_peft_model(base, lora).to(dtype)
+
+
+def token_rows(n: int, seed: int = 0, min_len: int = 5, max_len: int = 10) -> list[dict]:
+    """Pre-tokenised rows with a prompt (labels -100) and a response (labels = ids), varied lengths."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        length = rng.randint(min_len, max_len)
+        prompt = rng.randint(1, length - 2)
+        ids = [rng.randrange(1, VOCAB) for _ in range(length)]
+        rows.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return rows
+
+
+def loop_loss_sum(model, row) -> tuple[torch.Tensor, int]:
+    """S and T of one row by an explicit loop over its tokens."""
+    ids = torch.tensor([row["input_ids"]])
+    logits = model(input_ids=ids).logits[0]  # (L, V)
+    S, T = logits.new_zeros(()), 0
+    for t in range(len(row["labels"]) - 1):
+        target = row["labels"][t + 1]
+        if target != -100:
+            S = S - torch.log_softmax(logits[t], dim=-1)[target]
+            T += 1
+    return S, T
+
+
+def loop_ell(model, row, normalization):
+    S, T = loop_loss_sum(model, row)
+    return S if normalization == "token" else S / T
+
+
+def loop_normaliser(rows, normalization) -> float:
+    if normalization == "example":
+        return float(len(rows))
+    return float(sum(sum(1 for y in r["labels"][1:] if y != -100) for r in rows))
+
+
+class DenseReference:
+    """Exact DESIGN §2 quantities for a model, over flat θ, by loops and `torch.func`."""
+
+    def __init__(self, model, normalization: str, ell=None, normaliser=None):
+        self.model = model.eval()
+        self.space = ParameterSpace(model)
+        self.theta = self.space.vector().clone()
+        self.normalization = normalization
+        self.ell = ell or (lambda m, row: loop_ell(m, row, normalization))
+        self.normaliser = normaliser or (lambda rows: loop_normaliser(rows, normalization))
+
+    def _call(self, theta):
+        params = dict(zip(self.space.names, self.space.unflatten(theta)))
+        space_model = self.model
+
+        class Bound(torch.nn.Module):
+            def forward(self, *args, **kwargs):
+                return functional_call(space_model, params, args, kwargs, strict=False)
+
+        return Bound()
+
+    def ell_at(self, theta, row):
+        return self.ell(self._call(theta), row)
+
+    def objective(self, rows, M=None):
+        M = M or self.normaliser(rows)
+        return lambda theta: sum(self.ell_at(theta, r) for r in rows) / M
+
+    def grad_sum(self, rows):
+        """Σ ∇ℓ over rows, one example at a time."""
+        total = torch.zeros_like(self.theta)
+        for r in rows:
+            total += torch.func.grad(lambda th: self.ell_at(th, r))(self.theta)
+        return total
+
+    def hessian(self, rows, M=None):
+        return torch.func.hessian(self.objective(rows, M))(self.theta)
+
+    def update(self, train_rows, old, new, damping, curvature_rows=None):
+        """Δθ = −(H + λI)⁻¹ b with b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)), M over the full training set."""
+        M = self.normaliser(train_rows)
+        b = (self.grad_sum(new) - self.grad_sum(old)) / M
+        H = self.hessian(curvature_rows or train_rows)
+        A = H + damping * torch.eye(len(self.theta), dtype=H.dtype)
+        return -torch.linalg.solve(A, b)
+
+
+class MaskedRegressionTask(UnlearningTask):
+    """Linear regression with a mask of observed outputs: `S = Σ_observed (ŷ − y)²`, `T` = #observed.
+
+    Quadratic in the parameters, so one Newton step is exact where the Hessian does not change.
+    """
+
+    def collate(self, rows):
+        return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in ("x", "y", "mask")}
+
+    def loss_sums(self, model, batch):
+        residual = (model(batch["x"]) - batch["y"]) * batch["mask"]  # (B, K)
+        return residual.pow(2).sum(dim=1), batch["mask"].sum(dim=1)
+
+    def loss_counts(self, batch):
+        return batch["mask"].sum(dim=1)
+
+    def split(self, row):
+        return tuple(row["x"]), (tuple(row["y"]), tuple(row["mask"]))
+
+
+def regression_rows(n: int, d: int = 3, k: int = 2, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(k, d, generator=g, dtype=torch.float64)
+    rows = []
+    for _ in range(n):
+        x = torch.randn(d, generator=g, dtype=torch.float64)
+        y = W @ x + 0.3 * torch.randn(k, generator=g, dtype=torch.float64)
+        mask = [1.0] * k
+        if torch.rand((), generator=g) < 0.4:
+            mask[int(torch.randint(k, (), generator=g))] = 0.0
+        rows.append({"x": x.tolist(), "y": y.tolist(), "mask": mask})
+    return rows
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def fit(model, task, rows, normalization: str = "token", steps: int = 60, lr: float = 0.02):
+    """A few full-batch Adam steps on R so that θ* is near a minimum, as after real training."""
+    from hf_unlearn.objective import example_losses, normaliser
+
+    space = ParameterSpace(model)
+    optimizer = torch.optim.Adam(space.params, lr=lr)
+    batch, M = task.collate(rows), normaliser(task, rows, normalization)
+    model.eval()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        (example_losses(task, model, batch, normalization).sum() / M).backward()
+        optimizer.step()
+    return model
