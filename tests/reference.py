@@ -141,7 +141,7 @@ class DenseReference:
         """Σ ∇ℓ over rows, one example at a time."""
         total = torch.zeros_like(self.theta)
         for r in rows:
-            total += torch.func.grad(lambda th: self.ell_at(th, r))(self.theta)
+            total += torch.func.grad(lambda th, r=r: self.ell_at(th, r))(self.theta)
         return total
 
     def hessian(self, rows, M=None):
@@ -207,3 +207,19 @@ def fit(model, task, rows, normalization: str = "token", steps: int = 60, lr: fl
         (example_losses(task, model, batch, normalization).sum() / M).backward()
         optimizer.step()
     return model
+
+
+def train_tokenizer(vocab_size: int = 96):
+    """A BPE tokenizer trained in ~0.1 s on Python's own help texts, wrapped as a transformers tokenizer."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<unk>", "<s>", "</s>"])
+    tok.train_from_iterator(list(topics.values()), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )

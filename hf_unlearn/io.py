@@ -1,0 +1,129 @@
+"""Writing the unlearned adapter: PEFT safetensors + `unlearning_manifest.json` + model card, atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from .errors import OutputExistsError
+
+MANIFEST_NAME = "unlearning_manifest.json"
+MANIFEST_FORMAT = "hf_unlearn.manifest/1"
+
+
+def file_digest(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def adapter_digest(adapter_dir: str | Path) -> str:
+    """SHA-256 over the adapter's config and weights (file names and contents, in sorted order)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(adapter_dir).glob("adapter_*")):
+        h.update(path.name.encode() + b"\0" + file_digest(path).encode() + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "hf_unlearn": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def build_manifest(result, args, **context) -> dict:
+    """The audit record of one unlearning run: counts, kinds and digests, never example content."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **context,
+        "request": result.request.summary(),
+        "arguments": args.to_dict(),
+        "solver": result.stats,
+        "delta_norm": result.delta_norm,
+        "timings": result.timings,
+        "num_processes": result.stats["num_processes"],
+        "versions": library_versions(),
+    }
+
+
+def model_card_section(manifest: dict) -> str:
+    kinds = ", ".join(f"{n} {k}" for k, n in manifest["request"]["kinds"].items())
+    s, a = manifest["solver"], manifest["arguments"]
+    return (
+        "\n## Unlearning\n\n"
+        f"This adapter was unlearned with hf_unlearn (LLMEraser influence "
+        f"update) from an adapter with digest `{manifest.get('input_adapter', {}).get('digest', 'unknown')}`.\n\n"
+        f"- Request: {manifest['request']['num_edits']} training rows ({kinds}); IR = removed, QM = prompt "
+        "modified, RC = response corrected.\n"
+        f"- Method: solver `{a['solver']}`, curvature `{a['curvature']}`, damping {a['damping']:g}, "
+        f"loss normalisation `{a['loss_normalization']}`, dtype `{a['dtype']}`.\n"
+        f"- Solver: {s['iterations']} iterations, relative residual {s['relative_residual']:.2e}, "
+        f"converged: {s['converged']}; ‖Δθ‖ = {manifest['delta_norm']:.4g}.\n\n"
+        f"The full audit record (digests of the affected rows, never their content) is `{MANIFEST_NAME}`.\n"
+    )
+
+
+def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"The output path {str(out)!r} exists and is not a directory.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"The output directory {str(out)!r} is not empty; pass --overwrite to replace it."
+        )
+
+
+def save_unlearned_adapter(model, output_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
+    """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all."""
+    out = Path(output_dir).resolve()
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        (staging / MANIFEST_NAME).write_text(
+            json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8"
+        )
+        card = staging / "README.md"
+        existing = card.read_text(encoding="utf-8") if card.exists() else ""
+        card.write_text(existing + model_card_section(manifest), encoding="utf-8")
+        _replace_dir(staging, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)
+    return out
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    """Rename `source` to `target`; an existing `target` is moved aside first and deleted afterwards."""
+    if not target.exists():
+        os.rename(source, target)
+        return
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, aside)
+    try:
+        os.rename(source, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside)

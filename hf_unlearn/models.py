@@ -1,0 +1,79 @@
+"""Loading a base causal LM and a LoRA adapter from local paths, safely (safetensors only, no remote code)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigurationError
+
+
+def load_base_model(model: str, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A local model directory, or a local `.gguf` file, loaded with attention that has a double backward."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(model)
+    if not path.exists():
+        raise ConfigurationError(
+            f"Base model {model!r} not found; give a local model directory or .gguf file."
+        )
+    kwargs = {"dtype": dtype, "attn_implementation": "eager", "trust_remote_code": trust_remote_code}
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), use_safetensors=True, local_files_only=True, **kwargs
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigurationError(f"Cannot load the base model from {model!r}: {e}") from None
+
+
+def load_adapter(base, adapter: str, is_trainable: bool = True):
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigurationError(f"{adapter!r} is not a PEFT adapter directory (no adapter_config.json).")
+    if not (path / "adapter_model.safetensors").is_file():
+        raise ConfigurationError(
+            f"{adapter!r} has no adapter_model.safetensors; only safetensors adapters are loaded (no pickle)."
+        )
+    try:
+        return PeftModel.from_pretrained(base, str(path), is_trainable=is_trainable)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ConfigurationError(f"The adapter {adapter!r} does not fit the base model: {e}") from None
+
+
+def adapter_dtype(adapter: str) -> torch.dtype:
+    """The dtype the adapter's weights are stored in."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter) / "adapter_model.safetensors"), framework="pt") as f:
+        return f.get_tensor(next(iter(f.keys()))).dtype
+
+
+def load_tokenizer(path: str | None, trust_remote_code: bool = False):
+    """The tokenizer at `path` (a directory or .gguf file); None when `path` is None."""
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    try:
+        return AutoTokenizer.from_pretrained(
+            str(p), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as e:
+        raise ConfigurationError(f"Cannot load a tokenizer from {path!r}: {e}") from None
+
+
+def has_tokenizer(path: str) -> bool:
+    p = Path(path)
+    return (
+        (p.is_file() and p.suffix == ".gguf")
+        or (p / "tokenizer_config.json").is_file()
+        or (p / "tokenizer.json").is_file()
+    )

@@ -1,0 +1,83 @@
+import json
+
+import pytest
+
+from hf_unlearn import InvalidRequestError, TrainingSet, UnlearningRequest
+from hf_unlearn.objective import CausalLMTask
+
+ROWS = [
+    {"input_ids": [1, 2, 3, 4], "labels": [-100, -100, 3, 4]},
+    {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
+    {"input_ids": [9, 10, 11], "labels": [-100, 10, 11]},
+]
+
+
+def resolve(request, rows=ROWS):
+    return request.resolve(TrainingSet(rows), CausalLMTask())
+
+
+def test_token_kinds_are_derived_from_which_part_changed():
+    resolved = resolve(
+        UnlearningRequest(
+            replace={
+                0: {"input_ids": [2, 2, 3, 4], "labels": [-100, -100, 3, 4]},  # prompt tokens changed
+                1: {"input_ids": [5, 6, 7, 9], "labels": [-100, -100, 7, 9]},  # response changed
+                2: {"input_ids": [1, 10, 12], "labels": [-100, 10, 12]},  # both
+            }
+        )
+    )
+    assert [e.kind for e in resolved.edits] == ["QM", "RC", "QM+RC"]
+
+
+def test_from_jsonl(tmp_path):
+    lines = [
+        {"op": "remove", "id": 0},
+        {"op": "replace", "id": 1, "input_ids": [5, 6, 7, 9], "labels": [-100, -100, 7, 9]},
+    ]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    request = UnlearningRequest.from_jsonl(tmp_path / "r.jsonl")
+    assert request.remove == [0]
+    assert request.replace == {1: {"input_ids": [5, 6, 7, 9], "labels": [-100, -100, 7, 9]}}
+    assert resolve(request).kind_counts() == {"IR": 1, "RC": 1}
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ([{"op": "delete", "id": 0}], "op 'delete'"),
+        ([{"op": "remove"}], "no 'id'"),
+        ([{"op": "replace", "id": 0}, {"op": "replace", "id": 0, "prompt": "x"}], "replaced twice"),
+    ],
+)
+def test_bad_request_files(tmp_path, lines, message):
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(InvalidRequestError, match=message):
+        UnlearningRequest.from_jsonl(tmp_path / "r.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (UnlearningRequest(), "empty"),
+        (UnlearningRequest(remove=[7]), "Unknown training row id 7"),
+        (UnlearningRequest(remove=[0], replace={0: {"prompt": "x", "response": "y"}}), "more than once"),
+        (UnlearningRequest(remove=[0, 1, 2]), "every training row"),
+        (UnlearningRequest(replace={0: {}}), "no new content"),
+        (UnlearningRequest(replace={0: {"prompt": "x"}}), "pre-tokenised"),
+        (UnlearningRequest(replace={0: {"input_ids": [1]}}), "both input_ids and labels"),
+        (UnlearningRequest(replace={0: dict(ROWS[0])}), "identical"),
+    ],
+)
+def test_bad_requests(request_, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        resolve(request_)
+
+
+def test_summary_has_digests_not_content():
+    summary = resolve(
+        UnlearningRequest(remove=[0], replace={1: {"input_ids": [5, 6, 7, 9], "labels": [-100, -100, 7, 9]}})
+    ).summary()
+    assert summary["kinds"] == {"IR": 1, "RC": 1}
+    text = json.dumps(summary)
+    assert "input_ids" not in text and "[5, 6, 7" not in text
+    assert all(e["old_digest"].startswith("sha256:") for e in summary["edits"])

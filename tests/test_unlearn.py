@@ -1,0 +1,191 @@
+"""The whole update against exact references: a dense float64 LLM computation and exact refitting."""
+
+import pytest
+import torch
+from reference import (
+    DenseReference,
+    MaskedRegressionTask,
+    fit,
+    regression_rows,
+    relative_error,
+    tiny_llama,
+    token_rows,
+)
+
+from hf_unlearn import CausalLMTask, SolverError, UnlearningArguments, UnlearningRequest, unlearn
+from hf_unlearn.params import ParameterSpace
+
+ROWS = token_rows(12, seed=0)
+NEW = token_rows(3, seed=9)
+# QM: new prompt tokens, same response; RC: same prompt, new response.
+QM_ROW = {
+    "input_ids": [7, 7] + ROWS[4]["input_ids"][ROWS[4]["labels"].count(-100) :],
+    "labels": [-100, -100] + ROWS[4]["input_ids"][ROWS[4]["labels"].count(-100) :],
+}
+_p = ROWS[6]["labels"].count(-100)
+RC_ROW = {"input_ids": ROWS[6]["input_ids"][:_p] + [3, 4, 5], "labels": [-100] * _p + [3, 4, 5]}
+
+REQUESTS = {
+    "IR": (UnlearningRequest(remove=[1, 3]), [1, 3], []),
+    "QM": (UnlearningRequest(replace={4: QM_ROW}), [4], [QM_ROW]),
+    "RC": (UnlearningRequest(replace={6: RC_ROW}), [6], [RC_ROW]),
+    "mixed": (
+        UnlearningRequest(remove=[0], replace={4: QM_ROW, 6: RC_ROW, 9: NEW[0]}),
+        [0, 4, 6, 9],
+        [QM_ROW, RC_ROW, NEW[0]],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return fit(tiny_llama(seed=0), CausalLMTask(), ROWS)
+
+
+def flat(result, model):
+    return ParameterSpace(model).flatten([result.delta[n] for n in ParameterSpace(model).names])
+
+
+def run(model, request, **kwargs):
+    before = ParameterSpace(model).vector().clone()
+    result = unlearn(model, ROWS, request, UnlearningArguments(dtype="float64", progress=False, **kwargs))
+    delta = flat(result, model)
+    assert relative_error(ParameterSpace(model).vector() - before, delta) < 1e-12  # applied in place
+    ParameterSpace(model).add_(-delta)  # restore θ* for the next test
+    return result, delta
+
+
+def damping_for(model, normalization):
+    """A damping that makes H + λI positive definite, from the dense spectrum."""
+    eigenvalues = torch.linalg.eigvalsh(DenseReference(model, normalization).hessian(ROWS))
+    return max(0.0, -eigenvalues[0].item()) + 0.05
+
+
+@pytest.mark.parametrize("normalization", ["token", "example"])
+@pytest.mark.parametrize("kind", list(REQUESTS))
+def test_update_matches_dense_reference(trained, kind, normalization):
+    request, old, new = REQUESTS[kind]
+    damping = damping_for(trained, normalization)
+    expected = DenseReference(trained, normalization).update(ROWS, [ROWS[i] for i in old], new, damping)
+    result, delta = run(trained, request, damping=damping, tol=1e-12, loss_normalization=normalization)
+    assert result.stats["converged"]
+    assert relative_error(delta, expected) < 1e-9
+    assert result.request.kind_counts() == (
+        {"IR": 1, "QM": 1, "RC": 1, "QM+RC": 1} if kind == "mixed" else {kind: len(old)}
+    )
+
+
+def test_direct_solver_matches_dense_reference(trained):
+    request, old, new = REQUESTS["mixed"]
+    damping = damping_for(trained, "token")
+    expected = DenseReference(trained, "token").update(ROWS, [ROWS[i] for i in old], new, damping)
+    _, delta = run(trained, request, solver="direct", damping=damping)
+    assert relative_error(delta, expected) < 1e-12
+
+
+def test_hessian_samples_uses_a_seeded_subset_with_its_own_normaliser(trained):
+    request, old, new = REQUESTS["IR"]
+    import random
+
+    subset = sorted(random.Random(5).sample(range(len(ROWS)), 6))
+    ref = DenseReference(trained, "token")
+    damping = max(0.0, -torch.linalg.eigvalsh(ref.hessian([ROWS[i] for i in subset]))[0].item()) + 0.05
+    expected = ref.update(
+        ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=[ROWS[i] for i in subset]
+    )
+    result, delta = run(trained, request, damping=damping, tol=1e-12, hessian_samples=6, seed=5)
+    assert result.stats["num_curvature_rows"] == 6
+    assert relative_error(delta, expected) < 1e-9
+
+
+def test_float32_computation_restores_model_dtype_and_mode(trained):
+    model = fit(tiny_llama(seed=0, dtype=torch.float32), CausalLMTask(), ROWS)
+    model.train()
+    request, old, new = REQUESTS["mixed"]
+    result = unlearn(model, ROWS, request, UnlearningArguments(damping=0.2, progress=False))
+    assert model.training and all(p.dtype == torch.float32 for p in model.parameters())
+    assert result.stats["converged"] and result.delta_norm > 0
+
+
+def test_unconverged_solve_changes_nothing(trained):
+    before = ParameterSpace(trained).vector().clone()
+    with pytest.raises(SolverError, match="did not converge"):
+        unlearn(
+            trained,
+            ROWS,
+            REQUESTS["IR"][0],
+            UnlearningArguments(dtype="float64", damping=0.5, max_iter=2, tol=1e-12, progress=False),
+        )
+    assert torch.equal(ParameterSpace(trained).vector(), before)
+
+
+# --- exact refitting on a problem whose loss is quadratic in the trainable parameters -----------------
+
+
+def refit(model, task, rows, normalization):
+    """The exact minimiser of (1/M) Σ ℓ over `rows` (one Newton step from anywhere on a quadratic)."""
+    from hf_unlearn.objective import example_losses
+
+    def ell(m, row):
+        return example_losses(task, m, task.collate([row]), normalization)[0]
+
+    ref = DenseReference(model, normalization, ell=ell, normaliser=lambda rs: 1.0)
+    objective = ref.objective(rows, M=1.0)
+    gradient = torch.func.grad(objective)(ref.theta)
+    return ref.theta - torch.linalg.solve(torch.func.hessian(objective)(ref.theta), gradient)
+
+
+@pytest.fixture()
+def regression():
+    rows = regression_rows(200, seed=2)
+    return torch.nn.Linear(3, 2).double(), MaskedRegressionTask(), rows
+
+
+@pytest.mark.parametrize("normalization", ["token", "example"])
+def test_response_correction_equals_exact_refit(regression, normalization):
+    """RC changes only y, so the Hessian is unchanged and one Newton step is exactly the refit."""
+    model, task, rows = regression
+    space = ParameterSpace(model)
+    space.add_(refit(model, task, rows, normalization) - space.vector())  # θ* = argmin R
+    new = {**rows[5], "y": [3.0, -2.0]}
+    edited = rows[:5] + [new] + rows[6:]
+    expected = refit(model, task, edited, normalization)
+    unlearn(
+        model,
+        rows,
+        UnlearningRequest(replace={5: {"y": [3.0, -2.0]}}),
+        UnlearningArguments(
+            solver="direct", damping=0.0, dtype="float64", loss_normalization=normalization, progress=False
+        ),
+        task=task,
+    )
+    assert relative_error(space.vector(), expected) < 1e-10
+
+
+@pytest.mark.parametrize("normalization", ["token", "example"])
+def test_removal_approximates_exact_refit_with_the_right_sign_and_scale(regression, normalization):
+    model, task, rows = regression
+    space = ParameterSpace(model)
+    space.add_(refit(model, task, rows, normalization) - space.vector())  # θ* = argmin R
+    theta_star = space.vector().clone()
+    expected = refit(model, task, [r for i, r in enumerate(rows) if i != 11], normalization) - theta_star
+    result = unlearn(
+        model,
+        rows,
+        UnlearningRequest(remove=[11]),
+        UnlearningArguments(
+            solver="cg",
+            damping=0.0,
+            tol=1e-12,
+            dtype="float64",
+            loss_normalization=normalization,
+            progress=False,
+        ),
+        task=task,
+    )
+    delta = space.vector() - theta_star
+    assert result.request.kind_counts() == {"IR": 1}
+    assert relative_error(delta, expected) < 0.05  # first-order in 1/n
+    assert (
+        relative_error(-delta, expected) > 1.5 and relative_error(2 * delta, expected) > 0.8
+    )  # sign and scale
