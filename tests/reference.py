@@ -40,8 +40,8 @@ AttentionInterface.register("eager_own_dtype", _eager_attention_in_own_dtype)
 AttentionMaskInterface.register("eager_own_dtype", eager_mask)
 
 
-def tiny_llama(seed: int = 0, dtype=torch.float64, lora_dropout: float = 0.1, exact: bool = True):
-    """A 2-layer Llama with LoRA (r=2) on q_proj/v_proj; B is random so that ∂ℓ/∂A ≠ 0.
+def tiny_llama_base(seed: int = 0, dtype=torch.float64, exact: bool = True, vocab_size: int = VOCAB):
+    """A 2-layer Llama built from a config.
 
     Llama's RMSNorm and eager softmax compute in float32 whatever the model dtype, which caps agreement
     between two float64 computations at ~1e-8; `exact` keeps both in the model's dtype so that the maths
@@ -49,7 +49,7 @@ def tiny_llama(seed: int = 0, dtype=torch.float64, lora_dropout: float = 0.1, ex
     """
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=2,
@@ -63,14 +63,16 @@ def tiny_llama(seed: int = 0, dtype=torch.float64, lora_dropout: float = 0.1, ex
         for module in base.modules():
             if type(module).__name__ == "LlamaRMSNorm":
                 module.forward = types.MethodType(_rmsnorm_in_own_dtype, module)
-    lora = LoraConfig(
-        r=2,
-        lora_alpha=4,
-        target_modules=["q_proj", "v_proj"],
-        lora_dropout=lora_dropout,
-        init_lora_weights=False,
-    )
-    return get_peft_model(base, lora).to(dtype)
+    return base
+
+
+LORA = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.1}
+
+
+def tiny_llama(seed: int = 0, dtype=torch.float64, exact: bool = True):
+    """`tiny_llama_base` with LoRA (r=2) on q_proj/v_proj; B is random so that ∂ℓ/∂A ≠ 0."""
+    base = tiny_llama_base(seed, dtype, exact)
+    return get_peft_model(base, LoraConfig(**LORA, init_lora_weights=False)).to(dtype)
 
 
 def token_rows(n: int, seed: int = 0, min_len: int = 5, max_len: int = 10) -> list[dict]:

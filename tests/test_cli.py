@@ -1,0 +1,147 @@
+"""`hf-unlearn unlearn` end to end on a tiny Llama saved to disk, against a dense float64 computation."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from reference import LORA, DenseReference, fit, relative_error, tiny_llama_base, token_rows
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from hf_unlearn import CausalLMTask
+from hf_unlearn.cli import main
+from hf_unlearn.io import MANIFEST_NAME, adapter_digest
+
+ROWS = token_rows(14, seed=7)
+REPLACEMENTS = {
+    # QM: new prompt tokens, same response tokens; RC: same prompt, new response.
+    "QM": (3, {"input_ids": [9, 9, 9] + ROWS[3]["input_ids"][ROWS[3]["labels"].count(-100) :]}),
+    "RC": (5, {"input_ids": ROWS[5]["input_ids"][: ROWS[5]["labels"].count(-100)] + [4, 5, 6]}),
+}
+REQUESTS = {
+    "IR": [{"op": "remove", "id": 2}, {"op": "remove", "id": 8}],
+    "QM": [
+        {
+            "op": "replace",
+            "id": 3,
+            **REPLACEMENTS["QM"][1],
+            "labels": [-100] * 3 + REPLACEMENTS["QM"][1]["input_ids"][3:],
+        }
+    ],
+    "RC": [
+        {
+            "op": "replace",
+            "id": 5,
+            **REPLACEMENTS["RC"][1],
+            "labels": [-100] * ROWS[5]["labels"].count(-100) + [4, 5, 6],
+        }
+    ],
+}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    base = tiny_llama_base(seed=3, dtype=torch.float32, exact=False)
+    base.save_pretrained(root / "base")
+    model = fit(get_peft_model(base, LoraConfig(**LORA)), CausalLMTask(), ROWS, steps=80)
+    model.save_pretrained(root / "adapter")
+    files = {"root": root, "base": str(root / "base"), "adapter": str(root / "adapter")}
+    files["train"] = write_jsonl(root / "train.jsonl", ROWS)
+    for kind, lines in REQUESTS.items():
+        files[kind] = write_jsonl(root / f"{kind}.jsonl", lines)
+    return files
+
+
+def dense_update(workspace, kind, normalization, damping):
+    base = AutoModelForCausalLM.from_pretrained(
+        workspace["base"], dtype=torch.float64, attn_implementation="eager"
+    )
+    model = PeftModel.from_pretrained(base, workspace["adapter"], is_trainable=True).double()
+    ref = DenseReference(model, normalization)
+    old = [ROWS[line["id"]] for line in REQUESTS[kind]]
+    new = [
+        {"input_ids": line["input_ids"], "labels": line["labels"]}
+        for line in REQUESTS[kind]
+        if line["op"] == "replace"
+    ]
+    return ref, ref.update(ROWS, old, new, damping)
+
+
+def adapter_vector(path, names):
+    tensors = load_file(f"{path}/adapter_model.safetensors")
+    return torch.cat([tensors[n].double().reshape(-1) for n in names])
+
+
+@pytest.mark.parametrize("normalization", ["token", "example"])
+@pytest.mark.parametrize("kind", ["IR", "QM", "RC"])
+def test_cli_reproduces_dense_update(workspace, kind, normalization):
+    digest_before = adapter_digest(workspace["adapter"])
+    ref, _ = dense_update(workspace, kind, normalization, 0.0)
+    damping = max(0.0, -torch.linalg.eigvalsh(ref.hessian(ROWS))[0].item()) + 0.05
+    _, expected = dense_update(workspace, kind, normalization, damping)
+    names = list(load_file(f"{workspace['adapter']}/adapter_model.safetensors"))
+    before = adapter_vector(workspace["adapter"], names)
+    for dtype, tolerance in (("float32", 1e-3), ("float64", 1e-4)):
+        out = workspace["root"] / f"out-{kind}-{normalization}-{dtype}"
+        code = main(
+            ["unlearn", "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file", workspace["train"],
+             "--request", workspace[kind], "--output-dir", str(out), "--solver", "cg", "--curvature", "hessian",
+             "--damping", str(damping), "--tol", "1e-8", "--max-iter", "500", "--loss-normalization", normalization,
+             "--dtype", dtype, "--no_progress"]
+        )  # fmt: skip
+        assert code == 0
+        delta = adapter_vector(out, names) - before
+        error = relative_error(delta, expected)
+        print(f"{kind} {normalization} {dtype}: relative error {error:.2e}")
+        assert error <= tolerance, (dtype, error)
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        assert manifest["request"]["kinds"] == {kind: len(REQUESTS[kind])}
+        assert manifest["arguments"]["dtype"] == dtype and manifest["arguments"]["damping"] == damping
+        assert manifest["input_adapter"]["digest"] == digest_before
+        assert manifest["num_processes"] == 1 and manifest["solver"]["converged"]
+    assert adapter_digest(workspace["adapter"]) == digest_before  # the input adapter is untouched
+
+
+def test_output_is_a_loadable_peft_adapter_with_manifest_and_card(workspace):
+    out = workspace["root"] / "loadable"
+    args = ["unlearn", "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file", workspace["train"],
+            "--request", workspace["IR"], "--output-dir", str(out), "--damping", "1.0"]  # fmt: skip
+    assert main(args) == 0
+    assert {"adapter_model.safetensors", "adapter_config.json", MANIFEST_NAME, "README.md"} <= {
+        p.name for p in out.iterdir()
+    }
+    base = AutoModelForCausalLM.from_pretrained(workspace["base"])
+    model = PeftModel.from_pretrained(base, str(out))
+    assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+    manifest_text = (out / MANIFEST_NAME).read_text()
+    assert '"input_ids"' not in manifest_text  # digests only
+    assert "## Unlearning" in (out / "README.md").read_text()
+    # A second run into the same directory is refused without --overwrite, and leaves it as it was.
+    before = adapter_digest(out)
+    assert main(args) == 6
+    assert adapter_digest(out) == before
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_console_script_and_module_entry_points(workspace):
+    out = workspace["root"] / "entry"
+    command = ["unlearn", "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file",
+               workspace["train"], "--request", workspace["RC"], "--output-dir", str(out), "--damping", "1.0"]  # fmt: skip
+    run = subprocess.run([sys.executable, "-m", "hf_unlearn", *command], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "Wrote" in run.stdout and (out / "adapter_model.safetensors").is_file()
+    run = subprocess.run(
+        ["hf-unlearn", *command[:-4], "--output-dir", str(workspace["root"] / "x"), "--damping", "-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 4 and "damping" in run.stderr and "Traceback" not in run.stderr
