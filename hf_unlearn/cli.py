@@ -22,6 +22,10 @@ class UnlearnPaths:
         default=None, metadata={"help": "Tokenizer for text rows (default: the base model's, if it has one)."}
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
+    base_model_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub id of the base model, recorded in the model card (default: --model)."},
+    )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the model dir."}
     )
@@ -35,9 +39,16 @@ def unlearn_command(argv: list[str]) -> int:
     from .data import ExampleEncoder, TextEncoding, TrainingSet
     from .eraser import default_task, unlearn
     from .errors import ConfigurationError
-    from .io import adapter_digest, build_manifest, check_output_dir, file_digest, save_unlearned_adapter
+    from .io import (
+        adapter_digest,
+        build_manifest,
+        check_output_dir,
+        file_digest,
+        read_history,
+        save_unlearned_adapter,
+    )
     from .models import adapter_dtype, has_tokenizer, load_adapter, load_base_model, load_tokenizer
-    from .request import UnlearningRequest
+    from .request import UnlearningRequest, check_against_history
 
     parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments), prog="hf-unlearn unlearn")
     paths, encoding, args = parser.parse_args_into_dataclasses(argv)
@@ -50,6 +61,8 @@ def unlearn_command(argv: list[str]) -> int:
     check_output_dir(paths.output_dir, paths.overwrite)
     train = TrainingSet.from_jsonl(paths.train_file)
     request = UnlearningRequest.from_jsonl(paths.request)
+    history = read_history(paths.adapter)
+    check_against_history(request, train, history)
     input_digest = adapter_digest(paths.adapter)
     stored_dtype = adapter_dtype(paths.adapter)
 
@@ -78,8 +91,16 @@ def unlearn_command(argv: list[str]) -> int:
                 "num_rows": len(train),
             },
             text_encoding=vars(encoding),
+            history=history,
         )
-        out = save_unlearned_adapter(model, paths.output_dir, manifest, overwrite=paths.overwrite)
+        out = save_unlearned_adapter(
+            model,
+            paths.output_dir,
+            manifest,
+            overwrite=paths.overwrite,
+            card_source=paths.adapter,
+            base_model_id=paths.base_model_id,
+        )
         s = result.stats
         print(
             f"Unlearned {result.request.summary()['kinds']} with {args.solver}: {s['iterations']} iterations, "

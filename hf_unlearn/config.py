@@ -59,6 +59,13 @@ class UnlearningArguments:
     )
     seed: int = field(default=0, metadata={"help": "Seed for curvature subsampling."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars on the main process."})
+    allow_inexact: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep a finite result although the solver did not reach --tol (recorded as inexact in the "
+            "manifest and model card). Without it, an unconverged solve writes nothing."
+        },
+    )
 
     def __post_init__(self):
         _choice("solver", self.solver, SOLVERS)

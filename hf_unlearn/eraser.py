@@ -18,7 +18,7 @@ from .curvature import CURVATURE_OPERATORS
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes
 from .errors import SolverError
-from .gradients import Batches, gradient_sum
+from .gradients import Batches, gradient_sum, loss_sum
 from .objective import CausalLMTask, UnlearningTask, normaliser
 from .params import ParameterSpace, computation_mode
 from .request import ResolvedRequest, UnlearningRequest
@@ -82,9 +82,11 @@ def unlearn(
         # b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old))
         t = time.perf_counter()
         show = args.progress
-        b = -gradient_sum(
-            model, task, space, batches(resolved.old), norm, processes, "gradients (old)" if show else None
+        old_batches = batches(resolved.old)
+        g_old = gradient_sum(
+            model, task, space, old_batches, norm, processes, "gradients (old)" if show else None
         )
+        b = -g_old
         if resolved.new:
             b += gradient_sum(
                 model,
@@ -123,19 +125,34 @@ def unlearn(
             progress=show and processes.is_main,
         )
         timings["solver_seconds"] = time.perf_counter() - t
+        problems = []
         if not torch.isfinite(delta).all():
-            raise SolverError("The solver produced non-finite values; nothing was changed. Raise --damping.")
+            problems.append("the solver produced non-finite values")
         if not stats.converged:
-            raise SolverError(
+            problems.append(
                 f"{args.solver} did not converge in {stats.iterations} iterations (relative residual "
-                f"{stats.relative_residual:.3g} > tol {args.tol:g}); nothing was changed. Raise --max-iter or "
-                "--damping, or loosen --tol."
+                f"{stats.relative_residual:.3g} > tol {args.tol:g})"
             )
+        if problems and not (args.allow_inexact and torch.isfinite(delta).all()):
+            raise SolverError(
+                "; ".join(problems).capitalize() + "; nothing was changed. Raise --max-iter or --damping, "
+                "loosen --tol, or pass --allow-inexact to keep an inexact (finite) result."
+            )
+        # Forget-set check: mean ℓ over the old versions, predicted to first order (∇ℓ·Δθ) and measured.
+        num_old = len(resolved.old)
+        forget_before = loss_sum(model, task, old_batches, norm, processes) / num_old
+        predicted_change = (g_old.dot(delta) / num_old).item()
+        space.add_(delta)
+        forget_after = loss_sum(model, task, old_batches, norm, processes) / num_old
         delta_dict = space.as_dict(delta)
         b_norm = b.norm().item()
-    space.add_(delta)
     timings["total_seconds"] = time.perf_counter() - start
     stats_dict = stats.to_dict() | {
+        "inexact": bool(problems),
+        "forget_loss_before": forget_before,
+        "forget_loss_after": forget_after,
+        "forget_loss_change_predicted": predicted_change,
+        "forget_loss_change_measured": forget_after - forget_before,
         "num_params": space.numel,
         "normaliser": M,
         "num_train": len(train),

@@ -46,3 +46,14 @@ def gradient_sum(
         loss = example_losses(task, model, batch, normalization).sum()  # Σ_batch ℓ
         total += space.flatten(torch.autograd.grad(loss, space.params, materialize_grads=True))
     return processes.sum(total)
+
+
+@torch.no_grad()
+def loss_sum(
+    model, task: UnlearningTask, batches: Batches, normalization: str, processes: Processes
+) -> float:
+    """Σ_z ℓ(z; θ) over every row of `batches` on every process."""
+    total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    for batch in batches:
+        total += example_losses(task, model, batch, normalization).sum()
+    return processes.sum(total).item()

@@ -78,9 +78,34 @@ def model_card_section(manifest: dict) -> str:
         f"- Method: solver `{a['solver']}`, curvature `{a['curvature']}`, damping {a['damping']:g}, "
         f"loss normalisation `{a['loss_normalization']}`, dtype `{a['dtype']}`.\n"
         f"- Solver: {s['iterations']} iterations, relative residual {s['relative_residual']:.2e}, "
-        f"converged: {s['converged']}; ‖Δθ‖ = {manifest['delta_norm']:.4g}.\n\n"
+        f"converged: {s['converged']}; ‖Δθ‖ = {manifest['delta_norm']:.4g}.\n"
+        + (
+            "- **Inexact result**: the solver stopped before reaching its tolerance and the user chose to keep "
+            "the result (`--allow-inexact`).\n"
+            if s.get("inexact")
+            else ""
+        )
+        + f"- Forget-set loss (mean ℓ over the old versions): {s['forget_loss_before']:.4g} → "
+        f"{s['forget_loss_after']:.4g} (first-order prediction of the change: "
+        f"{s['forget_loss_change_predicted']:+.4g}).\n\n"
         f"The full audit record (digests of the affected rows, never their content) is `{MANIFEST_NAME}`.\n"
     )
+
+
+def read_history(adapter_dir: str | Path) -> list[dict]:
+    """Earlier unlearning runs that produced `adapter_dir`, oldest first (empty for a freshly trained adapter)."""
+    path = Path(adapter_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return []
+    previous = json.loads(path.read_text(encoding="utf-8"))
+    return previous.get("history", []) + [
+        {
+            "manifest_digest": file_digest(path),
+            "created": previous.get("created"),
+            "input_adapter": previous.get("input_adapter"),
+            "request": previous["request"],
+        }
+    ]
 
 
 def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
@@ -93,8 +118,36 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
         )
 
 
-def save_unlearned_adapter(model, output_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
-    """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all."""
+CARD_TAGS = ["unlearning", "hf-unlearn", "llmeraser", "peft", "lora"]
+
+
+def write_model_card(directory: Path, manifest: dict, base_model_id: str | None = None) -> None:
+    """Hub-ready card: `library_name: peft`, `base_model`, tags, and an "Unlearning" section (no content)."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(directory / "README.md") if (directory / "README.md").exists() else ModelCard("")
+    card.data.library_name = "peft"
+    if base_model_id:
+        card.data.base_model = base_model_id
+        tags = [t for t in (card.data.tags or []) if not t.startswith("base_model:")]
+        card.data.tags = tags + [f"base_model:adapter:{base_model_id}"]
+    card.data.tags = list(dict.fromkeys((card.data.tags or []) + CARD_TAGS))
+    card.text = card.text.rstrip() + "\n" + model_card_section(manifest)
+    card.save(directory / "README.md")
+
+
+def save_unlearned_adapter(
+    model,
+    output_dir: str | Path,
+    manifest: dict,
+    overwrite: bool = False,
+    card_source: str | Path | None = None,
+    base_model_id: str | None = None,
+) -> Path:
+    """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all.
+
+    `card_source` is the input adapter's directory: its README.md is kept and extended.
+    """
     out = Path(output_dir).resolve()
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)

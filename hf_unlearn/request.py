@@ -155,3 +155,39 @@ def _replacement(row_id, old: Mapping, new_fields: Mapping, task: UnlearningTask
     if not (qm or rc):
         raise InvalidRequestError(f"Replacement for row {row_id!r} is identical to the training row.")
     return new, "QM+RC" if qm and rc else ("QM" if qm else "RC")
+
+
+def check_against_history(request: UnlearningRequest, train: TrainingSet, history: list[dict]) -> None:
+    """A request to an already-unlearned adapter must match its earlier runs (manifests, oldest first).
+
+    The training file must be the edited one: rows removed earlier are absent, rows replaced earlier hold
+    their new version (checked by digest). A row removed earlier cannot be named again.
+    """
+    removed: set[str] = set()
+    replaced: dict[str, str] = {}
+    for run in history:
+        for edit in run["request"]["edits"]:
+            key = str(edit["id"])
+            if edit["kind"] == "IR":
+                removed.add(key)
+                replaced.pop(key, None)
+            else:
+                replaced[key] = edit["new_digest"]
+    for row_id in [*request.remove, *request.replace]:
+        if str(row_id) in removed:
+            raise InvalidRequestError(
+                f"Row {row_id!r} was already removed by an earlier unlearning run of this adapter."
+            )
+    for key in sorted(removed):
+        if train.index_of(key) is not None:
+            raise DataError(
+                f"Row {key!r} was removed by an earlier unlearning run of this adapter, but the training file still "
+                "has it; give the training file as edited by the earlier runs."
+            )
+    for key, digest in replaced.items():
+        index = train.index_of(key)
+        if index is None or example_digest(train[index]) != digest:
+            raise DataError(
+                f"Row {key!r} was replaced by an earlier unlearning run of this adapter; the training file must hold "
+                "its new version."
+            )
