@@ -6,7 +6,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-COMMANDS = {"unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter."}
+COMMANDS = {
+    "unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter.",
+    "push": "Publish an unlearned adapter directory to the Hugging Face Hub (--dry-run lists the files).",
+}
 
 
 @dataclass
@@ -47,7 +50,14 @@ def unlearn_command(argv: list[str]) -> int:
         read_history,
         save_unlearned_adapter,
     )
-    from .models import adapter_dtype, has_tokenizer, load_adapter, load_base_model, load_tokenizer
+    from .models import (
+        adapter_dtype,
+        check_adapter_dir,
+        has_tokenizer,
+        load_adapter,
+        load_base_model,
+        load_tokenizer,
+    )
     from .request import UnlearningRequest, check_against_history
 
     parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments), prog="hf-unlearn unlearn")
@@ -59,6 +69,7 @@ def unlearn_command(argv: list[str]) -> int:
             "--output-dir must differ from --adapter: the input adapter is never modified."
         )
     check_output_dir(paths.output_dir, paths.overwrite)
+    check_adapter_dir(paths.adapter)
     train = TrainingSet.from_jsonl(paths.train_file)
     request = UnlearningRequest.from_jsonl(paths.request)
     history = read_history(paths.adapter)
@@ -111,6 +122,56 @@ def unlearn_command(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class PushArguments:
+    """Arguments of `hf-unlearn push`."""
+
+    adapter_dir: str = field(
+        metadata={"help": "An unlearned adapter directory written by `hf-unlearn unlearn`."}
+    )
+    repo_id: str = field(metadata={"help": "Target Hub repository, e.g. my-org/my-adapter-unlearned."})
+    private: bool = field(default=False, metadata={"help": "Create the repository as private."})
+    dry_run: bool = field(
+        default=False, metadata={"help": "List exactly what would be uploaded; upload nothing."}
+    )
+
+
+def push_command(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from .errors import ConfigurationError
+    from .io import MANIFEST_NAME
+
+    # The directory is positional, as in `hf-unlearn push OUT --repo-id ...`.
+    if argv and not argv[0].startswith("-"):
+        argv = ["--adapter_dir", argv[0], *argv[1:]]
+    (args,) = HfArgumentParser(PushArguments, prog="hf-unlearn push").parse_args_into_dataclasses(argv)
+    folder = Path(args.adapter_dir)
+    required = ["adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME, "README.md"]
+    missing = [name for name in required if not (folder / name).is_file()]
+    if missing:
+        raise ConfigurationError(
+            f"{folder} is not an unlearned adapter directory (missing {', '.join(missing)})."
+        )
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)
+    )
+    if args.dry_run:
+        print(f"Would upload to {args.repo_id} ({'private' if args.private else 'public'}):")
+        for p in files:
+            print(f"  {p.relative_to(folder)}\t{p.stat().st_size} bytes")
+        return 0
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+    info = api.upload_folder(
+        repo_id=args.repo_id, folder_path=str(folder), commit_message="Upload unlearned adapter (hf_unlearn)"
+    )
+    print(f"Uploaded {len(files)} files to {info}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import UnlearningError
 
@@ -128,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0
     try:
-        return {"unlearn": unlearn_command}[argv[0]](argv[1:])
+        return {"unlearn": unlearn_command, "push": push_command}[argv[0]](argv[1:])
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)
         return e.exit_code

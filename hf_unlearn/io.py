@@ -126,13 +126,15 @@ def write_model_card(directory: Path, manifest: dict, base_model_id: str | None 
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(directory / "README.md") if (directory / "README.md").exists() else ModelCard("")
+    card.text = (
+        card.text.rstrip() + "\n" + model_card_section(manifest)
+    )  # before the data: setting text re-parses
     card.data.library_name = "peft"
     if base_model_id:
         card.data.base_model = base_model_id
         tags = [t for t in (card.data.tags or []) if not t.startswith("base_model:")]
         card.data.tags = tags + [f"base_model:adapter:{base_model_id}"]
     card.data.tags = list(dict.fromkeys((card.data.tags or []) + CARD_TAGS))
-    card.text = card.text.rstrip() + "\n" + model_card_section(manifest)
     card.save(directory / "README.md")
 
 
@@ -153,13 +155,13 @@ def save_unlearned_adapter(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
+        staging.mkdir()
+        if card_source is not None and (Path(card_source) / "README.md").is_file():
+            shutil.copyfile(Path(card_source) / "README.md", staging / "README.md")
         model.save_pretrained(staging, safe_serialization=True)
-        (staging / MANIFEST_NAME).write_text(
-            json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8"
-        )
-        card = staging / "README.md"
-        existing = card.read_text(encoding="utf-8") if card.exists() else ""
-        card.write_text(existing + model_card_section(manifest), encoding="utf-8")
+        text = json.dumps(manifest, indent=2, default=str) + "\n"
+        (staging / MANIFEST_NAME).write_text(text, encoding="utf-8")
+        write_model_card(staging, manifest, base_model_id)
         _replace_dir(staging, out)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -29,9 +29,8 @@ def load_base_model(model: str, dtype: torch.dtype, trust_remote_code: bool = Fa
         raise ConfigurationError(f"Cannot load the base model from {model!r}: {e}") from None
 
 
-def load_adapter(base, adapter: str, is_trainable: bool = True):
-    from peft import PeftModel
-
+def check_adapter_dir(adapter: str) -> None:
+    """A PEFT adapter directory with safetensors weights, or a `ConfigurationError` saying what is wrong."""
     path = Path(adapter)
     if not (path / "adapter_config.json").is_file():
         raise ConfigurationError(f"{adapter!r} is not a PEFT adapter directory (no adapter_config.json).")
@@ -39,8 +38,14 @@ def load_adapter(base, adapter: str, is_trainable: bool = True):
         raise ConfigurationError(
             f"{adapter!r} has no adapter_model.safetensors; only safetensors adapters are loaded (no pickle)."
         )
+
+
+def load_adapter(base, adapter: str, is_trainable: bool = True):
+    from peft import PeftModel
+
+    check_adapter_dir(adapter)
     try:
-        return PeftModel.from_pretrained(base, str(path), is_trainable=is_trainable)
+        return PeftModel.from_pretrained(base, adapter, is_trainable=is_trainable)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ConfigurationError(f"The adapter {adapter!r} does not fit the base model: {e}") from None
 

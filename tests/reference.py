@@ -87,6 +87,9 @@ def token_rows(n: int, seed: int = 0, min_len: int = 5, max_len: int = 10) -> li
     return rows
 
 
+ROWS_FOR_CLI = token_rows(14, seed=7)
+
+
 def loop_loss_sum(model, row) -> tuple[torch.Tensor, int]:
     """S and T of one row by an explicit loop over its tokens."""
     ids = torch.tensor([row["input_ids"]])

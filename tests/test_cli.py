@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from reference import LORA, DenseReference, fit, relative_error, tiny_llama_base, token_rows
+from reference import LORA, ROWS_FOR_CLI, DenseReference, fit, relative_error, tiny_llama_base
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -15,7 +15,7 @@ from hf_unlearn import CausalLMTask
 from hf_unlearn.cli import main
 from hf_unlearn.io import MANIFEST_NAME, adapter_digest
 
-ROWS = token_rows(14, seed=7)
+ROWS = ROWS_FOR_CLI
 REPLACEMENTS = {
     # QM: new prompt tokens, same response tokens; RC: same prompt, new response.
     "QM": (3, {"input_ids": [9, 9, 9] + ROWS[3]["input_ids"][ROWS[3]["labels"].count(-100) :]}),

@@ -1,0 +1,225 @@
+"""Bad input, faults, audit trail, sequential requests, determinism, safety and publishing (CLI level)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from reference import ROWS_FOR_CLI as ROWS
+from test_cli import workspace, write_jsonl  # noqa: F401  (fixture)
+
+from hf_unlearn.cli import main
+from hf_unlearn.io import MANIFEST_NAME, adapter_digest, file_digest
+
+
+def base_args(ws, request, out, *extra):
+    return ["unlearn", "--model", ws["base"], "--adapter", ws["adapter"], "--train-file", ws["train"],
+            "--request", request, "--output-dir", str(out), "--damping", "1.0", "--no_progress", *extra]  # fmt: skip
+
+
+def no_output(out):
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+
+
+BAD_REQUESTS = {
+    "unknown id": ([{"op": "remove", "id": 99}], 2, "Unknown training row id 99"),
+    "duplicate id": ([{"op": "remove", "id": 1}, {"op": "remove", "id": 1}], 2, "more than once"),
+    "unknown op": ([{"op": "forget", "id": 1}], 2, "op 'forget'"),
+    "no content": ([{"op": "replace", "id": 1}], 2, "no new content"),
+    "empty": ([], 2, "empty"),
+    "removes all": ([{"op": "remove", "id": i} for i in range(len(ROWS))], 2, "every training row"),
+    "text without tokenizer": ([{"op": "replace", "id": 1, "prompt": "a", "response": "b"}], 3, "tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_exits_with_message_and_writes_nothing(workspace, tmp_path, case, capsys):  # noqa: F811
+    lines, code, message = BAD_REQUESTS[case]
+    request = write_jsonl(tmp_path / "request.jsonl", lines)
+    out = tmp_path / "out"
+    assert main(base_args(workspace, request, out)) == code
+    assert message in capsys.readouterr().err
+    assert no_output(out)
+
+
+def test_bad_arguments_and_inputs(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    request = workspace["IR"]
+    (tmp_path / "bad.jsonl").write_text('{"input_ids": [1, 2], "labels": [-100, 2]}\n{not json\n')
+    cases = [
+        (base_args(workspace, request, out, "--damping", "-1"), 4, "damping"),
+        (base_args(workspace, request, out, "--damping", "nan"), 4, "damping"),
+        ([*base_args(workspace, request, out)[:2], "/nonexistent/base", *base_args(workspace, request, out)[3:]], 4, "not found"),
+        ([a if a != workspace["adapter"] else str(tmp_path) for a in base_args(workspace, request, out)], 4, "not a PEFT adapter"),
+        ([a if a != workspace["train"] else str(tmp_path / "bad.jsonl") for a in base_args(workspace, request, out)], 3, "line 2"),
+    ]  # fmt: skip
+    for argv, code, message in cases:
+        assert main(argv) == code, message
+        assert message in capsys.readouterr().err
+        assert no_output(out)
+
+
+def test_adapter_that_does_not_fit_the_base(workspace, tmp_path, capsys):  # noqa: F811
+    bad = tmp_path / "bad_adapter"
+    shutil.copytree(workspace["adapter"], bad)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(bad / "adapter_model.safetensors")
+    save_file(
+        {k: torch.zeros(v.shape[0] + 1, *v.shape[1:]) for k, v in tensors.items()},
+        bad / "adapter_model.safetensors",
+    )
+    out = tmp_path / "out"
+    argv = [a if a != workspace["adapter"] else str(bad) for a in base_args(workspace, workspace["IR"], out)]
+    assert main(argv) == 4
+    assert "does not fit the base model" in capsys.readouterr().err
+    assert no_output(out)
+
+
+def test_existing_output_needs_overwrite(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(base_args(workspace, workspace["IR"], out)) == 6
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_unconverged_solve_writes_nothing_unless_allowed(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(base_args(workspace, workspace["IR"], out, "--max-iter", "1", "--tol", "1e-12")) == 5
+    assert "did not converge" in capsys.readouterr().err and no_output(out)
+    assert (
+        main(
+            base_args(workspace, workspace["IR"], out, "--max-iter", "1", "--tol", "1e-12", "--allow-inexact")
+        )
+        == 0
+    )
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["solver"]["inexact"] is True and manifest["solver"]["converged"] is False
+    assert "Inexact result" in (out / "README.md").read_text()
+
+
+def test_run_killed_part_way_leaves_nothing_at_the_output_path(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    argv = base_args(
+        workspace, workspace["IR"], out, "--tol", "1e-300", "--max-iter", "100000000", "--allow-inexact"
+    )
+    argv.remove("--no_progress")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hf_unlearn", *argv], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
+    )
+    seen, deadline = b"", time.time() + 120
+    while b"cg:" not in seen and time.time() < deadline and proc.poll() is None:
+        seen += os.read(proc.stderr.fileno(), 256)
+    assert b"cg:" in seen, seen[-500:]  # killed while solving
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+
+
+def test_interrupted_write_leaves_nothing(workspace, tmp_path, monkeypatch):  # noqa: F811
+    from peft import PeftModel
+
+    original = PeftModel.save_pretrained
+
+    def save_then_die(self, directory, **kwargs):
+        original(self, directory, **kwargs)
+        raise KeyboardInterrupt  # e.g. Ctrl-C after the weights, before the manifest
+
+    monkeypatch.setattr(PeftModel, "save_pretrained", save_then_die)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(base_args(workspace, workspace["IR"], out))
+    assert no_output(out)
+
+
+def test_manifest_is_an_audit_trail_without_content(workspace, tmp_path):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(base_args(workspace, workspace["IR"], out)) == 0
+    text = (out / MANIFEST_NAME).read_text()
+    manifest = json.loads(text)
+    for row_id in (2, 8):  # the removed rows: their token ids never appear
+        assert json.dumps(ROWS[row_id]["input_ids"]) not in text
+        assert json.dumps(ROWS[row_id]["input_ids"]).replace(" ", "") not in text.replace(" ", "").replace(
+            "\n", ""
+        )
+    assert manifest["request"]["kinds"] == {"IR": 2} and len(manifest["request"]["edits"]) == 2
+    assert manifest["input_adapter"]["digest"] == adapter_digest(workspace["adapter"])
+    assert manifest["training_data"]["digest"] == file_digest(workspace["train"])
+    assert set(manifest["versions"]) >= {"torch", "transformers", "peft", "accelerate", "hf_unlearn"}
+    s = manifest["solver"]
+    assert (
+        s["forget_loss_change_measured"] > 0 and s["forget_loss_change_predicted"] > 0
+    )  # removal raises their loss
+    assert s["forget_loss_after"] == pytest.approx(s["forget_loss_before"] + s["forget_loss_change_measured"])
+
+
+def test_sequential_requests_are_checked_and_chained(workspace, tmp_path, capsys):  # noqa: F811
+    train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"r{i}", **row} for i, row in enumerate(ROWS)])
+    first = write_jsonl(tmp_path / "first.jsonl", [{"op": "remove", "id": "r2"}])
+    out1, out2 = tmp_path / "out1", tmp_path / "out2"
+
+    def run(adapter, train_file, request, out):
+        argv = base_args(workspace, request, out)
+        argv[argv.index(workspace["adapter"])] = str(adapter)
+        argv[argv.index(workspace["train"])] = train_file
+        return main(argv)
+
+    assert run(workspace["adapter"], train, first, out1) == 0
+    # The training file must reflect the earlier removal ...
+    again = write_jsonl(tmp_path / "again.jsonl", [{"op": "remove", "id": "r5"}])
+    assert run(out1, train, again, out2) == 3
+    assert "removed by an earlier unlearning run" in capsys.readouterr().err
+    # ... and a removed row cannot be removed again.
+    edited = write_jsonl(
+        tmp_path / "edited.jsonl", [{"id": f"r{i}", **row} for i, row in enumerate(ROWS) if i != 2]
+    )
+    assert run(out1, edited, first, out2) == 2
+    assert "already removed" in capsys.readouterr().err
+    assert run(out1, edited, again, out2) == 0
+    history = json.loads((out2 / MANIFEST_NAME).read_text())["history"]
+    assert len(history) == 1 and history[0]["manifest_digest"] == file_digest(out1 / MANIFEST_NAME)
+    assert history[0]["request"]["kinds"] == {"IR": 1}
+
+
+def test_same_inputs_give_byte_identical_adapters(workspace, tmp_path):  # noqa: F811
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        assert main(base_args(workspace, workspace["RC"], out, "--hessian-samples", "8", "--seed", "3")) == 0
+    assert file_digest(outs[0] / "adapter_model.safetensors") == file_digest(
+        outs[1] / "adapter_model.safetensors"
+    )
+
+
+def test_only_safetensors_are_loaded(workspace, tmp_path, capsys):  # noqa: F811
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(os.path.join(workspace["adapter"], "adapter_config.json"), pickled)
+    torch.save({}, pickled / "adapter_model.bin")
+    argv = [
+        a if a != workspace["adapter"] else str(pickled)
+        for a in base_args(workspace, workspace["IR"], tmp_path / "o")
+    ]
+    assert main(argv) == 4
+    assert "only safetensors" in capsys.readouterr().err
+
+
+def test_hub_ready_card_and_push_dry_run(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    assert main([*base_args(workspace, workspace["IR"], out), "--base-model-id", "my-org/tiny-llama"]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "peft" and card.data.base_model == "my-org/tiny-llama"
+    assert {"unlearning", "hf-unlearn", "lora"} <= set(card.data.tags)
+    assert "## Unlearning" in card.text and "2 IR" in card.text
+    capsys.readouterr()
+    assert main(["push", str(out), "--repo-id", "me/tiny-unlearned", "--dry-run"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME])
+    assert main(["push", workspace["adapter"], "--repo-id", "me/x", "--dry-run"]) == 4
