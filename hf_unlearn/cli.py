@@ -8,6 +8,7 @@ from pathlib import Path
 
 COMMANDS = {
     "unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter.",
+    "evaluate": "Forget / retain / test loss and exact match of an adapter, KL to a reference, membership AUC.",
     "push": "Publish an unlearned adapter directory to the Hugging Face Hub (--dry-run lists the files).",
 }
 
@@ -123,6 +124,76 @@ def unlearn_command(argv: list[str]) -> int:
 
 
 @dataclass
+class EvaluateArguments:
+    """Arguments of `hf-unlearn evaluate`."""
+
+    model: str = field(metadata={"help": "Base model: a local directory or .gguf file."})
+    adapter: str = field(metadata={"help": "The PEFT adapter to evaluate."})
+    forget_file: str | None = field(default=None, metadata={"help": "JSONL rows that should be forgotten."})
+    retain_file: str | None = field(default=None, metadata={"help": "JSONL training rows that are kept."})
+    test_file: str | None = field(
+        default=None, metadata={"help": "JSONL held-out rows (also the non-members)."}
+    )
+    reference_adapter: str | None = field(
+        default=None, metadata={"help": "Adapter to compare with (e.g. retrained): KL(reference ‖ adapter)."}
+    )
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer for text rows (default: the model's)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Rows per forward pass."})
+    output_file: str | None = field(
+        default=None, metadata={"help": "Also write the report to this JSON file."}
+    )
+
+
+def evaluate_command(argv: list[str]) -> int:
+    import json
+
+    import torch
+    from transformers import HfArgumentParser
+
+    from .data import ExampleEncoder, TextEncoding, TrainingSet
+    from .errors import ConfigurationError
+    from .evaluation import evaluate_adapter
+    from .models import has_tokenizer, load_adapter, load_base_model, load_tokenizer
+    from .objective import CausalLMTask
+
+    parser = HfArgumentParser((EvaluateArguments, TextEncoding), prog="hf-unlearn evaluate")
+    args, encoding = parser.parse_args_into_dataclasses(argv)
+    files = {"forget": args.forget_file, "retain": args.retain_file, "test": args.test_file}
+    if not any(files.values()):
+        raise ConfigurationError("Give at least one of --forget-file, --retain-file, --test-file.")
+    splits = {name: list(TrainingSet.from_jsonl(path).rows) for name, path in files.items() if path}
+    tokenizer = load_tokenizer(args.tokenizer or (args.model if has_tokenizer(args.model) else None))
+    model = load_adapter(load_base_model(args.model, torch.float32), args.adapter, is_trainable=False)
+    reference = None
+    if args.reference_adapter:
+        reference = load_adapter(
+            load_base_model(args.model, torch.float32), args.reference_adapter, is_trainable=False
+        )
+        reference.eval()
+    pad = getattr(tokenizer, "pad_token_id", None) or 0
+    task = CausalLMTask(ExampleEncoder(tokenizer, encoding), pad_token_id=pad)
+    report = evaluate_adapter(model, task, splits, reference=reference, batch_size=args.batch_size)
+    columns = ["loss", "exact_match", "kl_to_reference"]
+    print(f"{'split':<8}{'rows':>6}" + "".join(f"{c:>17}" for c in columns))
+    for name in files:
+        if name in report:
+            r = report[name]
+            print(
+                f"{name:<8}{r['num_rows']:>6}"
+                + "".join(f"{r[c]:>17.4f}" if c in r else f"{'-':>17}" for c in columns)
+            )
+    if "membership_auc" in report:
+        print(
+            f"membership-inference AUC (forget vs test, 0.5 = indistinguishable): {report['membership_auc']:.3f}"
+        )
+    if args.output_file:
+        Path(args.output_file).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+@dataclass
 class PushArguments:
     """Arguments of `hf-unlearn push`."""
 
@@ -189,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0
     try:
-        return {"unlearn": unlearn_command, "push": push_command}[argv[0]](argv[1:])
+        return {"unlearn": unlearn_command, "evaluate": evaluate_command, "push": push_command}[argv[0]](
+            argv[1:]
+        )
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)
         return e.exit_code

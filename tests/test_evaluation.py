@@ -1,0 +1,83 @@
+import json
+
+import evaluate
+import pytest
+import torch
+from reference import ROWS_FOR_CLI as ROWS
+from reference import fit, loop_loss_sum, tiny_llama, token_rows
+from test_cli import workspace  # noqa: F401  (fixture)
+
+from hf_unlearn import CausalLMTask
+from hf_unlearn.cli import main
+from hf_unlearn.evaluation import evaluate_adapter, membership_auc, per_example
+from hf_unlearn.metrics import METRICS
+
+
+def test_metric_modules_load_offline_and_compute():
+    em = evaluate.load(METRICS["sequence_exact_match"])
+    assert em.compute(predictions=[[1, 2], [3], [4, 5]], references=[[1, 2], [4], [4, 5]])[
+        "exact_match"
+    ] == pytest.approx(2 / 3)
+    auc = evaluate.load(METRICS["membership_auc"])
+    assert auc.compute(predictions=[3.0, 2.0, 1.0, 0.0], references=[1, 1, 0, 0])["auc"] == 1.0
+    assert auc.compute(predictions=[0.0, 1.0, 2.0, 3.0], references=[1, 1, 0, 0])["auc"] == 0.0
+    assert auc.compute(predictions=[1.0, 1.0], references=[1, 0])["auc"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def trained():
+    rows = token_rows(8, seed=11)
+    return fit(tiny_llama(seed=4), CausalLMTask(), rows, steps=150, lr=0.05).eval(), rows
+
+
+def test_losses_and_exact_match_match_loops_and_greedy_decoding(trained):
+    model, rows = trained
+    stats = per_example(model, CausalLMTask(), rows, batch_size=3)
+    for i, row in enumerate(rows):
+        S, T = loop_loss_sum(model, row)
+        assert stats["loss"][i] == pytest.approx((S / T).item(), rel=1e-10)
+        # Greedy decoding from the prompt reproduces the response iff every teacher-forced argmax is right.
+        prompt = row["labels"].count(-100)
+        generated = model.generate(
+            torch.tensor([row["input_ids"][:prompt]]),
+            max_new_tokens=len(row["input_ids"]) - prompt,
+            do_sample=False,
+        )[0, prompt:].tolist()
+        assert (generated == row["input_ids"][prompt:]) == (stats["predicted"][i] == stats["target"][i])
+    assert any(p == t for p, t in zip(stats["predicted"], stats["target"]))  # the fit memorised some rows
+
+
+def test_kl_to_reference(trained):
+    model, rows = trained
+    task = CausalLMTask()
+    assert evaluate_adapter(model, task, {"test": rows}, reference=model)["test"][
+        "kl_to_reference"
+    ] == pytest.approx(0, abs=1e-12)
+    other = tiny_llama(seed=4).eval()
+    kl = evaluate_adapter(model, task, {"test": rows[:1]}, reference=other)["test"]["kl_to_reference"]
+    batch = task.collate(rows[:1])
+    p = other(input_ids=batch["input_ids"]).logits[0, :-1].log_softmax(-1)
+    q = model(input_ids=batch["input_ids"]).logits[0, :-1].log_softmax(-1)
+    mask = batch["labels"][0, 1:] != -100
+    expected = (p.exp() * (p - q)).sum(-1)[mask].mean().item()
+    assert kl == pytest.approx(expected, rel=1e-9)
+
+
+def test_membership_auc_sees_memorised_rows(trained):
+    model, rows = trained
+    assert membership_auc(model, CausalLMTask(), rows, token_rows(8, seed=99)) > 0.8
+
+
+def test_evaluate_command(workspace, tmp_path, capsys):  # noqa: F811
+    from test_cli import write_jsonl
+
+    forget = write_jsonl(tmp_path / "forget.jsonl", ROWS[:3])
+    test = write_jsonl(tmp_path / "test.jsonl", token_rows(4, seed=123))
+    out = tmp_path / "report.json"
+    argv = ["evaluate", "--model", workspace["base"], "--adapter", workspace["adapter"], "--forget-file", forget,
+            "--test-file", test, "--reference-adapter", workspace["adapter"], "--output-file", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report) == {"forget", "test", "membership_auc"}
+    assert report["forget"]["kl_to_reference"] == pytest.approx(0, abs=1e-9)
+    assert "membership-inference AUC" in capsys.readouterr().out
