@@ -8,6 +8,7 @@ from pathlib import Path
 
 COMMANDS = {
     "unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter.",
+    "demo": "Offline end-to-end demo on a real small LM: unlearn IR, QM and RC requests and compare with retraining.",
     "evaluate": "Forget / retain / test loss and exact match of an adapter, KL to a reference, membership AUC.",
     "push": "Publish an unlearned adapter directory to the Hugging Face Hub (--dry-run lists the files).",
 }
@@ -243,6 +244,16 @@ def push_command(argv: list[str]) -> int:
     return 0
 
 
+def demo_command(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from .demo import DemoArguments, run_demo
+
+    (args,) = HfArgumentParser(DemoArguments, prog="hf-unlearn demo").parse_args_into_dataclasses(argv)
+    run_demo(args)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import UnlearningError
 
@@ -260,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0
     try:
-        return {"unlearn": unlearn_command, "evaluate": evaluate_command, "push": push_command}[argv[0]](
-            argv[1:]
-        )
+        return {
+            "unlearn": unlearn_command,
+            "demo": demo_command,
+            "evaluate": evaluate_command,
+            "push": push_command,
+        }[argv[0]](argv[1:])
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)
         return e.exit_code
