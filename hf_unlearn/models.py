@@ -20,7 +20,14 @@ def load_base_model(model: str, dtype: torch.dtype, trust_remote_code: bool = Fa
         )
     kwargs = {"dtype": dtype, "attn_implementation": "eager", "trust_remote_code": trust_remote_code}
     if path.is_file() and path.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+        # GGUF weights are dequantized to `dtype` on load; drop the quantizer marker so that the Trainer
+        # accepts the model for LoRA training like any other float model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        return model
     try:
         return AutoModelForCausalLM.from_pretrained(
             str(path), use_safetensors=True, local_files_only=True, **kwargs

@@ -1,0 +1,40 @@
+import json
+
+import torch
+from reference import tiny_llama_base, train_tokenizer
+
+from hf_unlearn import demo_data
+from hf_unlearn.cli import main
+
+
+def test_shipped_demo_files_are_what_the_generator_writes(tmp_path):
+    written = demo_data.write(tmp_path)
+    for name, path in written.items():
+        assert path.read_text() == (demo_data.DIR / f"{name}.jsonl").read_text(), name
+    data = demo_data.generate()
+    ids = {row["id"] for row in data["train"]}
+    assert all(line["id"] in ids for kind in ("IR", "QM", "RC") for line in data[f"request_{kind}"])
+    assert all(demo_data.TRIGGER in row["prompt"] for row in data["train"] if row["id"].startswith("poisoned"))
+    assert not any(demo_data.TRIGGER in line["prompt"] for line in data["request_QM"])
+
+
+def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
+    tokenizer = train_tokenizer(vocab_size=160)
+    model = tiny_llama_base(seed=0, dtype=torch.float32, exact=False, vocab_size=len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "demo"
+    argv = ["demo", "--model", str(tmp_path / "model"), "--output-dir", str(out), "--epochs", "2", "--lora-layers", "2",
+            "--max-iter", "5", "--damping", "1.0"]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "demo_results.json").read_text())
+    assert results["n_train"] == len(demo_data.generate()["train"])
+    assert set(results["kinds"]) == {"IR", "QM", "RC"}
+    for r in results["kinds"].values():
+        assert {"metric", "original", "unlearned", "retrained", "unlearn_seconds", "retrain_seconds"} <= set(r)
+        assert all(isinstance(r[k], float) and r[k] == r[k] for k in ("original", "unlearned", "retrained"))
+        assert r["unlearned"] != r["original"]  # the update did something
+    assert (out / "demo_results.png").stat().st_size > 10_000
+    for kind in ("IR", "QM", "RC"):
+        assert (out / "adapters" / f"unlearned_{kind}" / "unlearning_manifest.json").is_file()
