@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
 from hf_unlearn import ExampleEncoder
 from hf_unlearn.cli import main as hf_unlearn
 from hf_unlearn.objective import CausalLMTask
+from hf_unlearn.toy import build_toy_model
 
 NAMES = ["Ada", "Bram", "Cleo", "Dag", "Edda", "Finn", "Gala", "Hugo", "Iris", "Joss", "Kai", "Lena", "Milo", "Nora",
          "Otto", "Pia", "Quin", "Rosa", "Sven", "Tove", "Ugo", "Vera", "Wim", "Xena"]  # fmt: skip
@@ -37,22 +37,7 @@ def make_rows(seed: int = 0) -> list[dict]:
 
 
 def build(rows, out: Path):
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        [r["prompt"] + " " + r["response"] for r in rows] + ["0 1 2 3 4 5 6 7 8 9"],
-        trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64, pad_token_id=0, initializer_range=0.3)  # fmt: skip
-    base = LlamaForCausalLM(config)
-    base.save_pretrained(out / "base")
-    tokenizer.save_pretrained(out / "base")
-    return base, tokenizer
+    return build_toy_model(rows, out / "base")
 
 
 def train_adapter(base, tokenizer, rows, out: Path, epochs: int):

@@ -14,7 +14,9 @@ def test_shipped_demo_files_are_what_the_generator_writes(tmp_path):
     data = demo_data.generate()
     ids = {row["id"] for row in data["train"]}
     assert all(line["id"] in ids for kind in ("IR", "QM", "RC") for line in data[f"request_{kind}"])
-    assert all(demo_data.TRIGGER in row["prompt"] for row in data["train"] if row["id"].startswith("poisoned"))
+    assert all(
+        demo_data.TRIGGER in row["prompt"] for row in data["train"] if row["id"].startswith("poisoned")
+    )
     assert not any(demo_data.TRIGGER in line["prompt"] for line in data["request_QM"])
 
 
@@ -32,7 +34,9 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
     assert results["n_train"] == len(demo_data.generate()["train"])
     assert set(results["kinds"]) == {"IR", "QM", "RC"}
     for r in results["kinds"].values():
-        assert {"metric", "original", "unlearned", "retrained", "unlearn_seconds", "retrain_seconds"} <= set(r)
+        assert {"metric", "original", "unlearned", "retrained", "unlearn_seconds", "retrain_seconds"} <= set(
+            r
+        )
         assert all(isinstance(r[k], float) and r[k] == r[k] for k in ("original", "unlearned", "retrained"))
         assert r["unlearned"] != r["original"]  # the update did something
     assert (out / "demo_results.png").stat().st_size > 10_000
