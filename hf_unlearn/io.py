@@ -93,6 +93,28 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
         )
 
 
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_manifest_and_card(directory: str | Path, manifest: dict) -> None:
+    """Add `unlearning_manifest.json` and the model card's "Unlearning" section to an adapter directory
+    (each file replaced atomically; an existing card keeps its text and gets the section appended once)."""
+    directory = Path(directory)
+    _write_text_atomically(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str) + "\n")
+    card = directory / "README.md"
+    existing = card.read_text(encoding="utf-8") if card.exists() else ""
+    if "\n## Unlearning\n" in existing:
+        existing = existing[: existing.index("\n## Unlearning\n")]
+    _write_text_atomically(card, existing + model_card_section(manifest))
+
+
 def save_unlearned_adapter(model, output_dir: str | Path, manifest: dict, overwrite: bool = False) -> Path:
     """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all."""
     out = Path(output_dir).resolve()
@@ -101,12 +123,7 @@ def save_unlearned_adapter(model, output_dir: str | Path, manifest: dict, overwr
     staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(staging, safe_serialization=True)
-        (staging / MANIFEST_NAME).write_text(
-            json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8"
-        )
-        card = staging / "README.md"
-        existing = card.read_text(encoding="utf-8") if card.exists() else ""
-        card.write_text(existing + model_card_section(manifest), encoding="utf-8")
+        write_manifest_and_card(staging, manifest)
         _replace_dir(staging, out)
     finally:
         with contextlib.suppress(FileNotFoundError):
