@@ -1,7 +1,6 @@
 """`UnlearningCallback` in a plain `transformers.Trainer` and in TRL's `SFTTrainer`, against the dense
 float64 reference at the trained θ*."""
 
-import copy
 import json
 
 import datasets
