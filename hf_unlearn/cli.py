@@ -28,11 +28,11 @@ class UnlearnPaths:
 
 
 def unlearn_command(argv: list[str]) -> int:
-    from accelerate import PartialState
     from transformers import HfArgumentParser
 
     from .config import UnlearningArguments
     from .data import ExampleEncoder, TextEncoding, TrainingSet
+    from .distributed import barrier, check_curvature_supported, join_process_group
     from .eraser import default_task, unlearn
     from .errors import ConfigurationError
     from .io import adapter_digest, build_manifest, check_output_dir, file_digest, save_unlearned_adapter
@@ -41,7 +41,8 @@ def unlearn_command(argv: list[str]) -> int:
 
     parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments), prog="hf-unlearn unlearn")
     paths, encoding, args = parser.parse_args_into_dataclasses(argv)
-    state = PartialState()  # joins the process group under torchrun / accelerate launch
+    check_curvature_supported(args.curvature)  # FSDP / ZeRO-3 launches fail here, before loading anything
+    processes = join_process_group()  # under torchrun / accelerate launch
 
     if Path(paths.output_dir).resolve() == Path(paths.adapter).resolve():
         raise ConfigurationError(
@@ -63,7 +64,7 @@ def unlearn_command(argv: list[str]) -> int:
 
     result = unlearn(model, train, request, args, task=task)
 
-    if state.is_main_process:
+    if processes.is_main:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(stored_dtype)  # write the adapter in the dtype it came in
@@ -86,7 +87,7 @@ def unlearn_command(argv: list[str]) -> int:
             f"relative residual {s['relative_residual']:.2e}, |Δθ| = {result.delta_norm:.4g}, "
             f"{result.timings['total_seconds']:.1f} s. Wrote {out}"
         )
-    state.wait_for_everyone()
+    barrier(processes)
     return 0
 
 

@@ -83,3 +83,25 @@ def check_curvature_supported(curvature: str, model: torch.nn.Module | None = No
             "`accelerate launch --multi_gpu`) on the trained adapter, or use a first-order curvature "
             "('ggn' or 'fisher') where available."
         )
+
+
+def join_process_group() -> Processes:
+    """Join the process group a launcher (`torchrun`, `accelerate launch`) set up, if any.
+
+    Accelerate's `PartialState` initialises it on GPUs; on CPU it may report a single process although
+    `WORLD_SIZE` says otherwise, so the group is joined here with gloo when it is still missing. Rank and
+    world size are then taken from `torch.distributed`, never from the accelerate state.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and dist.is_available() and not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState()
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Processes()
+
+
+def barrier(processes: Processes) -> None:
+    if processes.count > 1:
+        dist.barrier()

@@ -22,7 +22,7 @@ from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 
 from .config import UnlearningArguments
 from .data import TEXT_FIELDS, ExampleEncoder
-from .distributed import check_curvature_supported
+from .distributed import Processes, check_curvature_supported
 from .eraser import UnlearningResult, unlearn
 from .errors import ConfigurationError, DataError
 from .io import build_manifest, write_manifest_and_card
@@ -196,7 +196,7 @@ class UnlearnTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save as the Trainer does; after `unlearn`, also the manifest and the model card section."""
         super().save_model(output_dir, _internal_call)
-        if self.unlearning_manifests and self.args.should_save:
+        if self.unlearning_manifests and self.args.should_save and Processes().is_main:
             manifest = dict(self.unlearning_manifest)
             if len(self.unlearning_manifests) > 1:
                 manifest["previous_requests"] = [m["request"] for m in self.unlearning_manifests[:-1]]
