@@ -6,7 +6,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-COMMANDS = {"unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter."}
+COMMANDS = {
+    "unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter.",
+    "train": "LoRA fine-tune a causal LM on a JSON-lines file with the HF Trainer.",
+}
 
 
 @dataclass
@@ -108,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0
     try:
-        return {"unlearn": unlearn_command}[argv[0]](argv[1:])
+        from .training import train_command
+
+        return {"unlearn": unlearn_command, "train": train_command}[argv[0]](argv[1:])
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)
         return e.exit_code
