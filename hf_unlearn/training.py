@@ -76,22 +76,31 @@ class TrainConfig:
 TRAINING_RECORD = "training_record.json"
 
 
-def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> dict:
-    """Fine-tune a LoRA adapter on `config.train_file` and write it to `config.output_dir` (main process).
+@dataclass
+class TrainingSetup:
+    """What a LoRA fine-tune on a JSONL file needs: the PEFT model, its rows and the Trainer arguments."""
 
-    Returns the training record that is also written next to the adapter.
-    """
+    model: torch.nn.Module
+    tokenizer: object
+    task: object
+    train_set: TrainingSet
+    rows: list
+    args: object
+    processes: object
+
+
+def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) -> TrainingSetup:
+    """Load the base model and tokenizer, check every row encodes, put LoRA on, and make TrainingArguments
+    (CPU when there is no GPU, so that two CPU processes train data-parallel with gloo)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import TrainingArguments, set_seed
 
-    from .distributed import Processes, barrier, join_process_group
+    from .distributed import join_process_group
     from .eraser import default_task
-    from .io import check_output_dir, file_digest, library_versions
     from .models import has_tokenizer, load_base_model, load_tokenizer
 
     encoding = encoding or TextEncoding()
     processes = join_process_group()
-    check_output_dir(config.output_dir, config.overwrite)
     train = TrainingSet.from_jsonl(config.train_file)
     tokenizer_path = config.tokenizer or (config.model if has_tokenizer(config.model) else None)
     tokenizer = load_tokenizer(tokenizer_path, config.trust_remote_code)
@@ -117,9 +126,8 @@ def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> 
         )
     except ValueError as e:
         raise ConfigurationError(f"Cannot put LoRA on {config.target_modules}: {e}") from None
-    staging = Path(config.output_dir).resolve().parent / f".{Path(config.output_dir).name}.trainer"
     args = TrainingArguments(
-        output_dir=str(staging),
+        output_dir=str(_trainer_dir(Path(config.output_dir))),
         num_train_epochs=config.epochs,
         per_device_train_batch_size=config.batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
@@ -134,16 +142,26 @@ def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> 
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not processes.is_main,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=task.collate)
-    start = time.perf_counter()
-    output = trainer.train()
-    record = {
+    return TrainingSetup(model, tokenizer, task, train, rows, args, processes)
+
+
+def _trainer_dir(out: Path) -> Path:
+    return out.resolve().parent / f".{out.name}.trainer"
+
+
+def training_record(
+    config: TrainConfig, encoding: TextEncoding, setup: TrainingSetup, output, seconds
+) -> dict:
+    from .distributed import Processes
+    from .io import file_digest, library_versions
+
+    return {
         "format": "hf_unlearn.training/1",
         "base_model": config.model,
         "training_data": {
             "path": config.train_file,
             "digest": file_digest(config.train_file),
-            "num_rows": len(rows),
+            "num_rows": len(setup.rows),
         },
         "config": asdict(config),
         "text_encoding": asdict(encoding),
@@ -151,16 +169,38 @@ def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> 
         "train_loss": output.training_loss,
         "global_step": output.global_step,
         "num_processes": Processes().count,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "versions": library_versions(),
     }
-    if processes.is_main:
-        _save(model, tokenizer, record, Path(config.output_dir), config.overwrite)
-    barrier(processes)
+
+
+def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> dict:
+    """Fine-tune a LoRA adapter on `config.train_file` and write it to `config.output_dir` (main process).
+
+    Returns the training record that is also written next to the adapter.
+    """
+    from transformers import Trainer
+
+    from .distributed import barrier
+    from .io import check_output_dir
+
+    encoding = encoding or TextEncoding()
+    check_output_dir(config.output_dir, config.overwrite)
+    setup = prepare_training(config, encoding)
+    trainer = Trainer(
+        model=setup.model, args=setup.args, train_dataset=setup.rows, data_collator=setup.task.collate
+    )
+    start = time.perf_counter()
+    output = trainer.train()
+    record = training_record(config, encoding, setup, output, time.perf_counter() - start)
+    if setup.processes.is_main:
+        save_trained_adapter(setup.model, setup.tokenizer, record, Path(config.output_dir), config.overwrite)
+    barrier(setup.processes)
     return record
 
 
-def _save(model, tokenizer, record: dict, out: Path, overwrite: bool) -> None:
+def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: bool) -> None:
+    """Write the adapter, its tokenizer and the training record to `out`, atomically."""
     import contextlib
     import shutil
     import uuid
@@ -183,7 +223,7 @@ def _save(model, tokenizer, record: dict, out: Path, overwrite: bool) -> None:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(staging)
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(out.parent / f".{out.name}.trainer")
+            shutil.rmtree(_trainer_dir(out))
 
 
 def train_command(argv: list[str]) -> int:
