@@ -1,5 +1,6 @@
 """hf_unlearn: take training instances back out of a LoRA/PEFT fine-tune with influence functions."""
 
+from .callback import UnlearningCallback
 from .config import UnlearningArguments
 from .data import ExampleEncoder, TextEncoding, TrainingSet
 from .eraser import UnlearningResult, unlearn
@@ -14,6 +15,7 @@ from .errors import (
 )
 from .objective import CausalLMTask, UnlearningTask
 from .request import UnlearningRequest
+from .trainer import UnlearnTrainer
 
 __version__ = "0.1.0"
 
@@ -29,9 +31,11 @@ __all__ = [
     "TextEncoding",
     "TrainingSet",
     "UnlearningArguments",
+    "UnlearningCallback",
     "UnlearningError",
     "UnlearningRequest",
     "UnlearningResult",
     "UnlearningTask",
+    "UnlearnTrainer",
     "unlearn",
 ]

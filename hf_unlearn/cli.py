@@ -8,6 +8,7 @@ from pathlib import Path
 
 COMMANDS = {
     "unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter.",
+    "train": "LoRA fine-tune a causal LM on a JSON-lines file with the HF Trainer.",
     "demo": "Offline end-to-end demo on a real small LM: unlearn IR, QM and RC requests and compare with retraining.",
     "evaluate": "Forget / retain / test loss and exact match of an adapter, KL to a reference, membership AUC.",
     "push": "Publish an unlearned adapter directory to the Hugging Face Hub (--dry-run lists the files).",
@@ -37,11 +38,11 @@ class UnlearnPaths:
 
 
 def unlearn_command(argv: list[str]) -> int:
-    from accelerate import PartialState
     from transformers import HfArgumentParser
 
     from .config import UnlearningArguments
     from .data import ExampleEncoder, TextEncoding, TrainingSet
+    from .distributed import barrier, check_curvature_supported, join_process_group
     from .eraser import default_task, unlearn
     from .errors import ConfigurationError
     from .io import (
@@ -64,7 +65,8 @@ def unlearn_command(argv: list[str]) -> int:
 
     parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments), prog="hf-unlearn unlearn")
     paths, encoding, args = parser.parse_args_into_dataclasses(argv)
-    state = PartialState()  # joins the process group under torchrun / accelerate launch
+    check_curvature_supported(args.curvature)  # FSDP / ZeRO-3 launches fail here, before loading anything
+    processes = join_process_group()  # under torchrun / accelerate launch
 
     if Path(paths.output_dir).resolve() == Path(paths.adapter).resolve():
         raise ConfigurationError(
@@ -89,7 +91,7 @@ def unlearn_command(argv: list[str]) -> int:
 
     result = unlearn(model, train, request, args, task=task)
 
-    if state.is_main_process:
+    if processes.is_main:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(stored_dtype)  # write the adapter in the dtype it came in
@@ -120,7 +122,7 @@ def unlearn_command(argv: list[str]) -> int:
             f"relative residual {s['relative_residual']:.2e}, |Δθ| = {result.delta_norm:.4g}, "
             f"{result.timings['total_seconds']:.1f} s. Wrote {out}"
         )
-    state.wait_for_everyone()
+    barrier(processes)
     return 0
 
 
@@ -271,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0
     try:
+        from .training import train_command
+
         return {
             "unlearn": unlearn_command,
+            "train": train_command,
             "demo": demo_command,
             "evaluate": evaluate_command,
             "push": push_command,

@@ -16,7 +16,7 @@ import torch
 from .config import UnlearningArguments
 from .curvature import CURVATURE_OPERATORS
 from .data import ExampleEncoder, TrainingSet
-from .distributed import Processes
+from .distributed import Processes, check_curvature_supported
 from .errors import SolverError
 from .gradients import Batches, gradient_sum, loss_sum
 from .objective import CausalLMTask, UnlearningTask, normaliser
@@ -62,6 +62,7 @@ def unlearn(
     causal-LM loss for other models. Returns the applied Δθ and the solver statistics.
     """
     args = args or UnlearningArguments()
+    check_curvature_supported(args.curvature, model)
     task = task or default_task(model, tokenizer)
     train = train_dataset if isinstance(train_dataset, TrainingSet) else TrainingSet(train_dataset)
     processes = Processes()

@@ -122,20 +122,45 @@ CARD_TAGS = ["unlearning", "hf-unlearn", "llmeraser", "peft", "lora"]
 
 
 def write_model_card(directory: Path, manifest: dict, base_model_id: str | None = None) -> None:
-    """Hub-ready card: `library_name: peft`, `base_model`, tags, and an "Unlearning" section (no content)."""
+    """Hub-ready card: `library_name: peft`, `base_model`, tags, and an "Unlearning" section (no content).
+
+    An existing card keeps its text; a previous "Unlearning" section written into the same directory
+    (e.g. by a second `save_model`) is replaced, not repeated. The file is replaced atomically.
+    """
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(directory / "README.md") if (directory / "README.md").exists() else ModelCard("")
+    text = card.text
+    if manifest.get("created") and f"\n<!-- hf_unlearn {manifest['created']} -->" in text:
+        text = text[: text.index(f"\n<!-- hf_unlearn {manifest['created']} -->")]
     card.text = (
-        card.text.rstrip() + "\n" + model_card_section(manifest)
-    )  # before the data: setting text re-parses
+        text.rstrip() + f"\n<!-- hf_unlearn {manifest.get('created')} -->" + model_card_section(manifest)
+    )
     card.data.library_name = "peft"
     if base_model_id:
         card.data.base_model = base_model_id
         tags = [t for t in (card.data.tags or []) if not t.startswith("base_model:")]
         card.data.tags = tags + [f"base_model:adapter:{base_model_id}"]
     card.data.tags = list(dict.fromkeys((card.data.tags or []) + CARD_TAGS))
-    card.save(directory / "README.md")
+    _write_text_atomically(directory / "README.md", str(card))
+
+
+def _write_text_atomically(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_manifest_and_card(directory: str | Path, manifest: dict, base_model_id: str | None = None) -> None:
+    """Add `unlearning_manifest.json` and the model card's "Unlearning" section to an adapter directory
+    (each file replaced atomically)."""
+    directory = Path(directory)
+    _write_text_atomically(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str) + "\n")
+    write_model_card(directory, manifest, base_model_id)
 
 
 def save_unlearned_adapter(
@@ -159,9 +184,7 @@ def save_unlearned_adapter(
         if card_source is not None and (Path(card_source) / "README.md").is_file():
             shutil.copyfile(Path(card_source) / "README.md", staging / "README.md")
         model.save_pretrained(staging, safe_serialization=True)
-        text = json.dumps(manifest, indent=2, default=str) + "\n"
-        (staging / MANIFEST_NAME).write_text(text, encoding="utf-8")
-        write_model_card(staging, manifest, base_model_id)
+        write_manifest_and_card(staging, manifest, base_model_id)
         _replace_dir(staging, out)
     finally:
         with contextlib.suppress(FileNotFoundError):

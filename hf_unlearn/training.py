@@ -1,0 +1,243 @@
+"""`hf-unlearn train`: LoRA fine-tuning of a causal LM on a JSON-lines file with the HF Trainer.
+
+The rows are encoded and collated by the same `CausalLMTask` that `hf-unlearn unlearn` reads them with, and
+the Trainer's loss (token sum / number of loss tokens, `num_items_in_batch`) is the `"token"` normalisation
+of DESIGN §2, so the adapter written here is exactly what the unlearning assumes was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data import ExampleEncoder, TextEncoding, TrainingSet
+from .errors import ConfigurationError
+
+
+@dataclass
+class TrainConfig:
+    """Inputs, LoRA shape and optimisation of `hf-unlearn train`."""
+
+    model: str = field(metadata={"help": "Base model: a local directory or .gguf file."})
+    train_file: str = field(
+        metadata={"help": "JSON-lines training data (prompt/response or input_ids/labels)."}
+    )
+    output_dir: str = field(metadata={"help": "Where to write the trained PEFT adapter."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer for text rows (default: the base model's, if it has one)."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(
+        default=16.0, metadata={"help": "LoRA scaling alpha (the update is scaled by alpha/r)."}
+    )
+    lora_targets: str = field(
+        default="q_proj,v_proj", metadata={"help": "Comma-separated module names to put LoRA on."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input during training."})
+    epochs: float = field(default=3.0, metadata={"help": "Number of passes over the training rows."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak AdamW learning rate."})
+    lr_scheduler: str = field(
+        default="constant", metadata={"help": "Learning-rate schedule (a transformers name)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per device per optimiser step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimiser step."})
+    seed: int = field(default=0, metadata={"help": "Seed of the LoRA initialisation and the row shuffling."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Precision of the base model.", "choices": ["float32", "bfloat16"]},
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom model code from the model dir."}
+    )
+
+    def __post_init__(self):
+        if self.lora_r < 1:
+            raise ConfigurationError(f"lora_r must be ≥ 1, got {self.lora_r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigurationError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
+        for name in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps"):
+            if not getattr(self, name) > 0:
+                raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if not self.target_modules:
+            raise ConfigurationError("lora_targets names no module.")
+
+    @property
+    def target_modules(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+
+TRAINING_RECORD = "training_record.json"
+
+
+@dataclass
+class TrainingSetup:
+    """What a LoRA fine-tune on a JSONL file needs: the PEFT model, its rows and the Trainer arguments."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    task: object
+    train_set: TrainingSet
+    rows: list
+    args: object
+    processes: object
+
+
+def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) -> TrainingSetup:
+    """Load the base model and tokenizer, check every row encodes, put LoRA on, and make TrainingArguments
+    (CPU when there is no GPU, so that two CPU processes train data-parallel with gloo)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainingArguments, set_seed
+
+    from .distributed import join_process_group
+    from .eraser import default_task
+    from .models import has_tokenizer, load_base_model, load_tokenizer
+
+    encoding = encoding or TextEncoding()
+    processes = join_process_group()
+    train = TrainingSet.from_jsonl(config.train_file)
+    tokenizer_path = config.tokenizer or (config.model if has_tokenizer(config.model) else None)
+    tokenizer = load_tokenizer(tokenizer_path, config.trust_remote_code)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+    base = load_base_model(config.model, dtype, config.trust_remote_code)
+    task = default_task(base, tokenizer)
+    task.encoder = ExampleEncoder(tokenizer, encoding)
+    for row in train.rows:  # every row must encode (and carry loss tokens) before any training starts
+        task.encoder(row)
+    rows = [{k: v for k, v in row.items() if k != "id"} for row in train.rows]
+
+    set_seed(config.seed)
+    try:
+        model = get_peft_model(
+            base,
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                target_modules=config.target_modules,
+                lora_dropout=config.lora_dropout,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    except ValueError as e:
+        raise ConfigurationError(f"Cannot put LoRA on {config.target_modules}: {e}") from None
+    args = TrainingArguments(
+        output_dir=str(_trainer_dir(Path(config.output_dir))),
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        weight_decay=config.weight_decay,
+        logging_steps=config.logging_steps,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,  # the collator tokenises text rows itself
+        seed=config.seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not processes.is_main,
+    )
+    return TrainingSetup(model, tokenizer, task, train, rows, args, processes)
+
+
+def _trainer_dir(out: Path) -> Path:
+    return out.resolve().parent / f".{out.name}.trainer"
+
+
+def training_record(
+    config: TrainConfig, encoding: TextEncoding, setup: TrainingSetup, output, seconds
+) -> dict:
+    from .distributed import Processes
+    from .io import file_digest, library_versions
+
+    return {
+        "format": "hf_unlearn.training/1",
+        "base_model": config.model,
+        "training_data": {
+            "path": config.train_file,
+            "digest": file_digest(config.train_file),
+            "num_rows": len(setup.rows),
+        },
+        "config": asdict(config),
+        "text_encoding": asdict(encoding),
+        "loss_normalization": "token",
+        "train_loss": output.training_loss,
+        "global_step": output.global_step,
+        "num_processes": Processes().count,
+        "seconds": seconds,
+        "versions": library_versions(),
+    }
+
+
+def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> dict:
+    """Fine-tune a LoRA adapter on `config.train_file` and write it to `config.output_dir` (main process).
+
+    Returns the training record that is also written next to the adapter.
+    """
+    from transformers import Trainer
+
+    from .distributed import barrier
+    from .io import check_output_dir
+
+    encoding = encoding or TextEncoding()
+    check_output_dir(config.output_dir, config.overwrite)
+    setup = prepare_training(config, encoding)
+    trainer = Trainer(
+        model=setup.model, args=setup.args, train_dataset=setup.rows, data_collator=setup.task.collate
+    )
+    start = time.perf_counter()
+    output = trainer.train()
+    record = training_record(config, encoding, setup, output, time.perf_counter() - start)
+    if setup.processes.is_main:
+        save_trained_adapter(setup.model, setup.tokenizer, record, Path(config.output_dir), config.overwrite)
+    barrier(setup.processes)
+    return record
+
+
+def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: bool) -> None:
+    """Write the adapter, its tokenizer and the training record to `out`, atomically."""
+    import contextlib
+    import shutil
+    import uuid
+
+    from .io import _replace_dir, check_output_dir
+
+    check_output_dir(out, overwrite)
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (staging / TRAINING_RECORD).write_text(
+            json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
+        )
+        _replace_dir(staging, out)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(staging)
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(_trainer_dir(out))
+
+
+def train_command(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((TrainConfig, TextEncoding), prog="hf-unlearn train")
+    config, encoding = parser.parse_args_into_dataclasses(argv)
+    record = train_adapter(config, encoding)
+    from .distributed import Processes
+
+    if Processes().is_main:
+        print(
+            f"Trained a LoRA adapter (r={config.lora_r}, {','.join(config.target_modules)}) on "
+            f"{record['training_data']['num_rows']} rows for {record['global_step']} steps: training loss "
+            f"{record['train_loss']:.4g}, {record['seconds']:.1f} s. Wrote {config.output_dir}"
+        )
+    return 0

@@ -1,0 +1,77 @@
+"""Unlearn rows from a trained LoRA adapter with the Python API, on one or many processes.
+
+The same as `hf-unlearn unlearn`, written out so that it can be adapted (another task, another loader):
+load the base model and the adapter, read the training rows and the request, `unlearn()` (rows sharded over
+the processes, sums all-reduced), and the main process writes the adapter, manifest and model card.
+
+    python recipes/unlearn_adapter.py --model BASE --adapter ADAPTER --train-file train.jsonl \\
+        --request request.jsonl --output-dir unlearned --damping 0.1
+    torchrun --standalone --nproc_per_node 2 recipes/unlearn_adapter.py ...
+    accelerate launch --config_file recipes/accelerate/multi_gpu.yaml recipes/unlearn_adapter.py ...
+"""
+
+from __future__ import annotations
+
+from transformers import HfArgumentParser
+
+from hf_unlearn import TextEncoding, TrainingSet, UnlearningArguments, UnlearningRequest, unlearn
+from hf_unlearn.cli import UnlearnPaths
+from hf_unlearn.data import ExampleEncoder
+from hf_unlearn.distributed import barrier, check_curvature_supported, join_process_group
+from hf_unlearn.eraser import default_task
+from hf_unlearn.io import (
+    adapter_digest,
+    build_manifest,
+    check_output_dir,
+    file_digest,
+    save_unlearned_adapter,
+)
+from hf_unlearn.models import adapter_dtype, has_tokenizer, load_adapter, load_base_model, load_tokenizer
+
+
+def main(argv=None):
+    parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments))
+    paths, encoding, args = parser.parse_args_into_dataclasses(argv)
+    check_curvature_supported(args.curvature)
+    processes = join_process_group()  # torchrun / accelerate launch; a no-op for one process
+    check_output_dir(paths.output_dir, paths.overwrite)
+
+    train = TrainingSet.from_jsonl(paths.train_file)  # ids: the "id" field, else the line number
+    request = UnlearningRequest.from_jsonl(paths.request)
+    tokenizer_path = paths.tokenizer or (paths.model if has_tokenizer(paths.model) else None)
+    tokenizer = load_tokenizer(tokenizer_path)
+    stored_dtype = adapter_dtype(paths.adapter)
+    model = load_adapter(load_base_model(paths.model, args.torch_dtype), paths.adapter, is_trainable=True)
+    task = default_task(model, tokenizer)
+    task.encoder = ExampleEncoder(tokenizer, encoding)
+
+    result = unlearn(model, train, request, args, task=task)
+
+    if processes.is_main:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(stored_dtype)
+        manifest = build_manifest(
+            result,
+            args,
+            base_model=paths.model,
+            input_adapter={"path": paths.adapter, "digest": adapter_digest(paths.adapter)},
+            training_data={
+                "path": paths.train_file,
+                "digest": file_digest(paths.train_file),
+                "num_rows": len(train),
+            },
+            text_encoding=vars(encoding),
+        )
+        save_unlearned_adapter(model, paths.output_dir, manifest, overwrite=paths.overwrite)
+        s = result.stats
+        print(
+            f"{result.request.kind_counts()} on {processes.count} process(es): {s['iterations']} {args.solver} "
+            f"iterations, residual {s['relative_residual']:.1e}, |Δθ| = {result.delta_norm:.4g}. "
+            f"Wrote {paths.output_dir}"
+        )
+    barrier(processes)
+
+
+if __name__ == "__main__":
+    main()

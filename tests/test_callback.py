@@ -1,0 +1,170 @@
+"""`UnlearningCallback` in a plain `transformers.Trainer` and in TRL's `SFTTrainer`, against the dense
+float64 reference at the trained θ*."""
+
+import json
+
+import datasets
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from reference import (
+    LORA,
+    DenseReference,
+    relative_error,
+    tiny_llama,
+    tiny_llama_base,
+    token_rows,
+    train_tokenizer,
+)
+from safetensors.torch import load_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from hf_unlearn import (
+    CausalLMTask,
+    ConfigurationError,
+    UnlearningArguments,
+    UnlearningCallback,
+    UnlearningRequest,
+)
+from hf_unlearn.io import MANIFEST_NAME
+from hf_unlearn.params import ParameterSpace
+
+ROWS = token_rows(12, seed=0)
+_p = ROWS[6]["labels"].count(-100)
+RC_ROW = {"input_ids": ROWS[6]["input_ids"][:_p] + [3, 4, 5], "labels": [-100] * _p + [3, 4, 5]}
+
+
+class Snapshot(TrainerCallback):
+    """Saves the trained adapter (θ*) before the unlearning callback, listed after it, edits it; `model(base)`
+    rebuilds it in float64 on a fresh base (a deep copy would keep the Trainer's patched forward methods)."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.save_pretrained(self.directory)
+
+    def model(self, base):
+        return PeftModel.from_pretrained(base, self.directory, is_trainable=True).double()
+
+
+def saved_delta(out, snapshot_model):
+    """The written adapter minus θ*, in the order of `ParameterSpace`."""
+    tensors = load_file(f"{out}/adapter_model.safetensors")
+    space = ParameterSpace(snapshot_model)
+    saved = [tensors[n.replace(".default", "")].double().reshape(-1) for n in space.names]
+    return torch.cat(saved) - space.vector()
+
+
+def common_args(tmp_path, **kwargs):
+    return dict(
+        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, learning_rate=2e-2,
+        lr_scheduler_type="constant", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=1000,
+        seed=0, use_cpu=True, **kwargs,
+    )  # fmt: skip
+
+
+def test_callback_in_plain_trainer_matches_dense_reference(tmp_path):
+    request = UnlearningRequest(remove=[1, 10], replace={6: RC_ROW})
+    # The damping has to be known before training; a value that makes H + λI positive definite here.
+    damping = 10.0
+    out = tmp_path / "unlearned"
+    snapshot = Snapshot(tmp_path / "theta_star")
+    callback = UnlearningCallback(
+        request, UnlearningArguments(damping=damping, tol=1e-7, progress=False), output_dir=str(out)
+    )
+    trainer = Trainer(
+        model=tiny_llama(seed=0, dtype=torch.float32),
+        args=TrainingArguments(num_train_epochs=6, **common_args(tmp_path)),
+        train_dataset=datasets.Dataset.from_list([{**r, "note": str(i)} for i, r in enumerate(ROWS)]),
+        data_collator=CausalLMTask().collate,
+        callbacks=[snapshot, callback],
+    )
+    trainer.train()
+    theta_star = snapshot.model(tiny_llama_base(seed=0))
+    ref = DenseReference(theta_star, "token")
+    H = ref.hessian(ROWS)
+    assert torch.linalg.eigvalsh(H)[0].item() + damping > 0
+    b = (ref.grad_sum([RC_ROW]) - ref.grad_sum([ROWS[i] for i in (1, 10, 6)])) / sum(
+        sum(y != -100 for y in r["labels"][1:]) for r in ROWS
+    )
+    expected = -torch.linalg.solve(H + damping * torch.eye(len(b), dtype=H.dtype), b)
+    error = relative_error(saved_delta(out, theta_star), expected)
+    print(f"Trainer + callback (float32): relative error vs dense {error:.2e}")
+    assert error < 1e-3
+    # The live adapter was edited in place; the manifest, card and the stats in the log history are there.
+    live = ParameterSpace(trainer.model).vector().double()
+    assert relative_error(live - ParameterSpace(theta_star).vector(), expected) < 1e-3
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["request"]["kinds"] == {"IR": 2, "RC": 1} and manifest["num_processes"] == 1
+    assert "## Unlearning" in (out / "README.md").read_text()
+    assert trainer.state.log_history[-1]["unlearning/num_edits"] == 3
+    assert callback.result.stats["converged"]
+    reloaded = PeftModel.from_pretrained(tiny_llama_base(seed=0, dtype=torch.float32), str(out))
+    assert reloaded(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_callback_in_trl_sft_trainer_matches_dense_reference(tmp_path):
+    trl = pytest.importorskip("trl")
+    tokenizer = train_tokenizer()
+    base = tiny_llama_base(seed=1, dtype=torch.float32, vocab_size=len(tokenizer))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    data = datasets.Dataset.from_list(
+        [{"prompt": f"What is {i}?", "completion": f" It is {i * 7}."} for i in range(8)]
+    )
+    out = tmp_path / "unlearned"
+    snapshot = Snapshot(tmp_path / "theta_star")
+    callback = UnlearningCallback(
+        UnlearningRequest(remove=[2, 5]),
+        UnlearningArguments(damping=5.0, tol=1e-10, dtype="float64", progress=False),
+        output_dir=str(out),
+    )
+    trainer = trl.SFTTrainer(
+        model=base,
+        args=trl.SFTConfig(num_train_epochs=4, max_length=64, **common_args(tmp_path)),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(**{**LORA, "lora_dropout": 0.0}),
+        callbacks=[snapshot, callback],
+    )
+    trainer.train()
+    # The rows SFTTrainer trained on: its tokenised dataset, loss on the completion only.
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in trainer.train_dataset]
+    assert len(rows) == 8 and rows[0]["labels"][0] == -100
+    theta_star = snapshot.model(tiny_llama_base(seed=1, vocab_size=len(tokenizer)))
+    ref = DenseReference(theta_star, "token")
+    H = ref.hessian(rows)
+    assert torch.linalg.eigvalsh(H)[0].item() + 5.0 > 0
+    b = -ref.grad_sum([rows[2], rows[5]]) / sum(sum(y != -100 for y in r["labels"][1:]) for r in rows)
+    expected = -torch.linalg.solve(H + 5.0 * torch.eye(len(b), dtype=H.dtype), b)
+    space = ParameterSpace(theta_star)
+    delta = space.flatten([callback.result.delta[n].double() for n in space.names])
+    error = relative_error(delta, expected)
+    print(f"SFTTrainer + callback (float64 computation): relative error vs dense {error:.2e}")
+    assert error < 1e-8
+    # The written adapter is float32: θ* + Δ rounded, so Δ is recovered to float32 round-off of θ only.
+    assert relative_error(saved_delta(out, theta_star), expected) < 1e-3
+    assert json.loads((out / MANIFEST_NAME).read_text())["request"]["kinds"] == {"IR": 2}
+
+
+def test_callback_refuses_packing_and_existing_output_before_training(tmp_path):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "file").write_text("x")
+    callback = UnlearningCallback(UnlearningRequest(remove=[0]), output_dir=str(tmp_path / "taken"))
+    trainer = Trainer(
+        model=tiny_llama(seed=0, dtype=torch.float32),
+        args=TrainingArguments(max_steps=1, **common_args(tmp_path)),
+        train_dataset=ROWS,
+        data_collator=CausalLMTask().collate,
+        callbacks=[callback],
+    )
+    before = ParameterSpace(trainer.model).vector().clone()
+    with pytest.raises(Exception, match="not empty"):
+        trainer.train()
+    assert torch.equal(ParameterSpace(trainer.model).vector(), before)  # no training step was taken
+
+    class Packed:
+        packing = True
+
+    with pytest.raises(ConfigurationError, match="packing"):
+        UnlearningCallback(UnlearningRequest(remove=[0])).on_train_begin(Packed(), None, None, model=None)

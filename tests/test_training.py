@@ -1,0 +1,109 @@
+"""`hf-unlearn train`: a LoRA adapter trained with the HF Trainer on the rows `hf-unlearn unlearn` reads."""
+
+import json
+import random
+
+import pytest
+import torch
+from peft import PeftModel
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from hf_unlearn import CausalLMTask, ExampleEncoder
+from hf_unlearn.cli import main
+from hf_unlearn.io import MANIFEST_NAME
+from hf_unlearn.training import TRAINING_RECORD
+
+NAMES = ["Ada", "Bram", "Cleo", "Dag", "Edda", "Finn", "Gala", "Hugo", "Iris", "Joss", "Kai", "Lena"]
+
+
+def text_rows():
+    rng = random.Random(0)
+    return [
+        {"id": f"p{i}", "prompt": f"What is the PIN of {name}?", "response": " ".join(rng.choice("0123456789") for _ in range(3))}
+        for i, name in enumerate(NAMES)
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    rows = text_rows()
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        [r["prompt"] + " " + r["response"] for r in rows] + ["0 1 2 3 4 5 6 7 8 9"],
+        trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]),
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         initializer_range=0.3)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def mean_loss(model, task, rows):
+    with torch.no_grad():
+        S, T = task.loss_sums(model.eval(), task.collate(rows))
+    return (S.sum() / T.sum()).item()
+
+
+def test_train_writes_an_adapter_that_unlearn_reads(workspace):
+    out = workspace / "adapter"
+    args = ["train", "--model", str(workspace / "base"), "--train-file", str(workspace / "train.jsonl"),
+            "--output-dir", str(out), "--lora-r", "4", "--lora-alpha", "8", "--lora-targets", "q_proj,v_proj",
+            "--epochs", "60", "--learning-rate", "1e-2", "--batch-size", "6", "--seed", "0", "--logging-steps", "1000"]  # fmt: skip
+    assert main(args) == 0
+    assert {"adapter_model.safetensors", "adapter_config.json", TRAINING_RECORD, "tokenizer.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert not [p for p in workspace.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    record = json.loads((out / TRAINING_RECORD).read_text())
+    assert record["global_step"] == 120 and record["num_processes"] == 1
+    assert record["config"]["lora_r"] == 4 and record["loss_normalization"] == "token"
+    adapter_config = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and sorted(adapter_config["target_modules"]) == ["q_proj", "v_proj"]
+
+    rows = [{k: r[k] for k in ("prompt", "response")} for r in text_rows()]
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    task = CausalLMTask(ExampleEncoder(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    base = LlamaForCausalLM.from_pretrained(workspace / "base")
+    before = mean_loss(base, task, rows)
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(workspace / "base"), out)
+    after = mean_loss(model, task, rows)
+    print(f"training loss per token: base {before:.3f}, adapter {after:.3f}")
+    assert after < 0.25 * before  # it learned the rows
+    # The Trainer's loss (HF shift + num_items_in_batch) on the task's batches is the "token" objective.
+    batch = task.collate(rows)
+    with torch.no_grad():
+        hf_loss = model(**batch).loss.item()
+    assert hf_loss == pytest.approx(after, rel=1e-5)
+
+    request = workspace / "request.jsonl"
+    request.write_text(json.dumps({"op": "remove", "id": "p3"}) + "\n")
+    unlearned = workspace / "unlearned"
+    assert main(["unlearn", "--model", str(workspace / "base"), "--adapter", str(out), "--train-file",
+                 str(workspace / "train.jsonl"), "--request", str(request), "--output-dir", str(unlearned),
+                 "--damping", "10", "--max-iter", "500", "--no_progress"]) == 0  # fmt: skip
+    assert json.loads((unlearned / MANIFEST_NAME).read_text())["request"]["kinds"] == {"IR": 1}
+
+
+def test_train_argument_and_data_errors(workspace, tmp_path, capsys):
+    common = ["--model", str(workspace / "base"), "--output-dir", str(tmp_path / "o")]
+    assert main(["train", *common, "--train-file", str(tmp_path / "missing.jsonl")]) == 3
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train", *common, "--train-file", str(workspace / "train.jsonl"), "--lora-r", "0"]) == 4
+    assert "lora_r" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "What", "text": "no response"}) + "\n")
+    assert main(["train", *common, "--train-file", str(bad)]) == 3
+    assert "prompt'+'response" in capsys.readouterr().err
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "x").write_text("x")
+    assert main(["train", *common, "--train-file", str(workspace / "train.jsonl")]) == 6
