@@ -87,8 +87,13 @@ def model_card_section(manifest: dict) -> str:
         )
         + f"- Forget-set loss (mean ℓ over the old versions): {s['forget_loss_before']:.4g} → "
         f"{s['forget_loss_after']:.4g} (first-order prediction of the change: "
-        f"{s['forget_loss_change_predicted']:+.4g}).\n\n"
-        f"The full audit record (digests of the affected rows, never their content) is `{MANIFEST_NAME}`.\n"
+        f"{s['forget_loss_change_predicted']:+.4g}).\n"
+        + (
+            f"- Earlier unlearning runs of this adapter: {len(manifest['history'])} (see `history` in the manifest).\n"
+            if manifest.get("history")
+            else ""
+        )
+        + f"\nThe full audit record (digests of the affected rows, never their content) is `{MANIFEST_NAME}`.\n"
     )
 
 
@@ -119,23 +124,22 @@ def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
 
 
 CARD_TAGS = ["unlearning", "hf-unlearn", "llmeraser", "peft", "lora"]
+CARD_MARKER = "<!-- hf_unlearn: unlearning section -->"
 
 
 def write_model_card(directory: Path, manifest: dict, base_model_id: str | None = None) -> None:
     """Hub-ready card: `library_name: peft`, `base_model`, tags, and an "Unlearning" section (no content).
 
-    An existing card keeps its text; a previous "Unlearning" section written into the same directory
-    (e.g. by a second `save_model`) is replaced, not repeated. The file is replaced atomically.
+    An existing card keeps its text; an "Unlearning" section of an earlier run is replaced (the manifest
+    keeps the history). The file is replaced atomically.
     """
     from huggingface_hub import ModelCard
 
     card = ModelCard.load(directory / "README.md") if (directory / "README.md").exists() else ModelCard("")
     text = card.text
-    if manifest.get("created") and f"\n<!-- hf_unlearn {manifest['created']} -->" in text:
-        text = text[: text.index(f"\n<!-- hf_unlearn {manifest['created']} -->")]
-    card.text = (
-        text.rstrip() + f"\n<!-- hf_unlearn {manifest.get('created')} -->" + model_card_section(manifest)
-    )
+    if CARD_MARKER in text:  # an earlier run's section: replaced, its record stays in the manifest history
+        text = text[: text.index(CARD_MARKER)]
+    card.text = text.rstrip() + "\n\n" + CARD_MARKER + model_card_section(manifest)
     card.data.library_name = "peft"
     if base_model_id:
         card.data.base_model = base_model_id
