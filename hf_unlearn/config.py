@@ -9,8 +9,8 @@ import torch
 
 from .errors import ConfigurationError
 
-SOLVERS = ("cg", "direct")
-CURVATURES = ("hessian",)
+SOLVERS = ("cg", "direct", "woodbury")
+CURVATURES = ("hessian", "ggn", "fisher")
 LOSS_NORMALIZATIONS = ("token", "example")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -24,11 +24,19 @@ class UnlearningArguments:
 
     solver: str = field(
         default="cg",
-        metadata={"help": "Linear solver for (C + λI) x = −b.", "choices": list(SOLVERS)},
+        metadata={
+            "help": "Linear solver for (C + λI) x = −b: cg (conjugate gradient), direct (dense Cholesky, small "
+            "models only), woodbury (exact, curvature fisher only).",
+            "choices": list(SOLVERS),
+        },
     )
     curvature: str = field(
         default="hessian",
-        metadata={"help": "Curvature operator C.", "choices": list(CURVATURES)},
+        metadata={
+            "help": "Curvature operator C: hessian (exact, double backward), ggn (generalised Gauss–Newton, "
+            "PSD, first-order passes only), fisher (empirical Fisher from per-example gradients, PSD).",
+            "choices": list(CURVATURES),
+        },
     )
     damping: float = field(
         default=0.1,
@@ -63,6 +71,10 @@ class UnlearningArguments:
     def __post_init__(self):
         _choice("solver", self.solver, SOLVERS)
         _choice("curvature", self.curvature, CURVATURES)
+        if self.solver == "woodbury" and self.curvature != "fisher":
+            raise ConfigurationError(
+                "solver 'woodbury' is the exact solve of the empirical Fisher: use it with curvature 'fisher'."
+            )
         _choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
         _choice("dtype", self.dtype, DTYPES)
         if not isinstance(self.damping, (int, float)) or not math.isfinite(self.damping) or self.damping < 0:

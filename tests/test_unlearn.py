@@ -189,3 +189,42 @@ def test_removal_approximates_exact_refit_with_the_right_sign_and_scale(regressi
     assert (
         relative_error(-delta, expected) > 1.5 and relative_error(2 * delta, expected) > 0.8
     )  # sign and scale
+
+
+# --- Gauss–Newton and empirical Fisher curvature through the whole update ----------------------------
+
+
+def dense_update(model, curvature_matrix, old, new, damping, normalization="token"):
+    ref = DenseReference(model, normalization)
+    b = (ref.grad_sum(new) - ref.grad_sum(old)) / ref.normaliser(ROWS)
+    return -torch.linalg.solve(curvature_matrix + damping * torch.eye(len(b), dtype=b.dtype), b)
+
+
+def test_ggn_update_matches_dense_gauss_newton_solve(trained):
+    from reference import dense_ggn
+
+    request, old, new = REQUESTS["mixed"]
+    expected = dense_update(trained, dense_ggn(trained, ROWS, "token"), [ROWS[i] for i in old], new, 0.01)
+    result, delta = run(trained, request, curvature="ggn", damping=0.01, tol=1e-12, max_iter=500)
+    assert result.stats["converged"] and relative_error(delta, expected) < 1e-9
+
+
+@pytest.mark.parametrize("solver", ["woodbury", "cg"])
+def test_fisher_update_matches_dense_fisher_solve(trained, solver):
+    from reference import dense_fisher
+
+    request, old, new = REQUESTS["mixed"]
+    expected = dense_update(trained, dense_fisher(trained, ROWS, "token"), [ROWS[i] for i in old], new, 0.01)
+    result, delta = run(
+        trained, request, curvature="fisher", solver=solver, damping=0.01, tol=1e-12, max_iter=500
+    )
+    assert result.stats["converged"] and relative_error(delta, expected) < 1e-9
+
+
+def test_woodbury_refuses_other_curvatures_and_zero_damping(trained):
+    from hf_unlearn import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="fisher"):
+        UnlearningArguments(solver="woodbury", curvature="hessian")
+    with pytest.raises(ConfigurationError, match="damping > 0"):
+        run(trained, REQUESTS["IR"][0], curvature="fisher", solver="woodbury", damping=0.0)
