@@ -277,10 +277,9 @@ def test_auto_damping_is_safe_recorded_and_used(trained):
     auto = result.stats["damping_auto"]
     chosen = result.stats["damping"]
     assert chosen == auto["damping"] and auto["lanczos_steps"] == 30
-    assert (
-        eigenvalues[0].item() <= auto["eig_min_estimate"]
-        and auto["eig_max_estimate"] <= eigenvalues[-1].item()
-    )
+    slack = 1e-9 * eigenvalues[-1].item()  # Ritz values lie inside the spectrum (up to round-off)
+    assert eigenvalues[0].item() - slack <= auto["eig_min_estimate"]
+    assert auto["eig_max_estimate"] <= eigenvalues[-1].item() + slack
     assert abs(auto["eig_max_estimate"] - eigenvalues[-1].item()) < 1e-6 * eigenvalues[-1].item()
     assert torch.linalg.eigvalsh(H + chosen * torch.eye(len(H), dtype=H.dtype))[0] > 0.005 * eigenvalues[-1]
     expected = DenseReference(trained, "token").update(ROWS, [ROWS[i] for i in old], new, chosen)
