@@ -9,8 +9,9 @@ import torch
 
 from .errors import ConfigurationError
 
-SOLVERS = ("cg", "direct")
-CURVATURES = ("hessian",)
+SOLVERS = ("cg", "direct", "woodbury", "lissa", "qp")
+QP_OPTIMIZERS = ("sgd", "adam")
+CURVATURES = ("hessian", "ggn", "fisher")
 LOSS_NORMALIZATIONS = ("token", "example")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -24,20 +25,40 @@ class UnlearningArguments:
 
     solver: str = field(
         default="cg",
-        metadata={"help": "Linear solver for (C + λI) x = −b.", "choices": list(SOLVERS)},
+        metadata={
+            "help": "Linear solver for (C + λI) x = −b: cg (conjugate gradient), direct (dense Cholesky, small "
+            "models only), woodbury (exact, curvature fisher only), lissa (stochastic Neumann series), qp "
+            "(LLMEraser's stochastic quadratic program, correct gradient). lissa and qp run --max-iter "
+            "mini-batch steps and report their final relative residual.",
+            "choices": list(SOLVERS),
+        },
     )
     curvature: str = field(
         default="hessian",
-        metadata={"help": "Curvature operator C.", "choices": list(CURVATURES)},
+        metadata={
+            "help": "Curvature operator C: hessian (exact, double backward), ggn (generalised Gauss–Newton, "
+            "PSD, first-order passes only), fisher (empirical Fisher from per-example gradients, PSD).",
+            "choices": list(CURVATURES),
+        },
     )
-    damping: float = field(
+    # `str` so that the command line accepts "auto"; __post_init__ turns a number into a float.
+    damping: str = field(
         default=0.1,
-        metadata={"help": "λ ≥ 0 added to the curvature; makes a non-convex LoRA Hessian positive definite."},
+        metadata={
+            "help": "λ ≥ 0 added to the curvature (makes a non-convex LoRA Hessian positive definite), or 'auto': "
+            "estimate the extreme eigenvalues of C by Lanczos and choose λ = max(0, −2·λ_min) + 0.01·λ_max "
+            "(recorded in the stats/manifest)."
+        },
     )
     tol: float = field(
         default=1e-6, metadata={"help": "Relative residual at which the iterative solver stops."}
     )
-    max_iter: int = field(default=200, metadata={"help": "Maximum number of solver iterations."})
+    max_iter: int = field(
+        default=200,
+        metadata={
+            "help": "Maximum number of solver iterations (cg), or the number of mini-batch steps (lissa, qp)."
+        },
+    )
     loss_normalization: str = field(
         default="token",
         metadata={
@@ -53,6 +74,43 @@ class UnlearningArguments:
         },
     )
     batch_size: int = field(default=8, metadata={"help": "Rows per forward/backward pass."})
+    stochastic_batch_size: int = field(
+        default=8,
+        metadata={
+            "help": "lissa/qp: curvature rows per mini-batch product (drawn at random with --seed, rescaled "
+            "to the full sum)."
+        },
+    )
+    qp_optimizer: str = field(
+        default="sgd",
+        metadata={
+            "help": "qp: 'sgd' (heavy-ball momentum 0.9) or 'adam'. Both see the gradient (C_batch + λI)x + b "
+            "and return the average of the second half of the iterates.",
+            "choices": list(QP_OPTIMIZERS),
+        },
+    )
+    qp_lr: str = field(
+        default="auto",
+        metadata={
+            "help": "qp: step size, a number > 0 or 'auto' (sgd only: 0.1/(λ_max(C)+λ) from a Lanczos "
+            "estimate; adam needs a number, in parameter units)."
+        },
+    )
+    lissa_scale: str = field(
+        default="auto",
+        metadata={
+            "help": "lissa: the Neumann-series scale s, a number > 0 (must exceed the largest eigenvalue of "
+            "C+λI to converge) or 'auto' (1.5·(λ_max(C)+λ) from a Lanczos estimate)."
+        },
+    )
+    refine_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Extra damped Newton steps on the tilted edited objective after the first step "
+            "(DESIGN §2 'Beyond one step'); each costs a gradient pass over the edited training set and a "
+            "solve with its curvature."
+        },
+    )
     dtype: str = field(
         default="float32",
         metadata={"help": "Precision of the unlearning computation.", "choices": list(DTYPES)},
@@ -70,13 +128,26 @@ class UnlearningArguments:
     def __post_init__(self):
         _choice("solver", self.solver, SOLVERS)
         _choice("curvature", self.curvature, CURVATURES)
+        if self.solver == "woodbury" and self.curvature != "fisher":
+            raise ConfigurationError(
+                "solver 'woodbury' is the exact solve of the empirical Fisher: use it with curvature 'fisher'."
+            )
         _choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
         _choice("dtype", self.dtype, DTYPES)
-        if not isinstance(self.damping, (int, float)) or not math.isfinite(self.damping) or self.damping < 0:
-            raise ConfigurationError(f"damping must be a finite number ≥ 0, got {self.damping!r}.")
+        _choice("qp_optimizer", self.qp_optimizer, QP_OPTIMIZERS)
+        self.damping = _number_or_auto("damping", self.damping, minimum_inclusive=True)
+        self.qp_lr = _number_or_auto("qp_lr", self.qp_lr)
+        self.lissa_scale = _number_or_auto("lissa_scale", self.lissa_scale)
+        if self.solver == "qp" and self.qp_optimizer == "adam" and self.qp_lr == "auto":
+            raise ConfigurationError(
+                "qp with Adam takes steps in parameter units, so it needs an explicit qp_lr (--qp-lr), "
+                "e.g. a few percent of the expected |Δθ| per coordinate; or use qp_optimizer 'sgd'."
+            )
         if not (self.tol > 0 and math.isfinite(self.tol)):
             raise ConfigurationError(f"tol must be a positive number, got {self.tol!r}.")
-        for name in ("max_iter", "batch_size"):
+        if int(self.refine_steps) < 0:
+            raise ConfigurationError(f"refine_steps must be ≥ 0, got {self.refine_steps!r}.")
+        for name in ("max_iter", "batch_size", "stochastic_batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ConfigurationError(f"{name} must be ≥ 1, got {getattr(self, name)!r}.")
         if self.hessian_samples is not None and self.hessian_samples < 1:
@@ -90,6 +161,25 @@ class UnlearningArguments:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _number_or_auto(name: str, value, minimum_inclusive: bool = False) -> float | str:
+    """'auto', or a finite number > 0 (≥ 0 with `minimum_inclusive`), from a float or its string."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    bound = "≥ 0" if minimum_inclusive else "> 0"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name} must be a number {bound} or 'auto', got {value!r}.") from None
+    if (
+        isinstance(value, bool)
+        or not math.isfinite(number)
+        or number < 0
+        or (number == 0 and not minimum_inclusive)
+    ):
+        raise ConfigurationError(f"{name} must be a finite number {bound} or 'auto', got {value!r}.")
+    return number
 
 
 def _choice(name: str, value: str, allowed) -> None:

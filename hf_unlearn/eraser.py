@@ -15,6 +15,7 @@ import torch
 
 from .config import UnlearningArguments
 from .curvature import CURVATURE_OPERATORS
+from .curvature.spectrum import lanczos_extremes
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes, check_curvature_supported
 from .errors import SolverError
@@ -115,30 +116,47 @@ def unlearn(
             processes,
         )
 
-        t = time.perf_counter()
+        extra_stats = {}
+        damping = args.damping
+        if damping == "auto":
+            t = time.perf_counter()
+            damping, extra_stats["damping_auto"] = choose_damping(curvature, b, args.seed)
+            timings["damping_seconds"] = time.perf_counter() - t
+
         solve = SOLVERS[args.solver]
-        delta, stats = solve(
-            curvature,
-            args.damping,
-            -b,
-            tol=args.tol,
-            max_iter=args.max_iter,
-            progress=show and processes.is_main,
-        )
+        solver_options = {
+            "tol": args.tol,
+            "max_iter": args.max_iter,
+            "progress": show and processes.is_main,
+            "seed": args.seed,
+            "stochastic_batch_size": args.stochastic_batch_size,
+            "qp_optimizer": args.qp_optimizer,
+            "qp_lr": args.qp_lr,
+            "lissa_scale": args.lissa_scale,
+        }
+        t = time.perf_counter()
+        delta, stats = solve(curvature, damping, -b, **solver_options)
         timings["solver_seconds"] = time.perf_counter() - t
-        problems = []
-        if not torch.isfinite(delta).all():
-            problems.append("the solver produced non-finite values")
-        if not stats.converged:
-            problems.append(
-                f"{args.solver} did not converge in {stats.iterations} iterations (relative residual "
-                f"{stats.relative_residual:.3g} > tol {args.tol:g})"
+        problems = _check(delta, stats, args)
+
+        if args.refine_steps:
+            t = time.perf_counter()
+            delta, extra_stats["refine"] = refine(
+                model,
+                task,
+                space,
+                all_rows,
+                resolved,
+                delta,
+                damping,
+                M,
+                args,
+                batches,
+                processes,
+                solver_options,
             )
-        if problems and not (args.allow_inexact and torch.isfinite(delta).all()):
-            raise SolverError(
-                "; ".join(problems).capitalize() + "; nothing was changed. Raise --max-iter or --damping, "
-                "loosen --tol, or pass --allow-inexact to keep an inexact (finite) result."
-            )
+            timings["refine_seconds"] = time.perf_counter() - t
+
         # Forget-set check: mean ℓ over the old versions, predicted to first order (∇ℓ·Δθ) and measured.
         num_old = len(resolved.old)
         forget_before = loss_sum(model, task, old_batches, norm, processes) / num_old
@@ -160,7 +178,119 @@ def unlearn(
         "num_curvature_rows": len(curvature_rows),
         "b_norm": b_norm,
         "num_processes": processes.count,
+        "damping": damping,
+        **extra_stats,
     }
     result = UnlearningResult(delta=delta_dict, stats=stats_dict, request=resolved, timings=timings)
     result.stats["delta_norm"] = result.delta_norm
     return result
+
+
+def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
+    """Why the solve is not exact (empty when it is); raises `SolverError` unless `allow_inexact` keeps a finite
+    result. Exact means converged (cg, direct) or, for budgeted mini-batch solvers (lissa, qp), better than no
+    update."""
+    finite = bool(torch.isfinite(delta).all())
+    problems = [] if finite else ["the solver produced non-finite values"]
+    if stats.extra.get("stochastic"):
+        if finite and not stats.relative_residual < 1.0:
+            problems.append(
+                f"{args.solver} diverged: after {stats.iterations} mini-batch steps the relative residual is "
+                f"{stats.relative_residual:.3g} (≥ 1, worse than no update); lower --qp-lr, raise --lissa-scale "
+                "or --stochastic-batch-size"
+            )
+    elif not stats.converged:
+        problems.append(
+            f"{args.solver} did not converge in {stats.iterations} iterations (relative residual "
+            f"{stats.relative_residual:.3g} > tol {args.tol:g})"
+        )
+    if problems and not (finite and args.allow_inexact):
+        raise SolverError(
+            "; ".join(problems).capitalize()
+            + "; nothing was changed. Raise --max-iter or --damping, loosen --tol, "
+            "or pass --allow-inexact to keep an inexact (finite) result."
+        )
+    return problems
+
+
+AUTO_DAMPING_STEPS = 30
+
+
+def choose_damping(curvature, b: torch.Tensor, seed: int) -> tuple[float, dict]:
+    """`damping="auto"`: λ = max(0, −2·λ_min) + 0.01·λ_max from Lanczos estimates of C's extreme eigenvalues.
+
+    Ritz values lie inside the spectrum, so the estimated λ_min is an upper bound on the true one; the factor
+    2 covers that under-estimate of the negative part, and `0.01·λ_max` bounds the condition number of
+    `C + λI` by about 100 where C is (near) positive semi-definite.
+    """
+    low, high, steps = lanczos_extremes(
+        curvature.matvec, curvature.size, AUTO_DAMPING_STEPS, dtype=b.dtype, device=b.device, seed=seed
+    )
+    if not high > 0:
+        raise SolverError(
+            f"damping 'auto': the curvature has no positive eigenvalue (Lanczos estimate λ_max = {high:.3g}); "
+            "check the model and data, or give --damping explicitly."
+        )
+    damping = max(0.0, -2.0 * low) + 0.01 * high
+    return damping, {
+        "lanczos_steps": steps,
+        "eig_min_estimate": low,
+        "eig_max_estimate": high,
+        "damping": damping,
+    }
+
+
+def refine(
+    model, task, space, all_rows, resolved, delta, damping, M, args, batches, processes, solver_options
+):
+    """`refine_steps` damped Newton steps on the tilted edited objective (DESIGN §2 "Beyond one step").
+
+    From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + λI)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the chosen
+    `curvature`) are over the edited training set — the kept rows plus the new versions — with the normaliser
+    M of the original set kept fixed, and the same solver and λ as the first step. `hessian_samples` is
+    not applied here. Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the caller
+    applies the total), also when a step fails.
+    """
+    norm, show = args.loss_normalization, args.progress
+    removed = set(resolved.indices)
+    edited = [row for i, row in enumerate(all_rows) if i not in removed] + list(resolved.new)
+    theta_star = space.vector().clone()
+    solve = SOLVERS[args.solver]
+    steps = []
+    try:
+        grad_star = (
+            gradient_sum(
+                model, task, space, batches(all_rows), norm, processes, "gradient ∇R(θ*)" if show else None
+            )
+            / M
+        )
+        edited_batches = batches(edited)
+        space.add_(delta)
+        for k in range(args.refine_steps):
+            grad = (
+                gradient_sum(
+                    model,
+                    task,
+                    space,
+                    edited_batches,
+                    norm,
+                    processes,
+                    f"refine {k + 1}: gradient" if show else None,
+                )
+                / M
+                - grad_star
+            )  # ∇R̃(θ) = ∇R'(θ) − ∇R(θ*)
+            curvature = CURVATURE_OPERATORS[args.curvature](
+                model, task, space, edited_batches, norm, M, processes
+            )
+            step, stats = solve(curvature, damping, -grad, **solver_options)
+            _check(step, stats, args)
+            space.add_(step)
+            steps.append(
+                stats.to_dict()
+                | {"tilted_gradient_norm": grad.norm().item(), "step_norm": step.norm().item()}
+            )
+        total = space.vector() - theta_star
+    finally:
+        space.set_(theta_star)
+    return total, steps

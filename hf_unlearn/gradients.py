@@ -19,6 +19,10 @@ class Batches:
         self, task: UnlearningTask, rows: Sequence[Mapping], batch_size: int, device, processes: Processes
     ):
         shard = processes.shard(list(range(len(rows))))
+        self.task, self.device, self.processes = task, device, processes
+        self.indices = shard  # global row indices of this process's shard
+        self.rows = [rows[j] for j in shard]
+        self.total_rows = len(rows)
         self.batches = [
             {k: v.to(device) for k, v in task.collate([rows[j] for j in shard[i : i + batch_size]]).items()}
             for i in range(0, len(shard), batch_size)
@@ -29,6 +33,20 @@ class Batches:
 
     def __len__(self):
         return len(self.batches)
+
+    def sample(self, size: int, generator: torch.Generator) -> tuple[dict[str, torch.Tensor] | None, float]:
+        """A random mini-batch of this shard's rows (without replacement) and its rescaling factor.
+
+        Every process draws `size / count` rows (rounded up, at most its shard); the factor
+        `len(shard) / drawn` makes the sum over processes of `factor × Σ_drawn` unbiased for `Σ_all`.
+        Returns `(None, 0.0)` when this process holds no rows.
+        """
+        if not self.rows:
+            return None, 0.0
+        drawn = min(len(self.rows), max(1, -(-size // self.processes.count)))
+        chosen = torch.randperm(len(self.rows), generator=generator)[:drawn].tolist()
+        batch = {k: v.to(self.device) for k, v in self.task.collate([self.rows[j] for j in chosen]).items()}
+        return batch, len(self.rows) / drawn
 
 
 def gradient_sum(

@@ -5,7 +5,9 @@ Under `"token"` normalisation `ℓ = S` and `M = Σ_i T(z_i)`; under `"example"`
 The training objective is `R(θ) = (1/M) Σ_i ℓ(z_i; θ)`.
 
 A model that is not a causal LM plugs in by subclassing `UnlearningTask` (kronfluence's task idea):
-the algorithm only ever calls `collate`, `loss_sums`, `loss_counts`, `split` and `merge`.
+the algorithm only ever calls `collate`, `loss_sums`, `loss_counts`, `split` and `merge`; the
+Gauss–Newton curvature (`curvature="ggn"`) additionally needs the optional pair `outputs` /
+`output_losses`, which split `loss_sums` into the network's output and a loss that is convex in it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,40 @@ class UnlearningTask:
     def loss_counts(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per-example `T` (B,) without a forward pass (used for the normaliser M)."""
         raise NotImplementedError
+
+    # Optional, for the generalised Gauss–Newton curvature: `loss_sums(model, batch)` must equal
+    # `output_losses(outputs(model, batch), batch)`, and `output_losses` must be convex in the outputs
+    # (so that its Hessian with respect to them is positive semi-definite).
+
+    def outputs(self, model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The network output `z` (e.g. logits), differentiable in the parameters, any shape (B, ...)."""
+        raise NotImplementedError
+
+    def output_losses(
+        self, outputs: torch.Tensor, batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example `(S, T)` as a function of the network output `z` alone (no model call)."""
+        raise NotImplementedError
+
+    def output_hessian_product(
+        self,
+        outputs: torch.Tensor,
+        vectors: torch.Tensor,
+        batch: Mapping[str, torch.Tensor],
+        normalization: str,
+    ) -> torch.Tensor:
+        """`∇²_z [Σ_b ℓ_b(z)] · u` for a tangent `u` shaped like `z` (the Gauss–Newton middle factor).
+
+        The default differentiates `output_losses` twice with respect to `z` only (never through the
+        network); override it with a closed form when there is one.
+        """
+        z = outputs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            S, T = self.output_losses(z, batch)
+            ell = S if normalization == "token" else S / T
+            (g,) = torch.autograd.grad(ell.sum(), z, create_graph=True)
+            (hu,) = torch.autograd.grad(g, z, grad_outputs=vectors)
+        return hu
 
     def split(self, row: Mapping) -> tuple[object, object]:
         """(query part, response part) of a row, comparable with `==`; decides QM vs RC."""
@@ -68,14 +104,31 @@ class CausalLMTask(UnlearningTask):
         }
 
     def loss_sums(self, model, batch):
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits  # (B, L, V)
+        return self.output_losses(self.outputs(model, batch), batch)
+
+    def outputs(self, model, batch):
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+
+    def output_losses(self, logits, batch):
         targets = batch["labels"][:, 1:]  # (B, L-1): token t+1 is predicted at position t
         token_losses = F.cross_entropy(
             logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
         )  # (B, L-1), zero where ignored
         return token_losses.sum(dim=1), self.loss_counts(batch).to(token_losses.dtype)
+
+    def output_hessian_product(self, logits, vectors, batch, normalization):
+        """Closed form: per loss token t, `w_t (diag(p_t) − p_t p_tᵀ) u_t` with `p_t = softmax(logits_t)`.
+
+        `w_t` is 1 under 'token' normalisation and `1/T` of the token's example under 'example'; positions
+        without a loss (label -100, and the last position) contribute nothing.
+        """
+        p = torch.softmax(logits.detach(), dim=-1)  # (B, L, V)
+        hu = p * (vectors - (p * vectors).sum(dim=-1, keepdim=True))  # (B, L, V)
+        weight = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)  # (B, L)
+        weight[:, :-1] = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
+        if normalization == "example":
+            weight = weight / self.loss_counts(batch).to(logits.dtype).clamp_min(1).unsqueeze(1)
+        return hu * weight.unsqueeze(-1)
 
     def loss_counts(self, batch):
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,)

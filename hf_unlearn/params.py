@@ -40,6 +40,12 @@ class ParameterSpace:
         for p, d in zip(self.params, self.unflatten(delta)):
             p.add_(d.to(p.dtype))
 
+    @torch.no_grad()
+    def set_(self, vector: torch.Tensor) -> None:
+        """θ ← vector, in each parameter's own dtype."""
+        for p, d in zip(self.params, self.unflatten(vector)):
+            p.copy_(d.to(p.dtype))
+
     def as_dict(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, (t.detach().clone() for t in self.unflatten(vector))))
 

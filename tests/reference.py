@@ -171,7 +171,13 @@ class MaskedRegressionTask(UnlearningTask):
         return {k: torch.tensor([r[k] for r in rows], dtype=torch.float64) for k in ("x", "y", "mask")}
 
     def loss_sums(self, model, batch):
-        residual = (model(batch["x"]) - batch["y"]) * batch["mask"]  # (B, K)
+        return self.output_losses(self.outputs(model, batch), batch)
+
+    def outputs(self, model, batch):
+        return model(batch["x"])  # (B, K)
+
+    def output_losses(self, outputs, batch):
+        residual = (outputs - batch["y"]) * batch["mask"]  # (B, K)
         return residual.pow(2).sum(dim=1), batch["mask"].sum(dim=1)
 
     def loss_counts(self, batch):
@@ -228,3 +234,36 @@ def train_tokenizer(vocab_size: int = 96):
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def dense_ggn(model, rows, normalization: str) -> torch.Tensor:
+    """(1/M) Σ_rows Σ_t w_t J_tᵀ (diag(p_t) − p_t p_tᵀ) J_t with J_t the `jacrev` Jacobian of the logits."""
+    ref = DenseReference(model, normalization)
+    M = loop_normaliser(rows, normalization)
+    total = torch.zeros(len(ref.theta), len(ref.theta), dtype=ref.theta.dtype)
+    for row in rows:
+        ids = torch.tensor([row["input_ids"]])
+        logits = ref._call(ref.theta)(input_ids=ids).logits[0]  # (L, V)
+        J = torch.func.jacrev(lambda th, ids=ids: ref._call(th)(input_ids=ids).logits[0])(
+            ref.theta
+        )  # (L, V, P)
+        T = sum(1 for y in row["labels"][1:] if y != -100)
+        for t in range(len(row["labels"]) - 1):
+            if row["labels"][t + 1] == -100:
+                continue
+            p = torch.softmax(logits[t].detach(), dim=-1)
+            H_out = torch.diag(p) - torch.outer(p, p)  # exact softmax cross-entropy Hessian in the logits
+            w = 1.0 if normalization == "token" else 1.0 / T
+            total += w * J[t].T @ H_out @ J[t]
+    return total / M
+
+
+def dense_fisher(model, rows, normalization: str) -> torch.Tensor:
+    """(1/M) Σ g_i g_iᵀ from per-example gradients, one row at a time."""
+    ref = DenseReference(model, normalization)
+    M = ref.normaliser(rows)
+    total = torch.zeros(len(ref.theta), len(ref.theta), dtype=ref.theta.dtype)
+    for r in rows:
+        g = torch.func.grad(lambda th, r=r: ref.ell_at(th, r))(ref.theta)
+        total += torch.outer(g, g)
+    return total / M

@@ -145,3 +145,37 @@ def test_console_script_and_module_entry_points(workspace):
         text=True,
     )
     assert run.returncode == 4 and "damping" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_new_flags_parse_numbers_and_auto():
+    from transformers import HfArgumentParser
+
+    from hf_unlearn import ConfigurationError, UnlearningArguments
+
+    parser = HfArgumentParser(UnlearningArguments)
+    (args,) = parser.parse_args_into_dataclasses(
+        [
+            "--solver",
+            "qp",
+            "--curvature",
+            "ggn",
+            "--damping",
+            "auto",
+            "--qp-optimizer",
+            "adam",
+            "--qp-lr",
+            "0.01",
+        ]
+        + ["--stochastic-batch-size", "4", "--refine-steps", "2", "--lissa-scale", "auto"]
+    )
+    assert (args.damping, args.qp_lr, args.lissa_scale, args.refine_steps) == ("auto", 0.01, "auto", 2)
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--damping", "0.5", "--solver", "lissa", "--lissa-scale", "20"]
+    )
+    assert (args.damping, args.lissa_scale) == (0.5, 20.0)
+    assert parser.parse_args_into_dataclasses([])[0].damping == 0.1
+    for bad in (["--damping", "-1"], ["--damping", "much"], ["--qp-lr", "0"], ["--refine-steps", "-1"]):
+        with pytest.raises(ConfigurationError):
+            parser.parse_args_into_dataclasses(bad)
+    with pytest.raises(ConfigurationError, match="qp-lr"):
+        UnlearningArguments(solver="qp", qp_optimizer="adam")

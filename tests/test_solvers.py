@@ -62,3 +62,95 @@ def test_direct_refuses_indefinite_and_large():
     big.size = MAX_DIRECT_PARAMS + 1
     with pytest.raises(ConfigurationError, match="--solver cg"):
         direct_solve(big, 0.1, torch.ones(1))
+
+
+# --- mini-batch solvers on a real finite-sum curvature (a linear model, so the test is fast) ------------
+
+
+@pytest.fixture(scope="module")
+def finite_sum():
+    """The Hessian operator of an ill-conditioned masked regression (P = 27, condition ≈ 300) + its dense form."""
+    from reference import MaskedRegressionTask, regression_rows
+
+    from hf_unlearn.curvature import HessianOperator
+    from hf_unlearn.distributed import Processes
+    from hf_unlearn.gradients import Batches
+    from hf_unlearn.objective import normaliser
+    from hf_unlearn.params import ParameterSpace
+    from hf_unlearn.solvers import dense_matrix
+
+    rows = regression_rows(200, d=8, k=3, seed=4)
+    for r in rows:
+        r["x"] = [v * s for v, s in zip(r["x"], [1, 2, 3, 0.5, 0.3, 1, 1.5, 0.2])]
+    task, model = MaskedRegressionTask(), torch.nn.Linear(8, 3).double()
+    op = HessianOperator(
+        model,
+        task,
+        ParameterSpace(model),
+        Batches(task, rows, 50, "cpu", Processes()),
+        "token",
+        normaliser(task, rows, "token"),
+        Processes(),
+    )
+    return op, dense_matrix(op)
+
+
+def relerr(x, exact):
+    return ((x - exact).norm() / exact.norm()).item()
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01])
+def test_lissa_default_rule_is_within_10_percent_at_2000_steps(finite_sum, damping):
+    from hf_unlearn.solvers import lissa_solve
+
+    op, C = finite_sum
+    rhs = torch.randn(op.size, dtype=torch.float64)
+    exact = torch.linalg.solve(C + damping * torch.eye(op.size, dtype=torch.float64), rhs)
+    x, stats = lissa_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1)
+    assert relerr(x, exact) < 0.10
+    assert stats.extra["sample_products"] >= 2000 and stats.extra["stochastic"]
+    assert stats.extra["lissa_scale"] > torch.linalg.eigvalsh(C)[-1].item()  # the scale rule: s > λ_max
+
+
+@pytest.mark.parametrize(("optimizer", "lr"), [("sgd", "auto"), ("adam", 0.05)])
+def test_qp_is_within_30_percent_at_2000_steps(finite_sum, optimizer, lr):
+    from hf_unlearn.solvers import qp_solve
+
+    op, C = finite_sum
+    rhs = torch.randn(op.size, dtype=torch.float64)
+    exact = torch.linalg.solve(C + 0.01 * torch.eye(op.size, dtype=torch.float64), rhs)
+    x, stats = qp_solve(op, 0.01, rhs, tol=1e-6, max_iter=2000, seed=2, qp_optimizer=optimizer, qp_lr=lr)
+    assert relerr(x, exact) < 0.30
+    assert relerr(x, 2 * exact) > 0.35  # not the released code's fixed point 2(C+λI)⁻¹b
+    assert stats.relative_residual < 1.0
+
+
+def test_qp_adam_needs_a_step_size_and_stochastic_solvers_refuse_indefinite(finite_sum):
+    from hf_unlearn.solvers import lissa_solve, qp_solve
+
+    op, _ = finite_sum
+    rhs = torch.ones(op.size, dtype=torch.float64)
+    with pytest.raises(ConfigurationError, match="qp-lr"):
+        qp_solve(op, 0.1, rhs, tol=1e-6, max_iter=10, qp_optimizer="adam")
+    negative = type(op)(
+        op.model, op.task, op.space, op.batches, op.normalization, -op.normaliser, op.processes
+    )
+    for solve in (lissa_solve, qp_solve):
+        with pytest.raises(NonPositiveCurvatureError, match="--damping"):
+            solve(negative, 0.1, rhs, tol=1e-6, max_iter=10)
+
+
+def test_lanczos_extremes_match_eigvalsh():
+    from hf_unlearn.curvature.spectrum import lanczos_extremes
+
+    Q, _ = torch.linalg.qr(torch.randn(60, 60, dtype=torch.float64))
+    C = Q @ torch.diag(torch.linspace(-2.0, 97.0, 60, dtype=torch.float64)) @ Q.T  # indefinite
+    ev = torch.linalg.eigvalsh(C)
+    low, high, steps = lanczos_extremes(lambda v: C @ v, 60, 30, dtype=torch.float64, device="cpu")
+    assert steps == 30 and low >= ev[0].item() - 1e-9 and high <= ev[-1].item() + 1e-9  # Ritz values inside
+    assert (
+        abs(low - ev[0].item()) < 0.05 * abs(ev[0].item())
+        and abs(high - ev[-1].item()) < 0.01 * ev[-1].item()
+    )
+    low, high, _ = lanczos_extremes(lambda v: C @ v, 60, 60, dtype=torch.float64, device="cpu")
+    assert abs(low - ev[0].item()) < 1e-8 and abs(high - ev[-1].item()) < 1e-8

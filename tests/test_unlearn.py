@@ -189,3 +189,163 @@ def test_removal_approximates_exact_refit_with_the_right_sign_and_scale(regressi
     assert (
         relative_error(-delta, expected) > 1.5 and relative_error(2 * delta, expected) > 0.8
     )  # sign and scale
+
+
+# --- Gauss–Newton and empirical Fisher curvature through the whole update ----------------------------
+
+
+def dense_update(model, curvature_matrix, old, new, damping, normalization="token"):
+    ref = DenseReference(model, normalization)
+    b = (ref.grad_sum(new) - ref.grad_sum(old)) / ref.normaliser(ROWS)
+    return -torch.linalg.solve(curvature_matrix + damping * torch.eye(len(b), dtype=b.dtype), b)
+
+
+def test_ggn_update_matches_dense_gauss_newton_solve(trained):
+    from reference import dense_ggn
+
+    request, old, new = REQUESTS["mixed"]
+    expected = dense_update(trained, dense_ggn(trained, ROWS, "token"), [ROWS[i] for i in old], new, 0.01)
+    result, delta = run(trained, request, curvature="ggn", damping=0.01, tol=1e-12, max_iter=500)
+    assert result.stats["converged"] and relative_error(delta, expected) < 1e-9
+
+
+@pytest.mark.parametrize("solver", ["woodbury", "cg"])
+def test_fisher_update_matches_dense_fisher_solve(trained, solver):
+    from reference import dense_fisher
+
+    request, old, new = REQUESTS["mixed"]
+    expected = dense_update(trained, dense_fisher(trained, ROWS, "token"), [ROWS[i] for i in old], new, 0.01)
+    result, delta = run(
+        trained, request, curvature="fisher", solver=solver, damping=0.01, tol=1e-12, max_iter=500
+    )
+    assert result.stats["converged"] and relative_error(delta, expected) < 1e-9
+
+
+def test_woodbury_refuses_other_curvatures_and_zero_damping(trained):
+    from hf_unlearn import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="fisher"):
+        UnlearningArguments(solver="woodbury", curvature="hessian")
+    with pytest.raises(ConfigurationError, match="damping > 0"):
+        run(trained, REQUESTS["IR"][0], curvature="fisher", solver="woodbury", damping=0.0)
+
+
+# --- mini-batch solvers through `unlearn` --------------------------------------------------------------
+
+
+def test_lissa_and_qp_through_unlearn_and_divergence_changes_nothing(regression):
+    model, task, rows = regression
+    space = ParameterSpace(model)
+    space.add_(refit(model, task, rows, "token") - space.vector())
+    theta_star = space.vector().clone()
+    request = UnlearningRequest(replace={5: {"y": [3.0, -2.0]}})
+    common = {"dtype": "float64", "damping": 0.0, "progress": False}
+    exact = unlearn(model, rows, request, UnlearningArguments(solver="direct", **common), task=task)
+    exact_delta = space.vector() - theta_star
+    space.set_(theta_star)
+    for solver, limit in (("lissa", 0.10), ("qp", 0.30)):
+        result = unlearn(
+            model,
+            rows,
+            request,
+            UnlearningArguments(solver=solver, max_iter=1000, seed=3, **common),
+            task=task,
+        )
+        assert relative_error(space.vector() - theta_star, exact_delta) < limit
+        assert result.stats["stochastic"] and result.stats["relative_residual"] < 1
+        space.set_(theta_star)
+    with pytest.raises(SolverError, match="diverged"):
+        unlearn(
+            model,
+            rows,
+            request,
+            UnlearningArguments(solver="lissa", lissa_scale=1e-3, max_iter=50, **common),
+            task=task,
+        )
+    assert torch.equal(space.vector(), theta_star)
+    assert exact.stats["damping"] == 0.0
+
+
+# --- damping "auto" --------------------------------------------------------------------------------------
+
+
+def test_auto_damping_is_safe_recorded_and_used(trained):
+    request, old, new = REQUESTS["IR"]
+    H = DenseReference(trained, "token").hessian(ROWS)
+    eigenvalues = torch.linalg.eigvalsh(H)
+    result, delta = run(trained, request, damping="auto", tol=1e-12)
+    auto = result.stats["damping_auto"]
+    chosen = result.stats["damping"]
+    assert chosen == auto["damping"] and auto["lanczos_steps"] == 30
+    slack = 1e-9 * eigenvalues[-1].item()  # Ritz values lie inside the spectrum (up to round-off)
+    assert eigenvalues[0].item() - slack <= auto["eig_min_estimate"]
+    assert auto["eig_max_estimate"] <= eigenvalues[-1].item() + slack
+    assert abs(auto["eig_max_estimate"] - eigenvalues[-1].item()) < 1e-6 * eigenvalues[-1].item()
+    assert torch.linalg.eigvalsh(H + chosen * torch.eye(len(H), dtype=H.dtype))[0] > 0.005 * eigenvalues[-1]
+    expected = DenseReference(trained, "token").update(ROWS, [ROWS[i] for i in old], new, chosen)
+    assert relative_error(delta, expected) < 1e-9
+
+
+# --- refine_steps: Newton steps on the tilted edited objective ---------------------------------------------
+
+
+def dense_refine(model, old, new, damping, steps, normalization="token"):
+    """θ* + Δθ, then `steps` dense Newton steps θ ← θ − (∇²R'(θ)+λI)⁻¹(∇R'(θ) − ∇R(θ*)); returns θ − θ*."""
+    ref = DenseReference(model, normalization)
+    M = ref.normaliser(ROWS)
+    edited = [r for i, r in enumerate(ROWS) if i not in old] + new
+    grad_star = torch.func.grad(ref.objective(ROWS, M))(ref.theta)
+    theta = ref.theta + ref.update(ROWS, [ROWS[i] for i in old], new, damping)
+    eye = torch.eye(len(theta), dtype=theta.dtype)
+    for _ in range(steps):
+        g = torch.func.grad(ref.objective(edited, M))(theta) - grad_star
+        theta = theta - torch.linalg.solve(
+            torch.func.hessian(ref.objective(edited, M))(theta) + damping * eye, g
+        )
+    return theta - ref.theta
+
+
+def test_refine_steps_match_dense_newton_steps(trained):
+    request, old, new = REQUESTS["mixed"]
+    damping = damping_for(trained, "token") + 0.1
+    expected = dense_refine(trained, old, new, damping, steps=2)
+    one_step = DenseReference(trained, "token").update(ROWS, [ROWS[i] for i in old], new, damping)
+    result, delta = run(trained, request, damping=damping, tol=1e-12, max_iter=500, refine_steps=2)
+    assert relative_error(delta, expected) < 1e-8
+    assert relative_error(one_step, expected) > 1e-4  # the refinement is doing something measurable
+    assert len(result.stats["refine"]) == 2 and all(s["converged"] for s in result.stats["refine"])
+
+
+@pytest.mark.parametrize("normalization", ["token", "example"])
+def test_one_refine_step_reaches_the_exact_refit_after_removal(regression, normalization):
+    """On a quadratic the tilted edited objective is minimised by the exact refit; one Newton step gets there."""
+    model, task, rows = regression
+    space = ParameterSpace(model)
+    space.add_(refit(model, task, rows, normalization) - space.vector())  # θ* = argmin R, ∇R(θ*) = 0
+    kept = [r for i, r in enumerate(rows) if i not in (11, 40)]
+    expected = refit(model, task, kept, normalization)
+    args = {
+        "solver": "cg",
+        "damping": 0.0,
+        "tol": 1e-13,
+        "dtype": "float64",
+        "loss_normalization": normalization,
+    }
+    first = unlearn(
+        model,
+        rows,
+        UnlearningRequest(remove=[11, 40]),
+        UnlearningArguments(progress=False, **args),
+        task=task,
+    )
+    one_step = space.vector().clone()
+    space.add_(-flat(first, model))
+    unlearn(
+        model,
+        rows,
+        UnlearningRequest(remove=[11, 40]),
+        UnlearningArguments(progress=False, refine_steps=1, **args),
+        task=task,
+    )
+    assert relative_error(one_step, expected) > 1e-6  # one step alone is only first order
+    assert relative_error(space.vector(), expected) < 1e-10

@@ -10,7 +10,7 @@ from .base import SolverStats, suggest_damping
 
 
 def conjugate_gradient(
-    curvature, damping: float, rhs: torch.Tensor, *, tol: float, max_iter: int, progress: bool = False
+    curvature, damping: float, rhs: torch.Tensor, *, tol: float, max_iter: int, progress: bool = False, **_
 ):
     """Solve (C + λI) x = rhs by conjugate gradient from x = 0.
 
