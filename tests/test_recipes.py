@@ -126,3 +126,23 @@ def test_sft_then_unlearn_recipe_on_two_processes(workspace):
     error = relative(delta(out / "unlearned", out / "trained"), delta(cli, out / "trained"))
     print(f"sft_then_unlearn.py (2 processes) vs CLI on its trained adapter (1 process): {error:.2e}")
     assert error <= 1e-3
+
+
+@pytest.mark.distributed
+def test_unlearning_callback_on_two_processes_equals_the_cli(workspace):
+    out = workspace / "callback"
+    result = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests/scripts/callback_trainer.py"), "--model", str(workspace / "base"),
+         "--train-file", str(workspace / "train.jsonl"), "--request", str(workspace / "request.jsonl"),
+         "--output-dir", str(out), "--epochs", "20", "--learning-rate", "1e-2", "--batch-size", "4",
+         "--lora-r", "2", "--lora-alpha", "4", "--logging-steps", "1000", "--damping", "20"]
+    )  # fmt: skip
+    assert result.stdout.count("Wrote") == 1 and "on 2 process(es)" in result.stdout
+    assert json.loads((out / "unlearned" / MANIFEST_NAME).read_text())["num_processes"] == 2
+    cli = workspace / "callback-cli"
+    run([sys.executable, "-m", "hf_unlearn", "unlearn", *unlearn_args(workspace, out / "trained", cli)[:-9],
+         "--dtype", "float64", "--damping", "20", "--tol", "1e-10", "--max-iter", "500", "--no_progress"])  # fmt: skip
+    error = relative(delta(out / "unlearned", out / "trained"), delta(cli, out / "trained"))
+    print(f"UnlearningCallback (2 processes) vs CLI on its trained adapter (1 process): {error:.2e}")
+    assert error <= 1e-5
