@@ -21,6 +21,15 @@ DAMPING = "50"
 NAMES = ["Ada", "Bram", "Cleo", "Dag", "Edda", "Finn", "Gala", "Hugo", "Iris", "Joss", "Kai", "Lena", "Milo"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and do not spin-wait when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def env(**extra):
     path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
     return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
@@ -83,6 +92,7 @@ def unlearn_args(root, adapter, out, *extra):
             "--damping", DAMPING, "--tol", "1e-10", "--max-iter", "500", "--no_progress", *extra]  # fmt: skip
 
 
+@pytest.mark.slow  # ~30 s; the same launch paths run by default in test_distributed / the SFT recipe
 @pytest.mark.distributed
 def test_unlearn_adapter_recipe_on_two_processes_equals_the_cli(workspace):
     one = workspace / "cli-one"
@@ -128,6 +138,7 @@ def test_sft_then_unlearn_recipe_on_two_processes(workspace):
     assert error <= 1e-3
 
 
+@pytest.mark.slow  # ~30 s; the same launch paths run by default in test_distributed / the SFT recipe
 @pytest.mark.distributed
 def test_unlearning_callback_on_two_processes_equals_the_cli(workspace):
     out = workspace / "callback"
