@@ -1,6 +1,5 @@
 """hf_unlearn: take training instances back out of a LoRA/PEFT fine-tune with influence functions."""
 
-from .callback import UnlearningCallback
 from .config import UnlearningArguments
 from .data import ExampleEncoder, TextEncoding, TrainingSet
 from .eraser import UnlearningResult, unlearn
@@ -15,9 +14,24 @@ from .errors import (
 )
 from .objective import CausalLMTask, UnlearningTask
 from .request import UnlearningRequest
-from .trainer import UnlearnTrainer
 
 __version__ = "0.1.0"
+
+_TRAINER_NAMES = {"UnlearnTrainer": ".trainer", "UnlearningCallback": ".callback"}
+
+
+def __getattr__(name):
+    """`UnlearnTrainer` and `UnlearningCallback` import `transformers.Trainer`; load them on first use."""
+    if name in _TRAINER_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(_TRAINER_NAMES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_TRAINER_NAMES])
+
 
 __all__ = [
     "CausalLMTask",

@@ -21,6 +21,15 @@ DAMPING = "50"
 NAMES = ["Ada", "Bram", "Cleo", "Dag", "Edda", "Finn", "Gala", "Hugo", "Iris", "Joss", "Kai", "Lena", "Milo"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and do not spin-wait when the machine is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def env(**extra):
     path = os.pathsep.join(p for p in [str(ROOT), os.environ.get("PYTHONPATH", "")] if p)
     return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra}
@@ -83,6 +92,7 @@ def unlearn_args(root, adapter, out, *extra):
             "--damping", DAMPING, "--tol", "1e-10", "--max-iter", "500", "--no_progress", *extra]  # fmt: skip
 
 
+@pytest.mark.slow  # ~30 s; the same launch paths run by default in test_distributed / the SFT recipe
 @pytest.mark.distributed
 def test_unlearn_adapter_recipe_on_two_processes_equals_the_cli(workspace):
     one = workspace / "cli-one"
@@ -126,3 +136,24 @@ def test_sft_then_unlearn_recipe_on_two_processes(workspace):
     error = relative(delta(out / "unlearned", out / "trained"), delta(cli, out / "trained"))
     print(f"sft_then_unlearn.py (2 processes) vs CLI on its trained adapter (1 process): {error:.2e}")
     assert error <= 1e-3
+
+
+@pytest.mark.slow  # ~30 s; the same launch paths run by default in test_distributed / the SFT recipe
+@pytest.mark.distributed
+def test_unlearning_callback_on_two_processes_equals_the_cli(workspace):
+    out = workspace / "callback"
+    result = run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests/scripts/callback_trainer.py"), "--model", str(workspace / "base"),
+         "--train-file", str(workspace / "train.jsonl"), "--request", str(workspace / "request.jsonl"),
+         "--output-dir", str(out), "--epochs", "20", "--learning-rate", "1e-2", "--batch-size", "4",
+         "--lora-r", "2", "--lora-alpha", "4", "--logging-steps", "1000", "--damping", "20"]
+    )  # fmt: skip
+    assert result.stdout.count("Wrote") == 1 and "on 2 process(es)" in result.stdout
+    assert json.loads((out / "unlearned" / MANIFEST_NAME).read_text())["num_processes"] == 2
+    cli = workspace / "callback-cli"
+    run([sys.executable, "-m", "hf_unlearn", "unlearn", *unlearn_args(workspace, out / "trained", cli)[:-9],
+         "--dtype", "float64", "--damping", "20", "--tol", "1e-10", "--max-iter", "500", "--no_progress"])  # fmt: skip
+    error = relative(delta(out / "unlearned", out / "trained"), delta(cli, out / "trained"))
+    print(f"UnlearningCallback (2 processes) vs CLI on its trained adapter (1 process): {error:.2e}")
+    assert error <= 1e-5
