@@ -51,7 +51,9 @@ class DemoArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_layers: int = field(default=6, metadata={"help": "LoRA on q_proj/v_proj of this many top layers."})
     batch_size: int = field(default=8, metadata={"help": "Training and unlearning batch size."})
-    damping: float = field(default=0.01, metadata={"help": "Unlearning damping λ."})
+    curvature: str = field(default="ggn", metadata={"help": "Unlearning curvature: hessian, ggn or fisher."})
+    damping: str = field(default="auto", metadata={"help": "Unlearning damping λ, or 'auto'."})
+    refine_steps: int = field(default=0, metadata={"help": "Newton refinement steps after the first."})
     max_iter: int = field(default=30, metadata={"help": "Maximum CG iterations per request."})
     hessian_samples: int | None = field(
         default=None, metadata={"help": "Rows for the Hessian (default: all)."}
@@ -185,8 +187,9 @@ def run_demo(args: DemoArguments) -> dict:
         print(f"[demo] {kind}: unlearning {len(resolved.edits)} rows ...")
         unlearning_args = UnlearningArguments(
             solver="cg",
-            curvature="hessian",
-            damping=args.damping,
+            curvature=args.curvature,
+            damping=args.damping if args.damping == "auto" else float(args.damping),
+            refine_steps=args.refine_steps,
             max_iter=args.max_iter,
             tol=1e-4,
             batch_size=args.batch_size,
