@@ -161,6 +161,8 @@ def plot(results: dict, out: Path) -> int:
         print("matplotlib not installed: wrote only solvers.json")
         return 0
     curvatures = list(dict.fromkeys(r["curvature"] for r in results["runs"]))
+    labels = list(dict.fromkeys(r["solver"] for r in results["runs"]))
+    colours = {label: f"C{i}" for i, label in enumerate(labels)}
     fig, axes = plt.subplots(
         1, len(curvatures), figsize=(5 * len(curvatures), 4.5), sharey=True, squeeze=False
     )
@@ -168,11 +170,12 @@ def plot(results: dict, out: Path) -> int:
         runs = [r for r in results["runs"] if r["curvature"] == curvature]
         for label in dict.fromkeys(r["solver"] for r in runs):
             pts = sorted((r["seconds"], r["error_same_curvature"]) for r in runs if r["solver"] == label)
-            ax.plot(*zip(*pts), marker="o", label=label)
+            ax.plot(*zip(*pts), marker="o", label=label, color=colours[label])
         ax.set(xscale="log", yscale="log", title=f"curvature={curvature}", xlabel="wall seconds")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("relative error vs dense solve")
-    axes[0][-1].legend(fontsize=8)
+    handles = [plt.Line2D([], [], color=colours[label], marker="o", label=label) for label in labels]
+    axes[0][-1].legend(handles=handles, fontsize=8)
     setup = results["setup"]
     fig.suptitle(f"tiny Llama + LoRA, P={setup['num_params']}, λ={setup['damping']:.3g} (float64)")
     fig.tight_layout()
