@@ -223,3 +223,25 @@ def test_hub_ready_card_and_push_dry_run(workspace, tmp_path, capsys):  # noqa: 
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
     assert listed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME])
     assert main(["push", workspace["adapter"], "--repo-id", "me/x", "--dry-run"]) == 4
+
+
+def test_remote_code_is_not_run_unless_asked(workspace, tmp_path, capsys):  # noqa: F811
+    """A base model directory that ships its own modelling code is refused without --trust-remote-code."""
+    custom = tmp_path / "custom"
+    shutil.copytree(workspace["base"], custom)
+    marker = tmp_path / "code-ran"
+    (custom / "configuration_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import LlamaConfig\n\n\nclass CustomConfig(LlamaConfig):\n    model_type = 'custom-llama'\n"
+    )
+    config = json.loads((custom / "config.json").read_text())
+    config["model_type"] = "custom-llama"
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig"}
+    (custom / "config.json").write_text(json.dumps(config))
+    argv = [
+        a if a != workspace["base"] else str(custom)
+        for a in base_args(workspace, workspace["IR"], tmp_path / "out")
+    ]
+    assert main(argv) == 4
+    assert "trust_remote_code" in capsys.readouterr().err
+    assert not marker.exists() and no_output(tmp_path / "out")
