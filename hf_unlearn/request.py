@@ -138,9 +138,6 @@ class UnlearningRequest:
             )
         return ResolvedRequest(edits)
 
-    def to_dict(self) -> dict:
-        return {"remove": list(self.remove), "replace": dict(self.replace)}
-
 
 def _replacement(row_id, old: Mapping, new_fields: Mapping, task: UnlearningTask) -> tuple[dict, str]:
     """The new version of `old` and its kind."""
