@@ -12,12 +12,10 @@ from pathlib import Path
 import torch
 
 
-def build_toy_model(
-    rows: Iterable[Mapping], out: str | Path, hidden_size: int = 64, layers: int = 2, seed: int = 0
-):
-    """Save a config-built Llama and a tokenizer covering `rows` (prompt/response text) to `out`; return both."""
+def build_toy_tokenizer(rows: Iterable[Mapping]):
+    """A whitespace word-level tokenizer covering the prompt/response text of `rows` and the digits."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -25,9 +23,18 @@ def build_toy_model(
         [r["prompt"] + " " + r["response"] for r in rows] + ["0 1 2 3 4 5 6 7 8 9"],
         trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]),
     )
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
+
+
+def build_toy_model(
+    rows: Iterable[Mapping], out: str | Path, hidden_size: int = 64, layers: int = 2, seed: int = 0
+):
+    """Save a config-built Llama and a tokenizer covering `rows` (prompt/response text) to `out`; return both."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_toy_tokenizer(rows)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

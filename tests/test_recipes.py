@@ -11,10 +11,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_unlearn.io import MANIFEST_NAME
+from hf_unlearn.toy import build_toy_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DAMPING = "50"
@@ -64,15 +64,7 @@ def workspace(tmp_path_factory):
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     request = [{"op": "remove", "id": "person-3"}, {"op": "replace", "id": "person-0", "response": "1 2 3"}]
     (root / "request.jsonl").write_text("".join(json.dumps(r) + "\n" for r in request))
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        [r["prompt"] + " " + r["response"] for r in rows] + ["0 1 2 3 4 5 6 7 8 9"],
-        trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    tokenizer = build_toy_tokenizer(rows)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,

@@ -6,12 +6,12 @@ import random
 import pytest
 import torch
 from peft import PeftModel
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_unlearn import CausalLMTask, ExampleEncoder
 from hf_unlearn.cli import main
 from hf_unlearn.io import MANIFEST_NAME
+from hf_unlearn.toy import build_toy_tokenizer
 from hf_unlearn.training import TRAINING_RECORD
 
 NAMES = ["Ada", "Bram", "Cleo", "Dag", "Edda", "Finn", "Gala", "Hugo", "Iris", "Joss", "Kai", "Lena"]
@@ -38,15 +38,7 @@ def text_rows():
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     rows = text_rows()
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(
-        [r["prompt"] + " " + r["response"] for r in rows] + ["0 1 2 3 4 5 6 7 8 9"],
-        trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "<s>", "</s>"]),
-    )
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
-    )
+    tokenizer = build_toy_tokenizer(rows)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
