@@ -12,6 +12,7 @@ Gauss–Newton curvature (`curvature="ggn"`) additionally needs the optional pai
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -107,25 +108,32 @@ class CausalLMTask(UnlearningTask):
         return self.output_losses(self.outputs(model, batch), batch)
 
     def outputs(self, model, batch):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+        """Logits at the loss positions only, (B, K, V): position t predicts token t+1, and K is the union over
+        the batch of the positions whose next token carries a loss (see `loss_positions`). The language-model
+        head is the costliest layer of a small LM over a 50k vocabulary, and prompts are most of the tokens, so
+        this skips most of its work; models whose forward has no `logits_to_keep` are sliced after the head."""
+        positions = loss_positions(batch)  # (K,)
+        kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        if _accepts_logits_to_keep(model):
+            return model(**kwargs, logits_to_keep=positions).logits  # (B, K, V)
+        return model(**kwargs).logits[:, positions]  # (B, K, V)
 
     def output_losses(self, logits, batch):
-        targets = batch["labels"][:, 1:]  # (B, L-1): token t+1 is predicted at position t
+        targets = batch["labels"][:, loss_positions(batch) + 1]  # (B, K): the token each position predicts
         token_losses = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )  # (B, L-1), zero where ignored
+            logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )  # (B, K), zero where ignored
         return token_losses.sum(dim=1), self.loss_counts(batch).to(token_losses.dtype)
 
     def output_hessian_product(self, logits, vectors, batch, normalization):
         """Closed form: per loss token t, `w_t (diag(p_t) − p_t p_tᵀ) u_t` with `p_t = softmax(logits_t)`.
 
         `w_t` is 1 under 'token' normalisation and `1/T` of the token's example under 'example'; positions
-        without a loss (label -100, and the last position) contribute nothing.
+        without a loss (label -100) contribute nothing.
         """
-        p = torch.softmax(logits.detach(), dim=-1)  # (B, L, V)
-        hu = p * (vectors - (p * vectors).sum(dim=-1, keepdim=True))  # (B, L, V)
-        weight = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)  # (B, L)
-        weight[:, :-1] = (batch["labels"][:, 1:] != IGNORE_INDEX).to(logits.dtype)
+        p = torch.softmax(logits.detach(), dim=-1)  # (B, K, V)
+        hu = p * (vectors - (p * vectors).sum(dim=-1, keepdim=True))  # (B, K, V)
+        weight = (batch["labels"][:, loss_positions(batch) + 1] != IGNORE_INDEX).to(logits.dtype)  # (B, K)
         if normalization == "example":
             weight = weight / self.loss_counts(batch).to(logits.dtype).clamp_min(1).unsqueeze(1)
         return hu * weight.unsqueeze(-1)
@@ -162,6 +170,16 @@ class CausalLMTask(UnlearningTask):
                 "(or input_ids and labels)."
             )
         return {k: new_fields[k] if k in new_fields else old[k] for k in TEXT_FIELDS}
+
+
+def loss_positions(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """(K,) sorted positions t at which some row of the batch has a loss on token t+1 (labels ≠ -100)."""
+    return torch.nonzero((batch["labels"][:, 1:] != IGNORE_INDEX).any(dim=0)).flatten()
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def example_losses(task: UnlearningTask, model, batch, normalization: str) -> torch.Tensor:

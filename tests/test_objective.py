@@ -49,3 +49,34 @@ def test_loss_excludes_prompt_tokens(model):
     S2, T2 = task.loss_sums(model, task.collate([{**row, "labels": [-100, 4, 5, 6, 7]}]))
     assert T2.item() == 4 and S2.item() > S.item()
     assert max(row["input_ids"]) < VOCAB
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no `logits_to_keep` (as in older or custom architectures)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_outputs_are_the_logits_at_the_loss_positions(model):
+    prompt = [3, 4, 5, 6, 7]  # a shared prompt with no loss: those positions need no logits
+    rows = [
+        {"input_ids": prompt + r["input_ids"], "labels": [-100] * len(prompt) + r["labels"]}
+        for r in token_rows(7, seed=5)
+    ]
+    task = CausalLMTask()
+    batch = task.collate(rows)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, L, V)
+    has_loss = (batch["labels"][:, 1:] != -100).any(0)  # (L-1,)
+    assert not has_loss.all(), "the rows must have prompt positions for this test to mean anything"
+    expected = full[:, :-1][:, has_loss]
+    torch.testing.assert_close(task.outputs(model, batch), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(task.outputs(_NoLogitsToKeep(model), batch), expected, rtol=0, atol=0)
+    S, _ = task.loss_sums(_NoLogitsToKeep(model), batch)
+    torch.testing.assert_close(
+        S, torch.stack([loop_loss_sum(model, r)[0] for r in rows]), rtol=1e-12, atol=1e-12
+    )
