@@ -18,7 +18,7 @@ from .data import ExampleEncoder, TrainingSet
 from .demo_data import DIR as DEMO_FILES
 from .errors import ConfigurationError
 from .objective import CausalLMTask
-from .request import UnlearningRequest
+from .request import UnlearningRequest, check_against_history
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METRICS = {
@@ -48,6 +48,10 @@ class DemoArguments:
         default=12, metadata={"help": "LoRA fine-tuning epochs (original and each retraining)."}
     )
     learning_rate: float = field(default=3e-3, metadata={"help": "LoRA learning rate."})
+    lr_scheduler: str = field(
+        default="constant", metadata={"help": "Learning-rate schedule (a transformers name, e.g. linear)."}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_layers: int = field(default=6, metadata={"help": "LoRA on q_proj/v_proj of this many top layers."})
     batch_size: int = field(default=8, metadata={"help": "Training and unlearning batch size."})
@@ -59,6 +63,7 @@ class DemoArguments:
         default=None, metadata={"help": "Rows for the Hessian (default: all)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the training recipe (same for retraining)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
 
 def default_model_path() -> Path:
@@ -116,7 +121,9 @@ class Lab:
             num_train_epochs=self.args.epochs,
             per_device_train_batch_size=self.args.batch_size,
             learning_rate=self.args.learning_rate,
-            lr_scheduler_type="constant",
+            lr_scheduler_type=self.args.lr_scheduler,
+            weight_decay=self.args.weight_decay,
+            disable_tqdm=not self.args.progress,
             logging_steps=10,
             save_strategy="no",
             report_to=[],
@@ -148,17 +155,22 @@ class Lab:
 
 def edited_rows(train: TrainingSet, resolved) -> list[dict]:
     """The training set after the request: removed rows dropped, replaced rows in their new version."""
+    return edited_set(train, resolved).rows
+
+
+def edited_set(train: TrainingSet, resolved) -> TrainingSet:
+    """`edited_rows` as a TrainingSet that keeps the row ids, so that a later request can name them."""
     new = {e.index: e.new for e in resolved.edits}
-    return [
-        dict(new[i]) if i in new else dict(train[i])
-        for i in range(len(train))
-        if i not in new or new[i] is not None
-    ]
+    kept = [i for i in range(len(train)) if i not in new or new[i] is not None]
+    return TrainingSet([dict(new.get(i, train[i])) for i in kept], [train.ids[i] for i in kept])
 
 
 def run_demo(args: DemoArguments) -> dict:
+    """Train, serve the IR, QM and RC requests one after the other on the adapter (as a user would: each
+    request applies to the adapter the previous one produced, and the manifests chain), retrain once from
+    scratch on the fully edited data, and compare the three adapters on each kind's metric."""
     from .eraser import unlearn
-    from .io import build_manifest, save_unlearned_adapter
+    from .io import adapter_digest, build_manifest, read_history, save_unlearned_adapter
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,54 +186,66 @@ def run_demo(args: DemoArguments) -> dict:
     print("[demo] fine-tuning the original adapter ...")
     train_seconds = lab.train(rows, original)
 
-    results = {"model": lab.model_name, "n_train": len(train), "train_seconds": train_seconds, "kinds": {}}
+    unlearning_args = UnlearningArguments(
+        solver="cg",
+        curvature=args.curvature,
+        damping=args.damping if args.damping == "auto" else float(args.damping),
+        refine_steps=args.refine_steps,
+        max_iter=args.max_iter,
+        tol=1e-4,
+        batch_size=args.batch_size,
+        hessian_samples=args.hessian_samples,
+        seed=args.seed,
+        progress=args.progress,
+        allow_inexact=True,
+    )
+    current, adapter, served = train, original, {}
     for kind in ("IR", "QM", "RC"):
         request = UnlearningRequest.from_jsonl(DEMO_FILES / f"request_{kind}.jsonl")
-        resolved = request.resolve(train, lab.task)
+        history = read_history(adapter)
+        check_against_history(request, current, history)
+        resolved = request.resolve(current, lab.task)
+        print(f"[demo] {kind}: unlearning {len(resolved.edits)} rows ...")
+        model = lab.load(adapter, trainable=True)
+        start = time.perf_counter()
+        result = unlearn(model, current, request, unlearning_args, task=lab.task)
+        seconds = time.perf_counter() - start
+        manifest = build_manifest(
+            result,
+            unlearning_args,
+            base_model=lab.model_name,
+            input_adapter={"path": str(adapter), "digest": adapter_digest(adapter)},
+            history=history,
+        )
+        adapter = out / "adapters" / f"unlearned_{kind}"
+        save_unlearned_adapter(model, adapter, manifest, overwrite=True)
+        lab.drop(model)
+        served[kind] = (resolved, seconds, result.stats)
+        current = edited_set(current, resolved)
+
+    print("[demo] retraining from scratch on the edited data (all three requests applied) ...")
+    retrained = out / "adapters" / "retrained"
+    retrain_seconds = lab.train(current.rows, retrained)
+
+    results = {"model": lab.model_name, "n_train": len(train), "train_seconds": train_seconds, "kinds": {}}
+    for kind, (resolved, seconds, stats) in served.items():
         eval_rows = {
             "forget": [dict(e.old) for e in resolved.edits],
             "triggered_test": list(triggered_test),
             "corrected": [dict(e.new) for e in resolved.edits if e.new is not None],
         }[METRICS[kind][1]]
-
-        print(f"[demo] {kind}: unlearning {len(resolved.edits)} rows ...")
-        unlearning_args = UnlearningArguments(
-            solver="cg",
-            curvature=args.curvature,
-            damping=args.damping if args.damping == "auto" else float(args.damping),
-            refine_steps=args.refine_steps,
-            max_iter=args.max_iter,
-            tol=1e-4,
-            batch_size=args.batch_size,
-            hessian_samples=args.hessian_samples,
-            seed=args.seed,
-            allow_inexact=True,
-        )
-        model = lab.load(original, trainable=True)
-        start = time.perf_counter()
-        result = unlearn(model, train, request, unlearning_args, task=lab.task)
-        unlearn_seconds = time.perf_counter() - start
-        unlearned = out / "adapters" / f"unlearned_{kind}"
-        manifest = build_manifest(result, unlearning_args, base_model=lab.model_name)
-        save_unlearned_adapter(model, unlearned, manifest, overwrite=True)
-        lab.drop(model)
-
-        print(f"[demo] {kind}: retraining from scratch on the edited data ...")
-        retrained = out / "adapters" / f"retrained_{kind}"
-        retrain_seconds = lab.train(edited_rows(train, resolved), retrained)
-
         scores = {
             name: lab.nll(path, eval_rows)
-            for name, path in (("original", original), ("unlearned", unlearned), ("retrained", retrained))
+            for name, path in (("original", original), ("unlearned", adapter), ("retrained", retrained))
         }
         gap = scores["retrained"] - scores["original"]
         results["kinds"][kind] = {
             "metric": METRICS[kind][0],
             **scores,
             "gap_closed": (scores["unlearned"] - scores["original"]) / gap if gap else float("nan"),
-            "unlearn_seconds": unlearn_seconds,
+            "unlearn_seconds": seconds,
             "retrain_seconds": retrain_seconds,
-            "solver": {k: result.stats[k] for k in ("iterations", "relative_residual", "converged")},
+            "solver": {k: stats[k] for k in ("iterations", "relative_residual", "converged")},
         }
     results["arguments"] = asdict(args)
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -40,5 +40,14 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
         assert all(isinstance(r[k], float) and r[k] == r[k] for k in ("original", "unlearned", "retrained"))
         assert r["unlearned"] != r["original"]  # the update did something
     assert (out / "demo_results.png").stat().st_size > 10_000
-    for kind in ("IR", "QM", "RC"):
-        assert (out / "adapters" / f"unlearned_{kind}" / "unlearning_manifest.json").is_file()
+    # The requests were served one after the other on the same adapter: the manifests chain.
+    for depth, kind in enumerate(("IR", "QM", "RC")):
+        manifest = json.loads(
+            (out / "adapters" / f"unlearned_{kind}" / "unlearning_manifest.json").read_text()
+        )
+        assert set(manifest["request"]["kinds"]) == {kind}
+        assert [run["request"]["kinds"] for run in manifest["history"]] == [
+            {k: 6} for k in ("IR", "QM", "RC")[:depth]
+        ]
+    retrain_seconds = {r["retrain_seconds"] for r in results["kinds"].values()}
+    assert len(retrain_seconds) == 1  # one retraining on the data with all three requests applied
