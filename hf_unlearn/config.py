@@ -13,6 +13,7 @@ SOLVERS = ("cg", "direct", "woodbury", "lissa", "qp")
 QP_OPTIMIZERS = ("sgd", "adam")
 CURVATURES = ("hessian", "ggn", "fisher")
 LOSS_NORMALIZATIONS = ("token", "example")
+REFINE_DAMPINGS = ("fixed", "adaptive")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -111,6 +112,16 @@ class UnlearningArguments:
             "solve with its curvature."
         },
     )
+    refine_damping: str = field(
+        default="fixed",
+        metadata={
+            "help": "Damping of the refinement steps: 'fixed' (every step uses --damping, DESIGN §2) or "
+            "'adaptive' (Levenberg–Marquardt: a step is kept only if it lowers the tilted edited objective; λ is "
+            "then divided by 3, but never below --damping, and multiplied by 3 after a rejected step). Each step "
+            "then also costs one loss pass over the edited training set.",
+            "choices": list(REFINE_DAMPINGS),
+        },
+    )
     dtype: str = field(
         default="float32",
         metadata={"help": "Precision of the unlearning computation.", "choices": list(DTYPES)},
@@ -145,6 +156,7 @@ class UnlearningArguments:
             )
         if not (self.tol > 0 and math.isfinite(self.tol)):
             raise ConfigurationError(f"tol must be a positive number, got {self.tol!r}.")
+        _choice("refine_damping", self.refine_damping, REFINE_DAMPINGS)
         if int(self.refine_steps) < 0:
             raise ConfigurationError(f"refine_steps must be ≥ 0, got {self.refine_steps!r}.")
         for name in ("max_iter", "batch_size", "stochastic_batch_size"):

@@ -18,7 +18,7 @@ from .curvature import CURVATURE_OPERATORS
 from .curvature.spectrum import lanczos_extremes
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes, check_curvature_supported
-from .errors import SolverError
+from .errors import NonPositiveCurvatureError, SolverError
 from .gradients import Batches, gradient_sum, loss_sum
 from .objective import CausalLMTask, UnlearningTask, normaliser
 from .params import ParameterSpace, computation_mode
@@ -247,11 +247,14 @@ def refine(
 
     From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + λI)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the chosen
     `curvature`) are over the edited training set — the kept rows plus the new versions — with the normaliser
-    M of the original set kept fixed, and the same solver and λ as the first step. `hessian_samples` is
-    not applied here. Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the caller
-    applies the total), also when a step fails.
+    M of the original set kept fixed, and the same solver as the first step. `hessian_samples` is not applied
+    here. With `refine_damping="fixed"` every step uses λ = `damping`; with `"adaptive"` (Levenberg–Marquardt)
+    a step is kept only if it lowers `R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩`, after which λ ← max(λ/3, damping),
+    and a rejected step (or a solve that meets non-positive curvature) leaves θ and sets λ ← 3λ. Returns the total θ − θ* and per-step stats; the parameters
+    are left at θ* (the caller applies the total), also when a step fails.
     """
     norm, show = args.loss_normalization, args.progress
+    adaptive = args.refine_damping == "adaptive"
     removed = set(resolved.indices)
     edited = [row for i, row in enumerate(all_rows) if i not in removed] + list(resolved.new)
     theta_star = space.vector().clone()
@@ -265,31 +268,62 @@ def refine(
             / M
         )
         edited_batches = batches(edited)
+
+        def tilted() -> float:  # R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩
+            value = loss_sum(model, task, edited_batches, norm, processes) / M
+            return value - grad_star.dot(space.vector() - theta_star).item()
+
         space.add_(delta)
+        lam = damping
+        value = tilted() if adaptive else None
+        grad = None
         for k in range(args.refine_steps):
-            grad = (
-                gradient_sum(
-                    model,
-                    task,
-                    space,
-                    edited_batches,
-                    norm,
-                    processes,
-                    f"refine {k + 1}: gradient" if show else None,
-                )
-                / M
-                - grad_star
-            )  # ∇R̃(θ) = ∇R'(θ) − ∇R(θ*)
+            if grad is None:  # a rejected step keeps θ, so its gradient is reused
+                grad = (
+                    gradient_sum(
+                        model,
+                        task,
+                        space,
+                        edited_batches,
+                        norm,
+                        processes,
+                        f"refine {k + 1}: gradient" if show else None,
+                    )
+                    / M
+                    - grad_star
+                )  # ∇R̃(θ) = ∇R'(θ) − ∇R(θ*)
             curvature = CURVATURE_OPERATORS[args.curvature](
                 model, task, space, edited_batches, norm, M, processes
             )
-            step, stats = solve(curvature, damping, -grad, **solver_options)
+            try:
+                step, stats = solve(curvature, lam, -grad, **solver_options)
+            except NonPositiveCurvatureError as e:
+                if not adaptive:
+                    raise
+                # The damped model is not convex here: reject the step and raise λ, as for a failed step.
+                steps.append({"damping": lam, "accepted": False, "rejected_because": str(e)})
+                lam *= 3
+                continue
             _check(step, stats, args)
+            record = stats.to_dict() | {
+                "damping": lam,
+                "tilted_gradient_norm": grad.norm().item(),
+                "step_norm": step.norm().item(),
+            }
+            before = space.vector().clone()
             space.add_(step)
-            steps.append(
-                stats.to_dict()
-                | {"tilted_gradient_norm": grad.norm().item(), "step_norm": step.norm().item()}
-            )
+            if adaptive:
+                new_value = tilted()
+                record |= {"tilted_objective_before": value, "tilted_objective_after": new_value}
+                record["accepted"] = new_value < value
+                if record["accepted"]:
+                    value, lam, grad = new_value, max(lam / 3, damping), None
+                else:
+                    space.set_(before)
+                    lam *= 3
+            else:
+                grad = None
+            steps.append(record)
         total = space.vector() - theta_star
     finally:
         space.set_(theta_star)

@@ -316,6 +316,43 @@ def test_refine_steps_match_dense_newton_steps(trained):
     assert len(result.stats["refine"]) == 2 and all(s["converged"] for s in result.stats["refine"])
 
 
+def dense_refine_adaptive(model, old, new, damping, steps):
+    """`dense_refine` with Levenberg–Marquardt damping: keep a step only if it lowers
+    R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩ (and C + λI is positive definite), then λ ← max(λ/3, damping); else λ ← 3λ. Returns θ − θ*, accepted."""
+    ref = DenseReference(model, "token")
+    M = ref.normaliser(ROWS)
+    edited = [r for i, r in enumerate(ROWS) if i not in old] + new
+    grad_star = torch.func.grad(ref.objective(ROWS, M))(ref.theta)
+
+    def tilted(theta):
+        return ref.objective(edited, M)(theta) - grad_star.dot(theta - ref.theta)
+
+    theta = ref.theta + ref.update(ROWS, [ROWS[i] for i in old], new, damping)
+    eye, lam, accepted = torch.eye(len(theta), dtype=theta.dtype), damping, []
+    for _ in range(steps):
+        g = torch.func.grad(tilted)(theta)
+        A = torch.func.hessian(ref.objective(edited, M))(theta) + lam * eye
+        trial = theta - torch.linalg.solve(A, g)
+        accepted.append(bool(torch.linalg.eigvalsh(A)[0] > 0 and tilted(trial) < tilted(theta)))
+        theta, lam = (trial, max(lam / 3, damping)) if accepted[-1] else (theta, 3 * lam)
+    return theta - ref.theta, accepted
+
+
+def test_adaptive_refine_matches_dense_levenberg_marquardt(trained):
+    request, old, new = REQUESTS["mixed"]
+    damping = damping_for(trained, "token")
+    expected, accepted = dense_refine_adaptive(trained, old, new, damping, steps=4)
+    assert False in accepted, "the setting must make a step fail for this test to check the rejection"
+    result, delta = run(
+        trained, request, damping=damping, tol=1e-12, max_iter=500, refine_steps=4, refine_damping="adaptive"
+    )
+    assert [s["accepted"] for s in result.stats["refine"]] == accepted
+    assert relative_error(delta, expected) < 1e-8
+    assert relative_error(dense_refine(trained, old, new, damping, steps=4), expected) > 1e-4
+    lams, first_rejected = [s["damping"] for s in result.stats["refine"]], accepted.index(False)
+    assert lams[first_rejected + 1] == 3 * lams[first_rejected]
+
+
 @pytest.mark.parametrize("normalization", ["token", "example"])
 def test_one_refine_step_reaches_the_exact_refit_after_removal(regression, normalization):
     """On a quadratic the tilted edited objective is minimised by the exact refit; one Newton step gets there."""
