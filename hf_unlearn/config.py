@@ -116,9 +116,10 @@ class UnlearningArguments:
         default="fixed",
         metadata={
             "help": "Damping of the refinement steps: 'fixed' (every step uses --damping, DESIGN §2) or "
-            "'adaptive' (Levenberg–Marquardt: a step is kept only if it lowers the tilted edited objective; λ is "
-            "then divided by 3, but never below --damping, and multiplied by 3 after a rejected step). Each step "
-            "then also costs one loss pass over the edited training set.",
+            "'adaptive' (Levenberg–Marquardt on the tilted edited objective R̃: the one-step update is the first "
+            "trial, and a step is kept only if it lowers R̃; λ is then divided by 3, but never below --damping, "
+            "and multiplied by 3 after a rejected step; --refine-steps + 1 trials, each also costing a loss pass "
+            "over the edited training set).",
             "choices": list(REFINE_DAMPINGS),
         },
     )

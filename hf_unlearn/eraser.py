@@ -139,7 +139,7 @@ def unlearn(
         timings["solver_seconds"] = time.perf_counter() - t
         problems = _check(delta, stats, args)
 
-        if args.refine_steps:
+        if args.refine_steps or args.refine_damping == "adaptive":
             t = time.perf_counter()
             delta, extra_stats["refine"] = refine(
                 model,
@@ -147,7 +147,7 @@ def unlearn(
                 space,
                 all_rows,
                 resolved,
-                delta,
+                (delta, curvature, b),
                 damping,
                 M,
                 args,
@@ -156,6 +156,13 @@ def unlearn(
                 solver_options,
             )
             timings["refine_seconds"] = time.perf_counter() - t
+            if not delta.any():
+                problems.append("no step lowered the tilted edited objective (refine_damping 'adaptive')")
+                if not args.allow_inexact:
+                    raise SolverError(
+                        "Levenberg–Marquardt rejected every step (none lowered the tilted edited objective): nothing "
+                        "was changed. Raise --damping or --refine-steps, or use --refine-damping fixed."
+                    )
 
         # Forget-set check: mean ℓ over the old versions, predicted to first order (∇ℓ·Δθ) and measured.
         num_old = len(resolved.old)
@@ -241,17 +248,19 @@ def choose_damping(curvature, b: torch.Tensor, seed: int) -> tuple[float, dict]:
 
 
 def refine(
-    model, task, space, all_rows, resolved, delta, damping, M, args, batches, processes, solver_options
+    model, task, space, all_rows, resolved, first_step, damping, M, args, batches, processes, solver_options
 ):
     """`refine_steps` damped Newton steps on the tilted edited objective (DESIGN §2 "Beyond one step").
 
     From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + λI)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the chosen
     `curvature`) are over the edited training set — the kept rows plus the new versions — with the normaliser
     M of the original set kept fixed, and the same solver as the first step. `hessian_samples` is not applied
-    here. With `refine_damping="fixed"` every step uses λ = `damping`; with `"adaptive"` (Levenberg–Marquardt)
+    here. `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
+    λ = `damping`; with `"adaptive"` (Levenberg–Marquardt) the one-step update itself is the first trial, and
     a step is kept only if it lowers `R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩`, after which λ ← max(λ/3, damping),
-    and a rejected step (or a solve that meets non-positive curvature) leaves θ and sets λ ← 3λ. Returns the total θ − θ* and per-step stats; the parameters
-    are left at θ* (the caller applies the total), also when a step fails.
+    and a rejected step (or a solve that meets non-positive curvature) leaves θ and sets λ ← 3λ; it makes
+    `refine_steps + 1` trials. Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the
+    caller applies the total), also when a step fails.
     """
     norm, show = args.loss_normalization, args.progress
     adaptive = args.refine_damping == "adaptive"
@@ -273,12 +282,17 @@ def refine(
             value = loss_sum(model, task, edited_batches, norm, processes) / M
             return value - grad_star.dot(space.vector() - theta_star).item()
 
-        space.add_(delta)
-        lam = damping
-        value = tilted() if adaptive else None
-        grad = None
-        for k in range(args.refine_steps):
-            if grad is None:  # a rejected step keeps θ, so its gradient is reused
+        first_delta, first_curvature, b = first_step
+        lam, grad = damping, None
+        if adaptive:  # the LLMEraser step is the first trial step, and is kept only if it lowers R̃
+            value, trials, first_pending = tilted(), args.refine_steps + 1, True
+        else:
+            space.add_(first_delta)
+            trials, first_pending = args.refine_steps, False
+        for k in range(trials):
+            if first_pending:  # at θ*, ∇R̃(θ*) = ∇R'(θ*) − ∇R(θ*) = b, and the curvature is C(θ*) of R
+                grad, curvature = b, first_curvature
+            elif grad is None:  # a rejected step keeps θ, so its gradient is reused
                 grad = (
                     gradient_sum(
                         model,
@@ -292,11 +306,15 @@ def refine(
                     / M
                     - grad_star
                 )  # ∇R̃(θ) = ∇R'(θ) − ∇R(θ*)
-            curvature = CURVATURE_OPERATORS[args.curvature](
-                model, task, space, edited_batches, norm, M, processes
-            )
+            if not first_pending:
+                curvature = CURVATURE_OPERATORS[args.curvature](
+                    model, task, space, edited_batches, norm, M, processes
+                )
             try:
-                step, stats = solve(curvature, lam, -grad, **solver_options)
+                if first_pending and lam == damping:
+                    step, stats = first_delta, None  # already solved by the caller
+                else:
+                    step, stats = solve(curvature, lam, -grad, **solver_options)
             except NonPositiveCurvatureError as e:
                 if not adaptive:
                     raise
@@ -304,8 +322,10 @@ def refine(
                 steps.append({"damping": lam, "accepted": False, "rejected_because": str(e)})
                 lam *= 3
                 continue
-            _check(step, stats, args)
-            record = stats.to_dict() | {
+            if stats is not None:
+                _check(step, stats, args)
+            record = (stats.to_dict() if stats is not None else {}) | {
+                "first_step": first_pending,
                 "damping": lam,
                 "tilted_gradient_norm": grad.norm().item(),
                 "step_norm": step.norm().item(),
@@ -317,7 +337,7 @@ def refine(
                 record |= {"tilted_objective_before": value, "tilted_objective_after": new_value}
                 record["accepted"] = new_value < value
                 if record["accepted"]:
-                    value, lam, grad = new_value, max(lam / 3, damping), None
+                    value, lam, grad, first_pending = new_value, max(lam / 3, damping), None, False
                 else:
                     space.set_(before)
                     lam *= 3

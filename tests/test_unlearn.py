@@ -317,8 +317,9 @@ def test_refine_steps_match_dense_newton_steps(trained):
 
 
 def dense_refine_adaptive(model, old, new, damping, steps):
-    """`dense_refine` with Levenberg–Marquardt damping: keep a step only if it lowers
-    R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩ (and C + λI is positive definite), then λ ← max(λ/3, damping); else λ ← 3λ. Returns θ − θ*, accepted."""
+    """Levenberg–Marquardt on R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩ from θ*, `steps + 1` trials: the first trial is the
+    one-step update (H of R at θ*), later ones Newton steps on R'. A trial is kept if C + λI is positive definite
+    and it lowers R̃, then λ ← max(λ/3, damping); else λ ← 3λ. Returns θ − θ* and which trials were kept."""
     ref = DenseReference(model, "token")
     M = ref.normaliser(ROWS)
     edited = [r for i, r in enumerate(ROWS) if i not in old] + new
@@ -327,13 +328,13 @@ def dense_refine_adaptive(model, old, new, damping, steps):
     def tilted(theta):
         return ref.objective(edited, M)(theta) - grad_star.dot(theta - ref.theta)
 
-    theta = ref.theta + ref.update(ROWS, [ROWS[i] for i in old], new, damping)
-    eye, lam, accepted = torch.eye(len(theta), dtype=theta.dtype), damping, []
-    for _ in range(steps):
+    theta, eye, lam, accepted = ref.theta, torch.eye(len(ref.theta), dtype=ref.theta.dtype), damping, []
+    for _ in range(steps + 1):
+        first = not any(accepted)
+        C = ref.hessian(ROWS) if first else torch.func.hessian(ref.objective(edited, M))(theta)
         g = torch.func.grad(tilted)(theta)
-        A = torch.func.hessian(ref.objective(edited, M))(theta) + lam * eye
-        trial = theta - torch.linalg.solve(A, g)
-        accepted.append(bool(torch.linalg.eigvalsh(A)[0] > 0 and tilted(trial) < tilted(theta)))
+        trial = theta - torch.linalg.solve(C + lam * eye, g)
+        accepted.append(bool(torch.linalg.eigvalsh(C + lam * eye)[0] > 0 and tilted(trial) < tilted(theta)))
         theta, lam = (trial, max(lam / 3, damping)) if accepted[-1] else (theta, 3 * lam)
     return theta - ref.theta, accepted
 
