@@ -102,10 +102,7 @@ def unlearn(
         b /= M
         timings["gradients_seconds"] = time.perf_counter() - t
 
-        curvature_rows = all_rows
-        if args.hessian_samples is not None and args.hessian_samples < len(all_rows):
-            chosen = sorted(random.Random(args.seed).sample(range(len(all_rows)), args.hessian_samples))
-            curvature_rows = [all_rows[i] for i in chosen]
+        curvature_rows = curvature_sample(all_rows, args)
         curvature = CURVATURE_OPERATORS[args.curvature](
             model,
             task,
@@ -223,6 +220,13 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
 AUTO_DAMPING_STEPS = 30
 
 
+def curvature_sample(rows: list, args: UnlearningArguments) -> list:
+    """The rows the curvature is estimated on: all, or a subset of `hessian_samples` seeded by `seed`."""
+    if args.hessian_samples is None or args.hessian_samples >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(args.seed).sample(range(len(rows)), args.hessian_samples))]
+
+
 def choose_damping(curvature, b: torch.Tensor, seed: int) -> tuple[float, dict]:
     """`damping="auto"`: λ = max(0, −2·λ_min) + 0.01·λ_max from Lanczos estimates of C's extreme eigenvalues.
 
@@ -254,8 +258,8 @@ def refine(
 
     From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + λI)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the chosen
     `curvature`) are over the edited training set — the kept rows plus the new versions — with the normaliser
-    M of the original set kept fixed, and the same solver as the first step. `hessian_samples` is not applied
-    here. `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
+    M of the original set kept fixed, and the same solver as the first step; with `hessian_samples`, C' is
+    taken on a seeded subset of the edited rows of that size. `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
     λ = `damping`; with `"adaptive"` (Levenberg–Marquardt) the one-step update itself is the first trial, and
     a step is kept only if it lowers `R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩`, after which λ ← max(λ/3, damping),
     and a rejected step (or a solve that meets non-positive curvature) leaves θ and sets λ ← 3λ; it makes
@@ -277,6 +281,11 @@ def refine(
             / M
         )
         edited_batches = batches(edited)
+        if args.hessian_samples is None or args.hessian_samples >= len(edited):
+            curvature_batches, curvature_M = edited_batches, M
+        else:  # C'(θ) on a seeded subset of the edited rows, normalised like the first step's sample
+            sample = curvature_sample(edited, args)
+            curvature_batches, curvature_M = batches(sample), normaliser(task, sample, norm, args.batch_size)
 
         def tilted() -> float:  # R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩
             value = loss_sum(model, task, edited_batches, norm, processes) / M
@@ -308,7 +317,7 @@ def refine(
                 )  # ∇R̃(θ) = ∇R'(θ) − ∇R(θ*)
             if not first_pending:
                 curvature = CURVATURE_OPERATORS[args.curvature](
-                    model, task, space, edited_batches, norm, M, processes
+                    model, task, space, curvature_batches, norm, curvature_M, processes
                 )
             try:
                 if first_pending and lam == damping:

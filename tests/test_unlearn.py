@@ -13,6 +13,7 @@ from reference import (
 )
 
 from hf_unlearn import CausalLMTask, SolverError, UnlearningArguments, UnlearningRequest, unlearn
+from hf_unlearn.eraser import curvature_sample
 from hf_unlearn.params import ParameterSpace
 
 ROWS = token_rows(12, seed=0)
@@ -289,19 +290,23 @@ def test_auto_damping_is_safe_recorded_and_used(trained):
 # --- refine_steps: Newton steps on the tilted edited objective ---------------------------------------------
 
 
-def dense_refine(model, old, new, damping, steps, normalization="token"):
-    """θ* + Δθ, then `steps` dense Newton steps θ ← θ − (∇²R'(θ)+λI)⁻¹(∇R'(θ) − ∇R(θ*)); returns θ − θ*."""
+def dense_refine(model, old, new, damping, steps, normalization="token", samples=None):
+    """θ* + Δθ, then `steps` dense Newton steps θ ← θ − (∇²R'(θ)+λI)⁻¹(∇R'(θ) − ∇R(θ*)); returns θ − θ*.
+
+    With `samples`, each Hessian is taken on `samples` seeded rows (of the training set for the first step,
+    of the edited set after it), normalised by their own M."""
     ref = DenseReference(model, normalization)
     M = ref.normaliser(ROWS)
     edited = [r for i, r in enumerate(ROWS) if i not in old] + new
+    pick = lambda rows: curvature_sample(rows, UnlearningArguments(hessian_samples=samples))  # noqa: E731
     grad_star = torch.func.grad(ref.objective(ROWS, M))(ref.theta)
-    theta = ref.theta + ref.update(ROWS, [ROWS[i] for i in old], new, damping)
+    theta = ref.theta + ref.update(ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=pick(ROWS))
     eye = torch.eye(len(theta), dtype=theta.dtype)
+    sample = pick(edited)
     for _ in range(steps):
         g = torch.func.grad(ref.objective(edited, M))(theta) - grad_star
-        theta = theta - torch.linalg.solve(
-            torch.func.hessian(ref.objective(edited, M))(theta) + damping * eye, g
-        )
+        H = torch.func.hessian(ref.objective(sample, ref.normaliser(sample)))(theta)
+        theta = theta - torch.linalg.solve(H + damping * eye, g)
     return theta - ref.theta
 
 
@@ -314,6 +319,18 @@ def test_refine_steps_match_dense_newton_steps(trained):
     assert relative_error(delta, expected) < 1e-8
     assert relative_error(one_step, expected) > 1e-4  # the refinement is doing something measurable
     assert len(result.stats["refine"]) == 2 and all(s["converged"] for s in result.stats["refine"])
+
+
+def test_refine_steps_with_hessian_samples_match_dense_newton_steps():
+    trained = fit(tiny_llama(seed=0), CausalLMTask(), ROWS)  # θ* itself: earlier tests moved the shared one
+    request, old, new = REQUESTS["mixed"]
+    damping = damping_for(trained, "token") + 0.1
+    expected = dense_refine(trained, old, new, damping, steps=2, samples=6)
+    assert relative_error(dense_refine(trained, old, new, damping, steps=2), expected) > 1e-3
+    _, delta = run(
+        trained, request, damping=damping, tol=1e-12, max_iter=500, refine_steps=2, hessian_samples=6
+    )
+    assert relative_error(delta, expected) < 1e-8
 
 
 def dense_refine_adaptive(model, old, new, damping, steps):
