@@ -55,12 +55,18 @@ class DemoArguments:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_layers: int = field(default=6, metadata={"help": "LoRA on q_proj/v_proj of this many top layers."})
     batch_size: int = field(default=8, metadata={"help": "Training and unlearning batch size."})
+    # Unlearning defaults chosen for a CPU budget on SmolLM2 (see README "The demo"): GGN curvature on a
+    # 16-row sample, 10 CG iterations, and Levenberg–Marquardt acceptance so that a bad step is never applied.
     curvature: str = field(default="ggn", metadata={"help": "Unlearning curvature: hessian, ggn or fisher."})
-    damping: str = field(default="auto", metadata={"help": "Unlearning damping λ, or 'auto'."})
-    refine_steps: int = field(default=0, metadata={"help": "Newton refinement steps after the first."})
-    max_iter: int = field(default=30, metadata={"help": "Maximum CG iterations per request."})
+    damping: str = field(default="0.1", metadata={"help": "Unlearning damping λ, or 'auto'."})
+    refine_steps: int = field(default=1, metadata={"help": "Newton refinement steps after the first."})
+    refine_damping: str = field(
+        default="adaptive",
+        metadata={"help": "fixed or adaptive (Levenberg–Marquardt), as in hf-unlearn unlearn."},
+    )
+    max_iter: int = field(default=10, metadata={"help": "Maximum CG iterations per solve."})
     hessian_samples: int | None = field(
-        default=None, metadata={"help": "Rows for the Hessian (default: all)."}
+        default=16, metadata={"help": "Rows the curvature is estimated on (default 16; 0 for all)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the training recipe (same for retraining)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
@@ -191,10 +197,11 @@ def run_demo(args: DemoArguments) -> dict:
         curvature=args.curvature,
         damping=args.damping if args.damping == "auto" else float(args.damping),
         refine_steps=args.refine_steps,
+        refine_damping=args.refine_damping,
         max_iter=args.max_iter,
         tol=1e-4,
         batch_size=args.batch_size,
-        hessian_samples=args.hessian_samples,
+        hessian_samples=args.hessian_samples or None,
         seed=args.seed,
         progress=args.progress,
         allow_inexact=True,
