@@ -375,8 +375,35 @@ METHODS = {
 
 def _fmt(value, spec=".0%"):
     return (
-        "   -" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+        "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
     )
+
+
+def markdown_table(report: dict) -> str:
+    """The README table: one line per task and method, gap closed at every request size."""
+    rows = report["fidelity"]
+    sizes = sorted({r["request_size"] for r in rows})
+    largest = sizes[-1]
+    lines = [
+        "| task | method | gap closed (k = "
+        + " / ".join(map(str, sizes))
+        + f") | time / retraining (k = {largest}) "
+        f"| param rel. err (k = {largest}) | KL to retrained (k = {largest}) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = {r["request_size"]: r for r in rows if r["task"] == task and r["method"] == method}
+            if not mine:
+                continue
+            last = mine[largest]
+            lines.append(
+                f"| {task} | {method} | "
+                + " / ".join(_fmt(mine[k]["gap_closed"]) for k in sizes if k in mine)
+                + f" | {last['seconds'] / last['retrain_seconds']:.2f} | {_fmt(last['param_rel_err'], '.1e')} "
+                f"| {last['kl_to_retrained']:.3g} |"
+            )
+    return "\n".join(lines)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -470,6 +497,7 @@ def main(argv=None):
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
     plot(report, output.with_suffix(".png"))
+    print(markdown_table(report))
     print(f"wrote {output} and {output.with_suffix('.png')}")
     return 0
 
