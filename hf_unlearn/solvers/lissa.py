@@ -54,7 +54,9 @@ def lissa_solve(
         )
     always = []
     if lissa_scale == "auto":
-        scale, always, estimates = expected_smoothness(curvature, damping, rhs, stochastic_batch_size)
+        scale, always, estimates = expected_smoothness(
+            curvature, damping, rhs, stochastic_batch_size, progress
+        )
         extra |= estimates
     else:
         scale = float(lissa_scale)

@@ -67,7 +67,9 @@ def qp_solve(
                 "qp with Adam takes steps in parameter units, so there is no scale-free default: give --qp-lr "
                 "(e.g. a few percent of the expected |Δθ| per coordinate), or use --qp-optimizer sgd."
             )
-        smooth, always, estimates = expected_smoothness(curvature, damping, rhs, stochastic_batch_size)
+        smooth, always, estimates = expected_smoothness(
+            curvature, damping, rhs, stochastic_batch_size, progress
+        )
         lr = (1 - MOMENTUM) / smooth
         extra |= estimates
     else:

@@ -41,6 +41,7 @@ import math
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from ..curvature.spectrum import lanczos_extremes
 from ..errors import NonPositiveCurvatureError
@@ -75,12 +76,12 @@ def rows_drawn(num_rows: int, batch_size: int, num_processes: int) -> int:
     return min(num_rows, max(1, -(-batch_size // num_processes)))
 
 
-def row_spectral_radii(curvature, rhs: torch.Tensor) -> tuple[list[float], int]:
+def row_spectral_radii(curvature, rhs: torch.Tensor, progress: bool = False) -> tuple[list[float], int]:
     """The spectral radius of `C_z` (its 1/M included) for each of this process's curvature rows z, by
     `ROW_STEPS` Lanczos steps on that row alone; and the number of one-row products this took."""
     batches, task, space = curvature.batches, curvature.task, curvature.space
     radii, products = [], 0
-    for row in batches.rows:
+    for row in tqdm(batches.rows, desc="row curvature", disable=not progress, leave=False):
         batch = {k: v.to(batches.device) for k, v in task.collate([row]).items()}
 
         def product(v, batch=batch):
@@ -114,7 +115,7 @@ def stratify(radii: list[float], rows_per_batch: int) -> tuple[list[int], float]
 
 
 def expected_smoothness(
-    curvature, damping: float, rhs: torch.Tensor, batch_size: int
+    curvature, damping: float, rhs: torch.Tensor, batch_size: int, progress: bool = False
 ) -> tuple[float, list[int], dict]:
     """`(𝓛̂, always, estimates)`: the bound `λ_max(C) + max_p (f_L/b_L)·R_L² + λ` on the expected smoothness
     of the mini-batch products (module docstring), this process's rows to include in every batch, and the
@@ -123,11 +124,13 @@ def expected_smoothness(
     low, high = curvature_scale(curvature, damping, rhs)
     processes = curvature.processes
     n = len(curvature.batches.rows)
-    radii, products = row_spectral_radii(curvature, rhs)
+    radii, products = row_spectral_radii(curvature, rhs, progress)
     always, term = stratify(radii, rows_drawn(n, batch_size, processes.count)) if n else ([], 0.0)
     # max over processes of the variance term and of R² = n·max ρ(C_z); sum of the always-included rows
     local = torch.zeros(3, processes.count, dtype=torch.float64)
-    local[:, processes.index] = torch.tensor([term, n * max(radii, default=0.0), len(always)])
+    local[:, processes.index] = torch.tensor(
+        [term, n * max(radii, default=0.0), len(always)], dtype=torch.float64
+    )
     totals = processes.sum(local.to(rhs.device)).cpu()
     variance_term, row_max = totals[:2].max(dim=1).values.tolist()
     value = high + variance_term + damping
