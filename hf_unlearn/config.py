@@ -79,7 +79,8 @@ class UnlearningArguments:
         default=8,
         metadata={
             "help": "lissa/qp: curvature rows per mini-batch product (drawn at random with --seed, rescaled "
-            "to the full sum)."
+            "to the full sum; with --lissa-scale/--qp-lr auto the stiffest rows may be in every batch and only "
+            "the rest drawn, which keeps the product unbiased and lowers its variance)."
         },
     )
     qp_optimizer: str = field(
@@ -93,15 +94,18 @@ class UnlearningArguments:
     qp_lr: str = field(
         default="auto",
         metadata={
-            "help": "qp: step size, a number > 0 or 'auto' (sgd only: 0.1/(λ_max(C)+λ) from a Lanczos "
-            "estimate; adam needs a number, in parameter units)."
+            "help": "qp: step size, a number > 0 or 'auto' (sgd only: 0.1/𝓛, 𝓛 = λ_max(C) + (f/b)·R² + λ a "
+            "bound on the mini-batch products' expected smoothness from Lanczos estimates of C and of each "
+            "row, with the stiffest rows put in every batch; adam needs a number, in parameter units)."
         },
     )
     lissa_scale: str = field(
         default="auto",
         metadata={
-            "help": "lissa: the Neumann-series scale s, a number > 0 (must exceed the largest eigenvalue of "
-            "C+λI to converge) or 'auto' (1.5·(λ_max(C)+λ) from a Lanczos estimate)."
+            "help": "lissa: the Neumann-series scale s, a number > 0 (diverges unless s exceeds half the "
+            "expected smoothness of the mini-batch products, which can be far above λ_max(C)) or 'auto' "
+            "(s = 𝓛 = λ_max(C) + (f/b)·R² + λ from Lanczos estimates of C and of each row, R² the stiffest "
+            "row rescaled to the whole set, with the stiffest rows put in every batch; see the solver docs)."
         },
     )
     refine_steps: int = field(

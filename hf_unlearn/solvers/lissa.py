@@ -6,9 +6,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .base import SolverStats
-from .stochastic import curvature_scale, generator_for, relative_residual
-
-SAFETY = 1.5
+from .stochastic import MiniBatchCurvature, expected_smoothness, generator_for, relative_residual
 
 
 def lissa_solve(
@@ -29,11 +27,24 @@ def lissa_solve(
 
         h_0 = rhs,   h_j = rhs + (I − A_Bj / s) h_{j−1},   x_j = h_j / s,   depth = max_iter.
 
-    Scale rule (`lissa_scale="auto"`): `s = 1.5 (λ_max(C) + λ)` with λ_max estimated by 20 Lanczos steps on
-    full products, so `0 < A/s < 1` and the series converges at rate `1 − (λ_min+λ)/s` per term. Instead of
-    the classic average over independent repetitions, the returned estimate averages the iterates `x_j` over
-    the second half of the depth (the same variance reduction for the same cost). Finally one full product
-    measures the relative residual; the solver is budgeted, so `converged` only says whether it is ≤ `tol`.
+    This is stochastic gradient descent with step 1/s on `½xᵀAx − rhsᵀx` from `x_0 = rhs/s`, so the scale
+    must bound the mini-batch curvature, not only the full one: the series diverges in mean square for
+    `s < 𝓛/2`, where 𝓛 is the expected smoothness `E[A_B²] ≼ 𝓛·A` of the mini-batch products (a single
+    batch's top eigenvalue can be many times λ_max(C) when a few rows carry most of the curvature).
+
+    Scale rule (`lissa_scale="auto"`): `s = 𝓛̂ = λ_max(C) + (f_L/b_L)·R_L² + λ`, the bound of
+    `stochastic.expected_smoothness`: λ_max(C) by 20 Lanczos steps on full products; each row's top
+    eigenvalue by 10 Lanczos steps on that row alone; the h stiffest rows (h < b, chosen to minimise the
+    bound, often 0) enter every mini-batch and the other b_L = b − h are drawn from the remaining L rows;
+    R_L² is the stiffest drawn-from row rescaled to L rows and f_L = (L − b_L)/(L − 1). That is a factor 2
+    inside the divergence threshold; the error along an eigenvector of A with eigenvalue a contracts like
+    `(1 − a/s)^j`, so the depth needed grows like `s/(λ_min(C) + λ)`: a larger batch or damping converges in
+    fewer steps. With an explicit `lissa_scale` no estimate is made and batches are uniform draws.
+
+    Instead of the classic average over independent repetitions, the returned estimate averages the
+    iterates `x_j` over the second half of the depth (the same variance reduction for the same cost). Finally
+    one full product measures the relative residual; the solver is budgeted, so `converged` only says
+    whether it is ≤ `tol`. The estimates, the chosen scale and their cost are in the stats' `extra`.
     """
     start = time.perf_counter()
     extra = {"stochastic": True, "stochastic_batch_size": stochastic_batch_size}
@@ -41,19 +52,21 @@ def lissa_solve(
         return torch.zeros_like(rhs), SolverStats(
             "lissa", 0, 0.0, True, time.perf_counter() - start, 0, extra
         )
+    always = []
     if lissa_scale == "auto":
-        low, high = curvature_scale(curvature, damping, rhs)
-        scale = SAFETY * (high + damping)
-        extra |= {"eig_min_estimate": low, "eig_max_estimate": high}
+        scale, always, estimates = expected_smoothness(
+            curvature, damping, rhs, stochastic_batch_size, progress
+        )
+        extra |= estimates
     else:
         scale = float(lissa_scale)
     extra["lissa_scale"] = scale
-    generator = generator_for(curvature, seed)
+    products = MiniBatchCurvature(curvature, stochastic_batch_size, generator_for(curvature, seed), always)
     h = rhs.clone()
     average, averaged = torch.zeros_like(rhs), 0
     tail_start = max_iter - max(max_iter // 2, 1)
     for j in tqdm(range(1, max_iter + 1), desc="lissa", disable=not progress, leave=False):
-        Ah = curvature.sample_matvec(h, stochastic_batch_size, generator) + damping * h
+        Ah = products.matvec(h) + damping * h
         h = rhs + h - Ah / scale
         if not torch.isfinite(h).all():
             break
@@ -62,7 +75,7 @@ def lissa_solve(
             averaged += 1
     x = average / (averaged * scale) if averaged and torch.isfinite(h).all() else h / scale
     residual = relative_residual(curvature, damping, x, rhs) if torch.isfinite(x).all() else float("inf")
-    extra["sample_products"] = curvature.num_sample_products
+    extra["sample_products"] = products.products
     stats = SolverStats(
         "lissa",
         max_iter,

@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigurationError
 from .base import SolverStats
-from .stochastic import curvature_scale, generator_for, relative_residual
+from .stochastic import MiniBatchCurvature, expected_smoothness, generator_for, relative_residual
 
 QP_OPTIMIZERS = ("sgd", "adam")
 MOMENTUM = 0.9
@@ -36,9 +36,16 @@ def qp_solve(
     `(C+λI)⁻¹ rhs`) from x = 0 by `max_iter` stochastic steps on the unbiased mini-batch gradient
     `(C_B + λI)x − rhs` — not the released code's `½H_B x − b`, whose fixed point is twice the answer.
 
-    - `sgd` (default): heavy-ball momentum 0.9; `qp_lr="auto"` is `0.1/(λ_max(C) + λ)` with λ_max from 20
-      Lanczos steps on full products (effective step 1/λ_max once the momentum builds up; the small raw
-      step keeps it stable when a mini-batch's curvature is much larger than the full one's).
+    - `sgd` (default): heavy-ball momentum 0.9; `qp_lr="auto"` is `(1 − 0.9)/𝓛̂`, where
+      `𝓛̂ = λ_max(C) + (f_L/b_L)·R_L² + λ` bounds the expected smoothness `E[A_B²] ≼ 𝓛·A` of the
+      mini-batch products (`stochastic.expected_smoothness`, the same rule and stratified batches as
+      `lissa`'s default scale: Lanczos on full products for λ_max(C) and on each row alone for R²). The
+      effective step once the momentum builds up is lr/(1 − 0.9) = 1/𝓛̂, a factor 2 inside the mean-square
+      divergence threshold 2/𝓛 of plain SGD (a step from λ_max(C) alone diverges when a few rows carry most
+      of the curvature, because one mini-batch can then be far stiffer than the full C). The error along an
+      eigenvector with eigenvalue a decays like `(1 − a/𝓛̂)^j`, so the steps needed grow like
+      `𝓛̂/(λ_min(C) + λ)`: a larger batch or damping converges in fewer steps. With an explicit `qp_lr` no
+      estimate is made and batches are uniform draws.
     - `adam`: Adam (β = 0.9, 0.999) with a step size in parameter units, so `qp_lr` must be given.
 
     The estimate returned is the average of the iterates over the second half of the run (Polyak–Ruppert
@@ -53,25 +60,28 @@ def qp_solve(
     extra = {"stochastic": True, "stochastic_batch_size": stochastic_batch_size, "qp_optimizer": qp_optimizer}
     if rhs.norm().item() == 0.0:
         return torch.zeros_like(rhs), SolverStats("qp", 0, 0.0, True, time.perf_counter() - start, 0, extra)
+    always = []
     if qp_lr == "auto":
         if qp_optimizer == "adam":
             raise ConfigurationError(
                 "qp with Adam takes steps in parameter units, so there is no scale-free default: give --qp-lr "
                 "(e.g. a few percent of the expected |Δθ| per coordinate), or use --qp-optimizer sgd."
             )
-        low, high = curvature_scale(curvature, damping, rhs)
-        lr = (1 - MOMENTUM) / (high + damping)
-        extra |= {"eig_min_estimate": low, "eig_max_estimate": high}
+        smooth, always, estimates = expected_smoothness(
+            curvature, damping, rhs, stochastic_batch_size, progress
+        )
+        lr = (1 - MOMENTUM) / smooth
+        extra |= estimates
     else:
         lr = float(qp_lr)
     extra["qp_lr"] = lr
-    generator = generator_for(curvature, seed)
+    products = MiniBatchCurvature(curvature, stochastic_batch_size, generator_for(curvature, seed), always)
     x = torch.zeros_like(rhs)
     m, s = torch.zeros_like(rhs), torch.zeros_like(rhs)
     average, averaged = torch.zeros_like(rhs), 0
     tail_start = max_iter - max(max_iter // 2, 1)
     for j in tqdm(range(1, max_iter + 1), desc="qp", disable=not progress, leave=False):
-        grad = curvature.sample_matvec(x, stochastic_batch_size, generator) + damping * x - rhs
+        grad = products.matvec(x) + damping * x - rhs
         if qp_optimizer == "sgd":
             m = MOMENTUM * m + grad
             x = x - lr * m
@@ -88,7 +98,7 @@ def qp_solve(
     finite = torch.isfinite(x).all()
     x = average / averaged if averaged and finite else x
     residual = relative_residual(curvature, damping, x, rhs) if finite else math.inf
-    extra["sample_products"] = curvature.num_sample_products
+    extra["sample_products"] = products.products
     stats = SolverStats(
         "qp", max_iter, residual, residual <= tol, time.perf_counter() - start, curvature.num_products, extra
     )
