@@ -5,8 +5,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import UnlearningArguments
-from .curvature import CURVATURE_OPERATORS
+from .curvature.kfac import KFACFactors
+from .curvature.setup import build_operators, needs_factors, obtain_factors, sample_rows
 from .curvature.spectrum import lanczos_extremes
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes, check_curvature_supported
@@ -55,12 +56,15 @@ def unlearn(
     *,
     task: UnlearningTask | None = None,
     tokenizer=None,
+    curvature_factors: KFACFactors | None = None,
 ) -> UnlearningResult:
     """Apply the LLMEraser update for `request` to the trainable parameters of `model`, in place.
 
     `train_dataset` is what the adapter was trained on (rows of `input_ids`/`labels`, or `prompt`/`response`
     with a `tokenizer`); request ids are its row indices, or the ids of a `TrainingSet`. `task` replaces the
-    causal-LM loss for other models. Returns the applied Δθ and the solver statistics.
+    causal-LM loss for other models. `curvature_factors` are K-FAC factors for `curvature="kfac"|"ekfac"` or
+    a K-FAC preconditioner (e.g. captured during training; see `args.curvature_factors` for the other
+    sources). Returns the applied Δθ and the solver statistics.
     """
     args = args or UnlearningArguments()
     check_curvature_supported(args.curvature, model)
@@ -102,21 +106,23 @@ def unlearn(
         b /= M
         timings["gradients_seconds"] = time.perf_counter() - t
 
-        curvature_rows = all_rows
-        if args.hessian_samples is not None and args.hessian_samples < len(all_rows):
-            chosen = sorted(random.Random(args.seed).sample(range(len(all_rows)), args.hessian_samples))
-            curvature_rows = [all_rows[i] for i in chosen]
-        curvature = CURVATURE_OPERATORS[args.curvature](
-            model,
-            task,
-            space,
-            batches(curvature_rows),
-            norm,
-            normaliser(task, curvature_rows, norm, args.batch_size),
-            processes,
+        curvature_rows = sample_rows(all_rows, args.hessian_samples, args.seed)
+        extra_stats = {}
+        factors = None
+        if needs_factors(args):
+            t = time.perf_counter()
+            factors, extra_stats["curvature_factors"] = obtain_factors(
+                args, model, task, space, all_rows, batches, processes, curvature_factors
+            )
+            timings["curvature_factors_seconds"] = time.perf_counter() - t
+        elif curvature_factors is not None:
+            extra_stats["curvature_factors_unused"] = (
+                "no kfac/ekfac curvature or preconditioner was asked for"
+            )
+        curvature, preconditioner = build_operators(
+            args, model, task, space, curvature_rows, batches, processes, factors
         )
 
-        extra_stats = {}
         damping = args.damping
         if damping == "auto":
             t = time.perf_counter()
@@ -133,6 +139,7 @@ def unlearn(
             "qp_optimizer": args.qp_optimizer,
             "qp_lr": args.qp_lr,
             "lissa_scale": args.lissa_scale,
+            "preconditioner": preconditioner,
         }
         t = time.perf_counter()
         delta, stats = solve(curvature, damping, -b, **solver_options)
@@ -154,6 +161,7 @@ def unlearn(
                 batches,
                 processes,
                 solver_options,
+                factors,
             )
             timings["refine_seconds"] = time.perf_counter() - t
 
@@ -241,15 +249,18 @@ def choose_damping(curvature, b: torch.Tensor, seed: int) -> tuple[float, dict]:
 
 
 def refine(
-    model, task, space, all_rows, resolved, delta, damping, M, args, batches, processes, solver_options
-):
+    model, task, space, all_rows, resolved, delta, damping, M, args, batches, processes, solver_options,
+    factors=None,
+):  # fmt: skip
     """`refine_steps` damped Newton steps on the tilted edited objective (DESIGN §2 "Beyond one step").
 
     From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + λI)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the chosen
     `curvature`) are over the edited training set — the kept rows plus the new versions — with the normaliser
     M of the original set kept fixed, and the same solver and λ as the first step. `hessian_samples` is
-    not applied here. Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the caller
-    applies the total), also when a step fails.
+    not applied here. With `curvature="kfac"|"ekfac"` the factors are recomputed at every θ by one pass over
+    the edited rows (`curvature_samples` of them); a K-FAC *preconditioner* keeps the θ* factors (it only
+    changes the speed of the solve). Returns the total θ − θ* and per-step stats; the parameters are left at
+    θ* (the caller applies the total), also when a step fails.
     """
     norm, show = args.loss_normalization, args.progress
     removed = set(resolved.indices)
@@ -280,8 +291,16 @@ def refine(
                 / M
                 - grad_star
             )  # ∇R̃(θ) = ∇R'(θ) − ∇R(θ*)
-            curvature = CURVATURE_OPERATORS[args.curvature](
-                model, task, space, edited_batches, norm, M, processes
+            step_factors = factors
+            if args.curvature in ("kfac", "ekfac"):
+                step_factors, _ = obtain_factors(
+                    dataclasses.replace(args, curvature_factors="pass"),
+                    model, task, space, edited, batches, processes,
+                )  # fmt: skip
+                # The factors are normalised by their rows' own M; R' keeps the original M (DESIGN §2).
+                step_factors.info["normaliser"] *= M / normaliser(task, edited, norm, args.batch_size)
+            curvature, _ = build_operators(
+                args, model, task, space, edited, batches, processes, step_factors, M=M
             )
             step, stats = solve(curvature, damping, -grad, **solver_options)
             _check(step, stats, args)

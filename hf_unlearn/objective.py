@@ -72,6 +72,14 @@ class UnlearningTask:
             (hu,) = torch.autograd.grad(g, z, grad_outputs=vectors)
         return hu
 
+    def sampled_output_losses(
+        self, outputs: torch.Tensor, batch: Mapping[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optional, for K-FAC with `kfac_targets="sampled"`: per-example `(S, T)` of `output_losses` with the
+        targets drawn from the model's own predictive distribution at `outputs` (with `generator`), so that
+        the second moment of its output gradient is the output Hessian (the Gauss–Newton middle factor)."""
+        raise NotImplementedError
+
     def split(self, row: Mapping) -> tuple[object, object]:
         """(query part, response part) of a row, comparable with `==`; decides QM vs RC."""
         raise NotImplementedError
@@ -129,6 +137,16 @@ class CausalLMTask(UnlearningTask):
         if normalization == "example":
             weight = weight / self.loss_counts(batch).to(logits.dtype).clamp_min(1).unsqueeze(1)
         return hu * weight.unsqueeze(-1)
+
+    def sampled_output_losses(self, logits, batch, generator):
+        """Cross entropy against tokens drawn from `softmax(logits)` at the loss positions (one draw each):
+        `E_y[(p − e_y)(p − e_y)ᵀ] = diag(p) − ppᵀ`, the output Hessian of `output_hessian_product`."""
+        probs = torch.softmax(logits[:, :-1].detach().float(), dim=-1)  # (B, L-1, V)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        labels = batch["labels"].clone()  # (B, L)
+        keep = labels[:, 1:] != IGNORE_INDEX
+        labels[:, 1:] = torch.where(keep, drawn.view(keep.shape).to(labels.device), labels[:, 1:])
+        return self.output_losses(logits, {**batch, "labels": labels})
 
     def loss_counts(self, batch):
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,)
