@@ -1,5 +1,7 @@
 """K-FAC / EK-FAC factors, operators, block inverse and preconditioned CG, against naive float64 loops."""
 
+import dataclasses
+
 import pytest
 import torch
 from reference import (
@@ -419,3 +421,243 @@ def test_factors_round_trip_and_refuse_what_does_not_fit(model, tmp_path):
         KFACFactors.load(tmp_path / "f")
     with pytest.raises(ConfigurationError, match="no curvature factors"):
         KFACFactors.load(tmp_path)
+
+
+# --- captured during training ------------------------------------------------------------------------------
+
+
+def trainer_args(tmp_path, **kwargs):
+    from transformers import TrainingArguments
+
+    settings = dict(
+        output_dir=str(tmp_path / "trainer"), num_train_epochs=2, per_device_train_batch_size=3,
+        learning_rate=2e-2, lr_scheduler_type="constant", save_strategy="no", report_to=[], disable_tqdm=True,
+        logging_steps=1000, seed=0, use_cpu=True, remove_unused_columns=False,
+    )  # fmt: skip
+    return TrainingArguments(**{**settings, **kwargs})
+
+
+def lora_model(dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+    from reference import LORA, tiny_llama_base
+
+    return get_peft_model(
+        tiny_llama_base(seed=1), LoraConfig(**{**LORA, "lora_dropout": dropout}, init_lora_weights=False)
+    )
+
+
+@pytest.mark.parametrize("normalization", ["token", "example"])
+def test_capture_during_training_equals_a_pass_at_the_same_weights(tmp_path, normalization):
+    """lr = 0 keeps θ fixed, so the last epoch's own passes (train mode, no dropout, batches of 3 with
+    gradient accumulation 2: the Trainer scales each micro-batch's loss by 1/num_items_in_batch of the
+    accumulated batch) must give exactly the factors of a separate eval-mode pass."""
+    from transformers import Trainer
+
+    from hf_unlearn import CurvatureCaptureCallback
+
+    m = lora_model().double()  # PEFT makes the LoRA layers float32 otherwise
+    capture = CurvatureCaptureCallback(output_dir=str(tmp_path / "adapter"), loss_normalization=normalization)
+    Trainer(
+        model=m, args=trainer_args(tmp_path, learning_rate=0.0, gradient_accumulation_steps=2),
+        train_dataset=ROWS, data_collator=CausalLMTask().collate, callbacks=[capture],
+    ).train()  # fmt: skip
+    captured = KFACFactors.load(tmp_path / "adapter")
+    assert captured.digest() == capture.factors.digest()
+    assert captured.info["source"] == "training"
+    assert captured.info["num_rows"] == len(ROWS)  # the last epoch only
+    assert captured.info["steps"] == [2, 4]  # 4 batches of ≤ 3 rows per epoch, 2 per optimizer step
+    reference = factors_for(m.eval(), ROWS, normalization)
+    assert captured.normaliser == reference.normaliser
+    for n in reference.names:
+        assert captured.positions[n] == reference.positions[n]
+        assert relative_error(captured.A[n], reference.A[n]) < 1e-10
+        # transformers computes the training loss in float32 (logits.float()), so the output gradients the
+        # capture sees carry float32 round-off; the float64 pass does not.
+        assert relative_error(captured.G[n], reference.G[n]) < 1e-6
+    assert captured.info["parameters_digest"] == reference.info["parameters_digest"]
+
+
+def test_capture_with_training_records_its_conditions_and_refuses_other_losses(tmp_path):
+    from transformers import Trainer
+
+    from hf_unlearn import CurvatureCaptureCallback
+
+    capture = CurvatureCaptureCallback()
+    Trainer(
+        model=lora_model(dropout=0.1), args=trainer_args(tmp_path), train_dataset=ROWS,
+        data_collator=CausalLMTask().collate, callbacks=[capture],
+    ).train()  # fmt: skip
+    info = capture.factors.info
+    assert (
+        info["train_mode_dropout"] == 0.1 and info["num_rows"] == len(ROWS) and info["targets"] == "empirical"
+    )
+    assert 0 < capture.overhead < capture.capture_seconds
+
+    with pytest.raises(ConfigurationError, match="label_smoothing"):
+        Trainer(
+            model=lora_model(), args=trainer_args(tmp_path, label_smoothing_factor=0.1), train_dataset=ROWS,
+            data_collator=CausalLMTask().collate, callbacks=[CurvatureCaptureCallback()],
+        ).train()  # fmt: skip
+
+    def squared_loss(outputs, labels, num_items_in_batch=None):  # not the cross entropy
+        return outputs.logits.pow(2).mean()
+
+    with pytest.raises(ConfigurationError, match="not valid.*labels"):
+        Trainer(
+            model=lora_model(), args=trainer_args(tmp_path), train_dataset=ROWS, compute_loss_func=squared_loss,
+            data_collator=CausalLMTask().collate, callbacks=[CurvatureCaptureCallback()],
+        ).train()  # fmt: skip
+
+
+def test_unlearn_trainer_captures_saves_and_unlearns_with_the_factors(tmp_path):
+    from hf_unlearn import UnlearnTrainer
+
+    m = lora_model().double()
+    args = UnlearningArguments(
+        curvature="ekfac",
+        solver="direct",
+        damping=0.05,
+        dtype="float64",
+        capture_curvature=True,
+        progress=False,
+    )
+    trainer = UnlearnTrainer(
+        model=m, args=trainer_args(tmp_path), train_dataset=ROWS, data_collator=CausalLMTask().collate,
+        unlearning_args=args,
+    )  # fmt: skip
+    trainer.train()
+    trainer.save_model(str(tmp_path / "adapter"))
+    saved = KFACFactors.load(tmp_path / "adapter")
+    assert saved.digest() == trainer.curvature_factors.digest() and saved.info["source"] == "training"
+    space = ParameterSpace(m)
+    theta = space.vector().clone()
+    result = trainer.unlearn(REQUEST)
+    delta = space.vector() - theta
+    record = result.stats["curvature_factors"]
+    assert record["origin"] == "training" and record["passes_in_unlearning"] == 1  # the EK-FAC refit only
+    assert record["parameters_match"] and trainer.unlearning_manifest["curvature_factors"] == record
+    # The same update from the saved factors, in a plain unlearn() call on θ*.
+    space.set_(theta)
+    again = unlearn(m, ROWS, REQUEST, dataclasses.replace(args, curvature_factors=str(tmp_path / "adapter")))
+    assert again.stats["curvature_factors"]["origin"] == "file"
+    assert relative_error(space.vector() - theta, delta) < 1e-12
+    # An unlearned adapter is not saved with the factors of the trained one.
+    trainer.save_model(str(tmp_path / "unlearned"))
+    assert not KFACFactors.exists(tmp_path / "unlearned")
+
+
+def test_unlearning_callback_can_capture_and_use_the_factors(tmp_path):
+    from transformers import Trainer
+
+    from hf_unlearn import UnlearningCallback
+
+    callback = UnlearningCallback(
+        REQUEST,
+        UnlearningArguments(
+            curvature="kfac", solver="direct", damping=0.05, capture_curvature=True, progress=False
+        ),
+    )
+    Trainer(
+        model=lora_model(), args=trainer_args(tmp_path), train_dataset=ROWS, data_collator=CausalLMTask().collate,
+        callbacks=[callback],
+    ).train()  # fmt: skip
+    assert callback.result.stats["curvature_factors"]["origin"] == "training"
+    assert callback.result.stats["curvature_factors"]["digest"] == callback.curvature_factors.digest()
+    assert callback.result.stats["curvature_factors"]["passes_in_unlearning"] == 0
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def test_cli_kfac_computes_or_reads_the_factors_beside_the_adapter(tmp_path):
+    import json
+    import shutil
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from reference import LORA, ROWS_FOR_CLI, tiny_llama_base
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hf_unlearn.cli import main
+    from hf_unlearn.io import MANIFEST_NAME
+
+    rows = ROWS_FOR_CLI
+    base = tiny_llama_base(seed=3, dtype=torch.float32, exact=False)
+    base.save_pretrained(tmp_path / "base")
+    fit(get_peft_model(base, LoraConfig(**LORA)), CausalLMTask(), rows, steps=80).save_pretrained(
+        tmp_path / "adapter"
+    )
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "request.jsonl").write_text('{"op": "remove", "id": 2}\n{"op": "remove", "id": 8}\n')
+
+    def loaded(adapter):
+        b = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", dtype=torch.float64, attn_implementation="eager"
+        )
+        return PeftModel.from_pretrained(b, str(adapter), is_trainable=True).double().eval()
+
+    def expected_delta(factors, damping):
+        """−(K + λI)⁻¹ b with the dense block-diagonal K-FAC matrix of `factors`."""
+        m = loaded(tmp_path / "adapter")
+        blocks, _ = linear_blocks(m, ParameterSpace(m))
+        K = torch.block_diag(*[
+            torch.kron(factors.G[b.name], factors.A[b.name]) / (factors.normaliser * factors.positions[b.name])
+            for b in blocks
+        ])  # fmt: skip
+        ref = DenseReference(m, "token")
+        b = -ref.grad_sum([rows[2], rows[8]]) / ref.normaliser(rows)
+        return -torch.linalg.solve(K + damping * torch.eye(len(b), dtype=b.dtype), b)
+
+    names = list(load_file(tmp_path / "adapter" / "adapter_model.safetensors"))
+
+    def run(adapter, out, *extra):
+        return main(
+            ["unlearn", "--model", str(tmp_path / "base"), "--adapter", str(adapter), "--train-file",
+             str(tmp_path / "train.jsonl"), "--request", str(tmp_path / "request.jsonl"), "--output-dir", str(out),
+             "--curvature", "kfac", "--solver", "direct", "--damping", "0.05", "--dtype", "float64", "--no_progress",
+             *extra]
+        )  # fmt: skip
+
+    def delta(out):
+        after, before = (load_file(p / "adapter_model.safetensors") for p in (out, tmp_path / "adapter"))
+        return torch.cat([(after[n].double() - before[n].double()).reshape(-1) for n in names])
+
+    # (a) No factors beside the adapter: one pass (empirical targets, all rows) at the adapter's weights.
+    assert run(tmp_path / "adapter", tmp_path / "out-pass") == 0
+    record = json.loads((tmp_path / "out-pass" / MANIFEST_NAME).read_text())["curvature_factors"]
+    assert record["origin"] == "pass" and record["num_rows"] == len(rows)
+    A, G, K = loop_factors(loaded(tmp_path / "adapter"), rows, "token")
+    from hf_unlearn.curvature.kfac import KFACFactors as F
+
+    looped = F(A, G, K, normalization="token", normaliser=loop_normaliser(rows, "token"), num_rows=len(rows),
+               targets="empirical", source="loop")  # fmt: skip
+    # The output adapter is stored in float32 like the input: θ + Δθ rounded to ~1e-7·|θ|.
+    assert relative_error(delta(tmp_path / "out-pass"), expected_delta(looped, 0.05)) < 2e-5
+    assert not KFACFactors.exists(tmp_path / "out-pass")  # never written beside the unlearned adapter
+
+    # (b) Factors saved beside the adapter (here: sampled targets, so they differ from (a)) are used as they are.
+    shutil.copytree(tmp_path / "adapter", tmp_path / "with-factors")
+    saved = factors_for(loaded(tmp_path / "adapter"), rows, "token", targets="sampled", seed=3)
+    saved.save(tmp_path / "with-factors")
+    assert run(tmp_path / "with-factors", tmp_path / "out-file") == 0
+    record = json.loads((tmp_path / "out-file" / MANIFEST_NAME).read_text())["curvature_factors"]
+    assert record["origin"] == "file" and record["loaded_from"] == str(tmp_path / "with-factors")
+    assert (
+        record["digest"] == saved.digest()
+        and record["targets"] == "sampled"
+        and record["passes_in_unlearning"] == 0
+    )
+    assert relative_error(delta(tmp_path / "out-file"), expected_delta(saved, 0.05)) < 2e-5
+    assert relative_error(delta(tmp_path / "out-file"), delta(tmp_path / "out-pass")) > 1e-3
+
+    # (c) --curvature-factors pass overrides them; factors of another adapter are refused with advice.
+    assert run(tmp_path / "with-factors", tmp_path / "out-forced", "--curvature-factors", "pass") == 0
+    assert relative_error(delta(tmp_path / "out-forced"), delta(tmp_path / "out-pass")) < 1e-10
+    other = get_peft_model(
+        tiny_llama_base(seed=3, dtype=torch.float32, exact=False), LoraConfig(**{**LORA, "r": 4})
+    )
+    factors_for(other.double().eval(), rows, "token").save(tmp_path / "other")
+    assert (
+        run(tmp_path / "adapter", tmp_path / "out-bad", "--curvature-factors", str(tmp_path / "other")) == 4
+    )
+    assert not (tmp_path / "out-bad").exists()

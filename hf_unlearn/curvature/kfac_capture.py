@@ -135,14 +135,19 @@ class TrainingCapture:
         targets = labels[:, 1:]  # (B, L-1): token t+1 is predicted at position t
         loss_at = targets != IGNORE_INDEX  # (B, L-1)
         example = loss_at.nonzero()[:, 0]  # (n,) example of each loss position
-        z = logits[:, :-1][loss_at].float()  # (n, V)
+        dtype = accumulation_dtype(logits.dtype)
+        z = logits[:, :-1][loss_at].to(dtype)  # (n, V)
         r = torch.softmax(z, dim=-1)
         r[torch.arange(len(r), device=r.device), targets[loss_at]] -= 1.0  # p − e_y  (n, V)
-        g = grad[:, :-1][loss_at].float()  # (n, V)
-        num = torch.zeros(B, device=r.device).index_add_(0, example, (g * r).sum(-1))  # ⟨g_b, r_b⟩
-        den = torch.zeros(B, device=r.device).index_add_(0, example, (r * r).sum(-1))  # ⟨r_b, r_b⟩
+        g = grad[:, :-1][loss_at].to(dtype)  # (n, V)
+        num = torch.zeros(B, dtype=dtype, device=r.device).index_add_(
+            0, example, (g * r).sum(-1)
+        )  # ⟨g_b, r_b⟩
+        den = torch.zeros(B, dtype=dtype, device=r.device).index_add_(
+            0, example, (r * r).sum(-1)
+        )  # ⟨r_b, r_b⟩
         c = torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(num))
-        total = grad.float().pow(2).sum()
+        total = grad.to(dtype).pow(2).sum()
         explained = torch.where(den > 0, num * num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0).sum()
         residual = ((total - explained).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt()
         if residual.item() > SCALE_TOLERANCE:
