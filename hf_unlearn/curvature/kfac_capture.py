@@ -120,15 +120,15 @@ class TrainingCapture:
             )
             return
         self._labels = labels
-        self.collector.mask = mask if mask is not None else None
+        self.collector.set_mask(mask)
 
     def _after_head(self, module, inputs, logits):
         if self._labels is None or not (torch.is_grad_enabled() and logits.requires_grad):
             return
-        labels = self._labels
-        logits.register_hook(lambda grad: self._rescale(logits.detach(), grad.detach(), labels))
+        labels, batch, values = self._labels, self.collector.batch, logits.detach()  # no reference cycle
+        logits.register_hook(lambda grad: self._rescale(values, grad.detach(), labels, batch))
 
-    def _rescale(self, logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) -> None:
+    def _rescale(self, logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, batch) -> None:
         """Set the per-example weights `w_b` from `∂loss/∂logits` (module docstring)."""
         start = time.perf_counter()
         B = logits.shape[0]
@@ -160,7 +160,7 @@ class TrainingCapture:
         w = torch.where(c != 0, 1.0 / torch.where(c != 0, c, torch.ones_like(c)), torch.zeros_like(c))
         if self.normalization == "example":
             w = w / counts.clamp_min(1)
-        self.collector.example_weights = w
+        batch.example_weights = w
         self.num_rows += B
         self.normaliser += float(counts.sum()) if self.normalization == "token" else float(B)
         self.micro_batches += 1
@@ -172,6 +172,9 @@ class TrainingCapture:
         """The captured factors, summed over processes; raises if nothing valid was captured."""
         if self.running:
             self.stop()
+        if self.collector.problem:
+            self._problem(self.collector.problem)
+            self.collector.problem = None
         counts = [self.num_rows, self.normaliser, self.num_problems, self.micro_batches]
         counts = processes.sum(torch.tensor(counts, dtype=torch.float64)).tolist()
         num_rows, M, problems, micro_batches = int(counts[0]), counts[1], int(counts[2]), int(counts[3])

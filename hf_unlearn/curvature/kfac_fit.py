@@ -27,8 +27,41 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class Positions:
+    """The positions of one batch: its attention mask (B, L) or None (every row of the input counts), the
+    flat indices of the selected rows of a (B·L, ·) input, and the output-gradient weight of each row."""
+
+    def __init__(self, mask: torch.Tensor | None):
+        self.mask = mask
+        self.index = None if mask is None or bool(mask.all()) else mask.reshape(-1).nonzero().squeeze(1)
+        self.example_weights: torch.Tensor | None = (
+            None  # (B,) w_b, set before the backward reaches the layers
+        )
+        self._row_weights = {}
+        self.grams = {}  # Σ a aᵀ of inputs shared by several layers (q/v lora_A read the same x): id -> (a, A)
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """(rows, features): the selected positions of an input/gradient shaped (B, [L,] features)."""
+        x = x.reshape(-1, x.shape[-1])
+        return x if self.index is None else x.index_select(0, self.index)
+
+    def row_weights(self, rows: int, dtype) -> torch.Tensor | None:
+        """w_b repeated for each selected position of example b (an input of `rows` = B·L rows)."""
+        w = self.example_weights
+        if w is None:
+            return None
+        if rows not in self._row_weights:
+            per_row = w.to(dtype).repeat_interleave(rows // len(w))
+            self._row_weights[rows] = (per_row if self.index is None else per_row[self.index]).unsqueeze(1)
+        return self._row_weights[rows]
+
+
 class FactorCollector:
-    """Context manager: hooks on the blocks' modules; sums in `A`, `G`, `positions` (or `eigenvalues`)."""
+    """Context manager: hooks on the blocks' modules; sums in `A`, `G`, `positions` (or `eigenvalues`).
+
+    Set `positions` (a `Positions`) before each batch's forward; the forward hooks pair it with the inputs
+    they keep, so the backward hooks select the same positions and use the weights set on it meanwhile.
+    """
 
     def __init__(self, blocks: list[LinearBlock], mode: str = "factors", eigenbases: dict | None = None):
         if mode not in ("factors", "eigenvalues"):
@@ -38,12 +71,15 @@ class FactorCollector:
         self.G: dict[str, torch.Tensor] = {}
         self.positions: dict[str, int] = {b.name: 0 for b in blocks}
         self.eigenvalues: dict[str, torch.Tensor] = {}
-        self.mask: torch.Tensor | None = None  # (B, L) positions of the current batch, or None: all
-        self.example_weights: torch.Tensor | None = None  # (B,) w_b, or None: 1
-        self.input_scale: dict[str, float] = {}  # per module: multiply A's diagonal (dropout correction)
+        self.batch = Positions(None)
+        self.problem: str | None = None  # why the factors cannot be trusted (checked by the callers)
         self.active = True
         self.seconds = 0.0  # time spent accumulating
         self._handles = []
+
+    def set_mask(self, mask: torch.Tensor | None) -> Positions:
+        self.batch = Positions(mask)
+        return self.batch
 
     def __enter__(self):
         for block in self.blocks:
@@ -59,55 +95,72 @@ class FactorCollector:
         def hook(module, inputs, output):
             if not (self.active and torch.is_grad_enabled() and output.requires_grad):
                 return
-            a, mask = inputs[0].detach(), self.mask
-            output.register_hook(lambda g: self._accumulate(block, a, g.detach(), mask))
+            a, batch = inputs[0].detach(), self.batch
+            if batch.mask is not None and tuple(batch.mask.shape) != tuple(a.shape[:2]):
+                self.problem = (
+                    f"the input of {block.name} has shape {tuple(a.shape)}, which does not line up with the "
+                    f"batch's attention mask {tuple(batch.mask.shape)} (packed or reshaped sequences?)"
+                )
+                return
+            output.register_hook(lambda g: self._accumulate(block, a, g.detach(), batch))
 
         return hook
 
-    def _rows(self, block: LinearBlock, a: torch.Tensor, g: torch.Tensor, mask):
-        """(B, L, in') augmented inputs and (B, L, out) weighted gradients, zero outside the positions."""
-        dtype = accumulation_dtype(a.dtype)
-        a, g = a.to(dtype), g.to(dtype)
+    @staticmethod
+    def _augment(block: LinearBlock, a: torch.Tensor) -> torch.Tensor:
+        """a' = a, [a, 1] (trainable bias: the homogeneous coordinate) or [1] (only the bias trainable)."""
+        if block.weight is None:
+            return a.new_ones(*a.shape[:-1], 1)
+        if block.bias is not None:
+            return torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+        return a
+
+    def _accumulate(self, block: LinearBlock, a, g, batch: Positions) -> None:
+        start = time.perf_counter()
+        if self.mode == "factors":
+            self._accumulate_factors(block, a, g, batch)
+        else:
+            self._accumulate_eigenvalues(block, a, g, batch)
+        self.seconds += time.perf_counter() - start
+
+    def _accumulate_factors(self, block: LinearBlock, a, g, batch: Positions) -> None:
+        n, dtype = block.name, accumulation_dtype(a.dtype)
+        rows = a.numel() // a.shape[-1]
+        g2 = batch.select(g).to(dtype)  # (K, out)
+        w = batch.row_weights(rows, dtype)
+        if w is not None:
+            g2 = g2 * w  # ∂ℓ_b/∂s for the example b of each position
+        kind = (id(a), block.weight is None, block.bias is not None)  # same input, same augmentation
+        if kind in batch.grams and batch.grams[kind][0] is a:
+            A = batch.grams[kind][1]
+        else:
+            a2 = self._augment(block, batch.select(a).to(dtype))  # (K, in')
+            A = a2.T @ a2  # Σ a aᵀ  (in', in')
+            batch.grams[kind] = (a, A)
+        if n in self.A:
+            self.A[n] += A
+            self.G[n].addmm_(g2.T, g2)  # Σ g gᵀ  (out, out)
+        else:
+            self.A[n], self.G[n] = A.clone(), g2.T @ g2
+        self.positions[n] += g2.shape[0]
+
+    def _accumulate_eigenvalues(self, block: LinearBlock, a, g, batch: Positions) -> None:
+        n, dtype = block.name, accumulation_dtype(a.dtype)
+        a, g = self._augment(block, a.to(dtype)), g.to(dtype)
         if a.dim() == 2:  # (B, in): one position per example
             a, g = a.unsqueeze(1), g.unsqueeze(1)
         elif a.dim() > 3:
             a, g = a.flatten(1, -2), g.flatten(1, -2)
-        if block.weight is None:
-            a = a.new_ones(*a.shape[:-1], 1)
-        elif block.bias is not None:
-            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)  # homogeneous coordinate for the bias
-        if mask is not None:
-            if tuple(mask.shape) != tuple(a.shape[:2]):
-                raise ConfigurationError(
-                    f"K-FAC: the input of {block.name} has shape {tuple(a.shape)}, which does not line up "
-                    f"with the batch's attention mask {tuple(mask.shape)} (packed or reshaped sequences?)."
-                )
-            m = mask.to(dtype).unsqueeze(-1)  # (B, L, 1)
+        if batch.mask is not None:
+            m = batch.mask.to(dtype).unsqueeze(-1)  # (B, L, 1)
             a, g = a * m, g * m
-            count = int(mask.sum())
-        else:
-            count = a.shape[0] * a.shape[1]
-        if self.example_weights is not None:
-            g = g * self.example_weights.to(dtype).view(-1, 1, 1)
-        return a, g, count
-
-    def _accumulate(self, block: LinearBlock, a, g, mask) -> None:
-        start = time.perf_counter()
-        a, g, count = self._rows(block, a, g, mask)  # (B, L, in'), (B, L, out)
-        n = block.name
-        if self.mode == "factors":
-            a2, g2 = a.reshape(-1, a.shape[-1]), g.reshape(-1, g.shape[-1])
-            A, G = a2.T @ a2, g2.T @ g2  # Σ a aᵀ (in', in'), Σ g gᵀ (out, out)
-            self.A[n] = A if n not in self.A else self.A[n] + A
-            self.G[n] = G if n not in self.G else self.G[n] + G
-            self.positions[n] += count
-        else:
-            U_A, U_G = self.eigenbases[n]
-            per_example = torch.einsum("blo,bli->boi", g, a)  # ∇_W ℓ_b = Σ_t g_{b,t} a_{b,t}ᵀ  (B, out, in')
-            projected = U_G.T.to(g.dtype) @ per_example @ U_A.to(a.dtype)  # U_Gᵀ ∇_W ℓ_b U_A
-            lam = projected.pow(2).sum(0)  # Σ_b (·)²  (out, in')
-            self.eigenvalues[n] = lam if n not in self.eigenvalues else self.eigenvalues[n] + lam
-        self.seconds += time.perf_counter() - start
+        if batch.example_weights is not None:
+            g = g * batch.example_weights.to(dtype).view(-1, 1, 1)
+        U_A, U_G = self.eigenbases[n]
+        per_example = torch.einsum("blo,bli->boi", g, a)  # ∇_W ℓ_b = Σ_t g_{b,t} a_{b,t}ᵀ  (B, out, in')
+        projected = U_G.T.to(dtype) @ per_example @ U_A.to(dtype)  # U_Gᵀ ∇_W ℓ_b U_A
+        lam = projected.pow(2).sum(0)  # Σ_b (·)²  (out, in')
+        self.eigenvalues[n] = lam if n not in self.eigenvalues else self.eigenvalues[n] + lam
 
     def summed(self, processes) -> None:
         """Sum the accumulators over processes (every process must hold every module's tensors)."""
@@ -154,9 +207,11 @@ def _losses(task, model, batch, normalization: str, targets: str, generator):
 def _run(collector, model, task, space, batches, normalization, targets, generator) -> None:
     with collector:
         for batch in batches:
-            collector.mask = batch.get("attention_mask")
+            collector.set_mask(batch.get("attention_mask"))
             losses = _losses(task, model, batch, normalization, targets, generator)
             torch.autograd.grad(losses.sum(), space.params, allow_unused=True)  # fires the output hooks
+    if collector.problem:
+        raise ConfigurationError(f"K-FAC: {collector.problem}.")
 
 
 def fit_kfac_factors(

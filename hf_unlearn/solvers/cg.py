@@ -18,6 +18,7 @@ def conjugate_gradient(
     max_iter: int,
     progress: bool = False,
     preconditioner=None,
+    callback=None,
     **_,
 ):
     """Solve (C + λI) x = rhs by (preconditioned) conjugate gradient from x = 0.
@@ -31,6 +32,7 @@ def conjugate_gradient(
 
     Stops when the true residual ‖r‖/‖rhs‖ ≤ tol (the same test with or without P) or after `max_iter`
     products; raises `NonPositiveCurvatureError` when a search direction has pᵀ(C+λI)p ≤ 0.
+    `callback(iteration, x)`, when given, sees every iterate (benchmarks).
     """
     start = time.perf_counter()
     name = "cg"
@@ -65,6 +67,8 @@ def conjugate_gradient(
         x += alpha * p
         r -= alpha * Ap
         relative_residual = r.norm().item() / rhs_norm
+        if callback is not None:
+            callback(iterations, x)
         bar.update(1)
         bar.set_postfix(residual=f"{relative_residual:.2e}")
         if relative_residual <= tol:
