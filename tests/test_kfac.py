@@ -661,3 +661,47 @@ def test_cli_kfac_computes_or_reads_the_factors_beside_the_adapter(tmp_path):
         run(tmp_path / "adapter", tmp_path / "out-bad", "--curvature-factors", str(tmp_path / "other")) == 4
     )
     assert not (tmp_path / "out-bad").exists()
+
+
+def test_cli_train_captures_factors_that_unlearn_then_uses(tmp_path):
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_unlearn.cli import main
+    from hf_unlearn.io import MANIFEST_NAME
+    from hf_unlearn.toy import build_toy_tokenizer
+    from hf_unlearn.training import TRAINING_RECORD
+
+    rows = [{"id": f"p{i}", "prompt": f"What is the PIN of {name}?", "response": f" {i} {i + 1} {i + 2}"}
+            for i, name in enumerate(["Ada", "Bram", "Cleo", "Dag", "Edda", "Finn", "Gala", "Hugo"])]  # fmt: skip
+    tokenizer = build_toy_tokenizer(rows)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                         initializer_range=0.3)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "request.jsonl").write_text(json.dumps({"op": "remove", "id": "p3"}) + "\n")
+    common = ["--model", str(tmp_path / "base"), "--train-file", str(tmp_path / "train.jsonl")]
+    assert main(["train", *common, "--output-dir", str(tmp_path / "adapter"), "--lora-r", "4", "--epochs", "20",
+                 "--learning-rate", "1e-2", "--batch-size", "3", "--logging-steps", "1000",
+                 "--capture-curvature"]) == 0  # fmt: skip
+    record = json.loads((tmp_path / "adapter" / TRAINING_RECORD).read_text())["curvature_factors"]
+    assert record["source"] == "training" and record["num_rows"] == len(rows) and record["modules"] == 8
+    saved = KFACFactors.load(tmp_path / "adapter")
+    assert saved.digest() == record["digest"]
+    for extra in (
+        ["--curvature", "ekfac", "--solver", "direct"],
+        ["--curvature", "ggn", "--preconditioner", "kfac"],
+    ):
+        out = tmp_path / f"out-{extra[1]}"
+        assert main(["unlearn", *common, "--adapter", str(tmp_path / "adapter"), "--request",
+                     str(tmp_path / "request.jsonl"), "--output-dir", str(out), "--damping", "0.1",
+                     "--max-iter", "500", "--no_progress", *extra]) == 0  # fmt: skip
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+        factors = manifest["curvature_factors"]
+        assert factors["origin"] == "file" and factors["source"] == "training" and factors["parameters_match"]
+        assert factors["passes_in_unlearning"] == (1 if extra[1] == "ekfac" else 0)
+        assert manifest["arguments"]["curvature_factors"] == str(tmp_path / "adapter")
