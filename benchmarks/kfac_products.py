@@ -49,6 +49,7 @@ from hf_unlearn.gradients import Batches, gradient_sum  # noqa: E402
 from hf_unlearn.objective import normaliser  # noqa: E402
 from hf_unlearn.params import ParameterSpace, computation_mode  # noqa: E402
 from hf_unlearn.solvers import conjugate_gradient  # noqa: E402
+from hf_unlearn.toy import build_toy_model  # noqa: E402
 
 THRESHOLDS = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5]
 MAX_PRODUCTS = 1000
@@ -113,6 +114,7 @@ def capture_overhead(lab, rows, workdir: Path, repeats: int) -> tuple[dict, KFAC
     p, la, ev = statistics.median(plain), statistics.median(last), statistics.median(every)
     ep, ee = statistics.median(epochs_plain), statistics.median(epochs_every)
     report = {
+        "model": {"hidden_size": lab.base.config.hidden_size, "layers": lab.base.config.num_hidden_layers},
         "repeats": repeats,
         "epochs": lab.args.epochs,
         "train_seconds_plain": plain,
@@ -121,6 +123,7 @@ def capture_overhead(lab, rows, workdir: Path, repeats: int) -> tuple[dict, KFAC
         "overhead_capture_last_epoch": la / p - 1,
         "overhead_per_captured_epoch_from_totals": ev / p - 1,
         "overhead_per_captured_epoch_from_epoch_medians": ee / ep - 1,
+        "overhead_per_captured_epoch_from_fastest_runs": min(every) / min(plain) - 1,
         "hook_arithmetic_seconds_last_epoch": statistics.median(hook_seconds),
         "median_epoch_seconds_plain": ep,
     }
@@ -163,6 +166,13 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default="benchmarks/results/kfac_products.json")
     parser.add_argument("--repeats", type=int, default=3, help="Training runs per timing variant.")
     parser.add_argument("--request-size", type=int, default=None, help="Default: the suite's largest.")
+    parser.add_argument(
+        "--capture-only",
+        action="store_true",
+        help="Only the capture overhead (no solves), e.g. with --hidden-size.",
+    )
+    parser.add_argument("--hidden-size", type=int, default=64, help="Toy model width (the quick suite: 64).")
+    parser.add_argument("--layers", type=int, default=2, help="Toy model layers (the quick suite: 2).")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     suite = SUITES["quick"]
@@ -172,10 +182,19 @@ def main(argv=None) -> int:
     report = {"suite": "quick", "request_size": size, "max_products": MAX_PRODUCTS}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        lab = make_lab(suite, data, workdir, None)
+        if (args.hidden_size, args.layers) == (64, 2):
+            lab = make_lab(suite, data, workdir, None)
+        else:
+            model_dir = workdir / "toy_model"
+            build_toy_model(data["train"] + data["triggered_test"], model_dir, args.hidden_size, args.layers)
+            lab = make_lab(suite, data, workdir, str(model_dir), lora_layers=args.layers)
         rows = [{k: r[k] for k in ("prompt", "response")} for r in data["train"]]
         report["capture"], captured = capture_overhead(lab, rows, workdir, args.repeats)
         print(json.dumps(report["capture"], indent=1), flush=True)
+        if args.capture_only:
+            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+            return 0
 
         model = lab.load(workdir / "captured", trainable=True)
         space, procs, task = ParameterSpace(model), Processes(), lab.task

@@ -18,8 +18,9 @@ class CurvatureCaptureCallback(TrainerCallback):
         trainer = Trainer(..., callbacks=[CurvatureCaptureCallback(output_dir="adapter")])
         trainer.train(); trainer.save_model("adapter")   # adapter + curvature_factors.safetensors/.json
 
-    Hooks see the forward/backward passes training already does during its final `steps_per_epoch`
-    optimizer steps (the last epoch; every row once when training runs whole epochs) and accumulate
+    Hooks see the forward/backward passes training already does during its final `steps` optimizer steps
+    (default: one epoch's worth, i.e. the last epoch, every row once when training runs whole epochs; fewer
+    steps cost less when training is short, and see fewer rows) and accumulate
     `A = Σ a aᵀ`, `G = Σ g gᵀ` with the Trainer's loss scaling measured and divided out (see
     `hf_unlearn.curvature.kfac_capture`), so that the factors mean the same as those of a separate pass
     (`curvature_factors="pass"`, targets "empirical") — up to θ moving during the epoch and train-mode
@@ -28,9 +29,14 @@ class CurvatureCaptureCallback(TrainerCallback):
     hooks' own arithmetic, `callback.capture_seconds` the wall time of the captured steps.
     """
 
-    def __init__(self, output_dir: str | None = None, loss_normalization: str = "token"):
+    def __init__(
+        self, output_dir: str | None = None, loss_normalization: str = "token", steps: int | None = None
+    ):
+        if steps is not None and steps < 1:
+            raise ConfigurationError(f"steps must be ≥ 1 (or None for the last epoch), got {steps!r}.")
         self.output_dir = output_dir
         self.loss_normalization = loss_normalization
+        self.steps = steps
         self.capture: TrainingCapture | None = None
         self.factors: KFACFactors | None = None
         self.first_step: int | None = None
@@ -54,7 +60,7 @@ class CurvatureCaptureCallback(TrainerCallback):
                 "IterableDataset); compute the factors with one pass instead (curvature_factors='pass')."
             ) from None
         steps_per_epoch = -(-batches_per_epoch // args.gradient_accumulation_steps)
-        self.first_step = max(0, state.max_steps - steps_per_epoch)
+        self.first_step = max(0, state.max_steps - (self.steps or steps_per_epoch))
         self.capture = TrainingCapture(extract_model_from_parallel(model), self.loss_normalization)
         self.factors = None
 

@@ -492,6 +492,12 @@ def test_capture_with_training_records_its_conditions_and_refuses_other_losses(t
         info["train_mode_dropout"] == 0.1 and info["num_rows"] == len(ROWS) and info["targets"] == "empirical"
     )
     assert 0 < capture.overhead < capture.capture_seconds
+    shorter = CurvatureCaptureCallback(steps=2)  # the last 2 optimizer steps: batches of 3 and 1 rows
+    Trainer(
+        model=lora_model(), args=trainer_args(tmp_path), train_dataset=ROWS, data_collator=CausalLMTask().collate,
+        callbacks=[shorter],
+    ).train()  # fmt: skip
+    assert shorter.factors.info["num_rows"] == 4 and shorter.factors.info["steps"] == [6, 8]
 
     with pytest.raises(ConfigurationError, match="label_smoothing"):
         Trainer(

@@ -16,11 +16,9 @@ from pathlib import Path
 
 from ..config import KFAC_CURVATURES, UnlearningArguments
 from ..objective import normaliser
-from . import CURVATURE_OPERATORS
-from .kfac import EKFACOperator, KFACFactors, KFACOperator, parameters_digest
+from . import CURVATURE_OPERATORS, KFAC_OPERATORS
+from .kfac import KFACFactors, parameters_digest
 from .kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors
-
-KFAC_OPERATORS = {"kfac": KFACOperator, "ekfac": EKFACOperator}
 
 
 def needs_factors(args: UnlearningArguments) -> bool:
