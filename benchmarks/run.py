@@ -374,9 +374,7 @@ METHODS = {
 
 
 def _fmt(value, spec=".0%"):
-    return (
-        "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
-    )
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def markdown_table(report: dict) -> str:

@@ -1,6 +1,7 @@
 """hf_unlearn: take training instances back out of a LoRA/PEFT fine-tune with influence functions."""
 
 from .config import UnlearningArguments
+from .curvature.kfac import KFACFactors
 from .data import ExampleEncoder, TextEncoding, TrainingSet
 from .eraser import UnlearningResult, unlearn
 from .errors import (
@@ -17,11 +18,15 @@ from .request import UnlearningRequest
 
 __version__ = "0.1.0"
 
-_TRAINER_NAMES = {"UnlearnTrainer": ".trainer", "UnlearningCallback": ".callback"}
+_TRAINER_NAMES = {
+    "UnlearnTrainer": ".trainer",
+    "UnlearningCallback": ".callback",
+    "CurvatureCaptureCallback": ".capture",
+}
 
 
 def __getattr__(name):
-    """`UnlearnTrainer` and `UnlearningCallback` import `transformers.Trainer`; load them on first use."""
+    """`UnlearnTrainer` and the callbacks import `transformers.Trainer`; load them on first use."""
     if name in _TRAINER_NAMES:
         import importlib
 
@@ -36,9 +41,11 @@ def __dir__():
 __all__ = [
     "CausalLMTask",
     "ConfigurationError",
+    "CurvatureCaptureCallback",
     "DataError",
     "ExampleEncoder",
     "InvalidRequestError",
+    "KFACFactors",
     "NonPositiveCurvatureError",
     "OutputExistsError",
     "SolverError",

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 from transformers import TrainerCallback
 
+from .capture import CurvatureCaptureCallback
 from .config import UnlearningArguments
 from .distributed import Processes, check_curvature_supported
 from .eraser import UnlearningResult, unlearn
@@ -31,6 +32,11 @@ class UnlearningCallback(TrainerCallback):
     `train_dataset` and `task` default to the train loader's dataset and a task built from its collator.
     After training, `callback.result` is the `UnlearningResult` and `callback.manifest` the audit record;
     the statistics are also appended to `trainer.state.log_history`.
+
+    With `unlearning_args.capture_curvature`, K-FAC factors are collected during the last epoch (as
+    `CurvatureCaptureCallback` does) and used by the unlearning (`curvature="kfac"|"ekfac"` or a K-FAC
+    preconditioner); they are in `callback.curvature_factors` and are not written beside the *unlearned*
+    adapter, which they do not describe.
     """
 
     def __init__(
@@ -51,6 +57,19 @@ class UnlearningCallback(TrainerCallback):
         self.overwrite = overwrite
         self.result: UnlearningResult | None = None
         self.manifest: dict | None = None
+        self.capture = (
+            CurvatureCaptureCallback(loss_normalization=self.unlearning_args.loss_normalization)
+            if self.unlearning_args.capture_curvature
+            else None
+        )
+
+    @property
+    def curvature_factors(self):
+        return None if self.capture is None else self.capture.factors
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.capture is not None:
+            self.capture.on_step_begin(args, state, control, **kwargs)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # Fail before hours of training, not after.
@@ -62,6 +81,8 @@ class UnlearningCallback(TrainerCallback):
                 "UnlearningCallback cannot be used with packing=True: packed sequences mix training rows, so "
                 "rows cannot be taken out one by one. Train with packing=False."
             )
+        if self.capture is not None:
+            self.capture.on_train_begin(args, state, control, model=model, **kwargs)
 
     def on_train_end(
         self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs
@@ -70,6 +91,8 @@ class UnlearningCallback(TrainerCallback):
 
         if model is None:
             raise ConfigurationError("UnlearningCallback got no model from the Trainer.")
+        if self.capture is not None:
+            self.capture.on_train_end(args, state, control)
         model = extract_model_from_parallel(model)
         check_curvature_supported(self.unlearning_args.curvature, model)
         dataset, collator = self.train_dataset, None
@@ -88,7 +111,9 @@ class UnlearningCallback(TrainerCallback):
             self.unlearning_args,
             progress=self.unlearning_args.progress and not args.disable_tqdm and processes.is_main,
         )
-        self.result = unlearn(model, dataset, self.request, unlearning_args, task=task)
+        self.result = unlearn(
+            model, dataset, self.request, unlearning_args, task=task, curvature_factors=self.curvature_factors
+        )
         base = getattr(getattr(model, "config", None), "_name_or_path", None)
         self.manifest = build_manifest(
             self.result,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,8 @@ def unlearn_command(argv: list[str]) -> int:
     from transformers import HfArgumentParser
 
     from .config import UnlearningArguments
+    from .curvature.kfac import KFACFactors
+    from .curvature.setup import needs_factors
     from .data import ExampleEncoder, TextEncoding, TrainingSet
     from .distributed import barrier, check_curvature_supported, join_process_group
     from .eraser import default_task, unlearn
@@ -65,6 +68,8 @@ def unlearn_command(argv: list[str]) -> int:
 
     parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments), prog="hf-unlearn unlearn")
     paths, encoding, args = parser.parse_args_into_dataclasses(argv)
+    if needs_factors(args) and args.curvature_factors == "auto" and KFACFactors.exists(paths.adapter):
+        args = dataclasses.replace(args, curvature_factors=paths.adapter)  # saved beside the adapter
     check_curvature_supported(args.curvature)  # FSDP / ZeRO-3 launches fail here, before loading anything
     processes = join_process_group()  # under torchrun / accelerate launch
 

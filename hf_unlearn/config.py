@@ -11,7 +11,10 @@ from .errors import ConfigurationError
 
 SOLVERS = ("cg", "direct", "woodbury", "lissa", "qp")
 QP_OPTIMIZERS = ("sgd", "adam")
-CURVATURES = ("hessian", "ggn", "fisher")
+CURVATURES = ("hessian", "ggn", "fisher", "kfac", "ekfac")
+KFAC_CURVATURES = ("kfac", "ekfac")
+PRECONDITIONERS = ("none", *KFAC_CURVATURES)
+KFAC_TARGETS = ("empirical", "sampled")
 LOSS_NORMALIZATIONS = ("token", "example")
 REFINE_DAMPINGS = ("fixed", "adaptive")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -38,7 +41,11 @@ class UnlearningArguments:
         default="hessian",
         metadata={
             "help": "Curvature operator C: hessian (exact, double backward), ggn (generalised Gauss–Newton, "
-            "PSD, first-order passes only), fisher (empirical Fisher from per-example gradients, PSD).",
+            "PSD, first-order passes only), fisher (empirical Fisher from per-example gradients, PSD), kfac "
+            "(Kronecker-factored blocks of the trainable Linear layers, from saved/captured factors or one "
+            "pass; products and the damped block inverse need no data pass; --solver direct inverts it "
+            "exactly at any size), ekfac (K-FAC eigenbasis with eigenvalues refitted by one pass over "
+            "per-example gradients).",
             "choices": list(CURVATURES),
         },
     )
@@ -72,6 +79,49 @@ class UnlearningArguments:
         default=None,
         metadata={
             "help": "Estimate the curvature on a seeded random subset of this many training rows (default: all)."
+        },
+    )
+    preconditioner: str = field(
+        default="none",
+        metadata={
+            "help": "cg only: precondition with the damped K-FAC (kfac) or EK-FAC (ekfac) block inverse, "
+            "(C_kfac + λI)⁻¹, while the products stay those of --curvature (e.g. exact hessian/ggn on "
+            "--hessian-samples rows). The factors come from --curvature-factors.",
+            "choices": list(PRECONDITIONERS),
+        },
+    )
+    curvature_factors: str = field(
+        default="auto",
+        metadata={
+            "help": "Where K-FAC factors (curvature kfac/ekfac or a preconditioner) come from: a directory "
+            "with curvature_factors.safetensors/.json (saved beside an adapter by capture during training), "
+            "'pass' (one pass over --curvature-samples training rows at the adapter's weights), or 'auto' "
+            "(factors passed in or captured by the trainer; hf-unlearn unlearn: the adapter directory's if "
+            "it has them; otherwise 'pass'). The manifest records which was used and its digest."
+        },
+    )
+    curvature_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rows (seeded random subset) of the pass that computes K-FAC factors or refits EK-FAC "
+            "eigenvalues (default: all)."
+        },
+    )
+    kfac_targets: str = field(
+        default="empirical",
+        metadata={
+            "help": "Output gradients of the K-FAC pass: 'empirical' (the data's labels: a factor of the "
+            "empirical Fisher; what capture during training records) or 'sampled' (labels drawn from the "
+            "model, one per position: a factor of the Gauss–Newton matrix / true Fisher).",
+            "choices": list(KFAC_TARGETS),
+        },
+    )
+    capture_curvature: bool = field(
+        default=False,
+        metadata={
+            "help": "UnlearnTrainer / UnlearningCallback: collect K-FAC factors during the last training epoch "
+            "from the training's own forward/backward passes and keep them for unlearning (saved beside the "
+            "adapter by trainer.save_model / the callback's output_dir)."
         },
     )
     batch_size: int = field(default=8, metadata={"help": "Rows per forward/backward pass."})
@@ -147,6 +197,17 @@ class UnlearningArguments:
         if self.solver == "woodbury" and self.curvature != "fisher":
             raise ConfigurationError(
                 "solver 'woodbury' is the exact solve of the empirical Fisher: use it with curvature 'fisher'."
+            )
+        _choice("preconditioner", self.preconditioner, PRECONDITIONERS)
+        _choice("kfac_targets", self.kfac_targets, KFAC_TARGETS)
+        if self.preconditioner != "none" and self.solver != "cg":
+            raise ConfigurationError(
+                f"preconditioner {self.preconditioner!r} preconditions conjugate gradient: use it with solver "
+                f"'cg' (solver {self.solver!r} would ignore it)."
+            )
+        if self.curvature_samples is not None and self.curvature_samples < 1:
+            raise ConfigurationError(
+                f"curvature_samples must be ≥ 1 (or unset for all rows), got {self.curvature_samples!r}."
             )
         _choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
         _choice("dtype", self.dtype, DTYPES)

@@ -59,6 +59,11 @@ def build_manifest(result, args, **context) -> dict:
         "request": result.request.summary(),
         "arguments": args.to_dict(),
         "solver": result.stats,
+        **(
+            {"curvature_factors": result.stats["curvature_factors"]}
+            if "curvature_factors" in result.stats
+            else {}
+        ),
         "delta_norm": result.delta_norm,
         "timings": result.timings,
         "num_processes": result.stats["num_processes"],

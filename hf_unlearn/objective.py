@@ -73,6 +73,14 @@ class UnlearningTask:
             (hu,) = torch.autograd.grad(g, z, grad_outputs=vectors)
         return hu
 
+    def sampled_output_losses(
+        self, outputs: torch.Tensor, batch: Mapping[str, torch.Tensor], generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Optional, for K-FAC with `kfac_targets="sampled"`: per-example `(S, T)` of `output_losses` with the
+        targets drawn from the model's own predictive distribution at `outputs` (with `generator`), so that
+        the second moment of its output gradient is the output Hessian (the Gauss–Newton middle factor)."""
+        raise NotImplementedError
+
     def split(self, row: Mapping) -> tuple[object, object]:
         """(query part, response part) of a row, comparable with `==`; decides QM vs RC."""
         raise NotImplementedError
@@ -137,6 +145,19 @@ class CausalLMTask(UnlearningTask):
         if normalization == "example":
             weight = weight / self.loss_counts(batch).to(logits.dtype).clamp_min(1).unsqueeze(1)
         return hu * weight.unsqueeze(-1)
+
+    def sampled_output_losses(self, logits, batch, generator):
+        """Cross entropy against tokens drawn from `softmax(logits)` at the loss positions (one draw each):
+        `E_y[(p − e_y)(p − e_y)ᵀ] = diag(p) − ppᵀ`, the output Hessian of `output_hessian_product`."""
+        probs = torch.softmax(logits.detach().float(), dim=-1)  # (B, K, V), K = loss_positions(batch)
+        drawn = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+        labels = batch["labels"].clone()  # (B, L)
+        predicted = loss_positions(batch) + 1  # (K,): the label positions the logits predict
+        targets = labels[:, predicted]  # (B, K)
+        labels[:, predicted] = torch.where(
+            targets != IGNORE_INDEX, drawn.view(targets.shape).to(labels.device), targets
+        )
+        return self.output_losses(logits, {**batch, "labels": labels})
 
     def loss_counts(self, batch):
         return (batch["labels"][:, 1:] != IGNORE_INDEX).sum(dim=1)  # (B,)

@@ -155,6 +155,19 @@ class UnlearnTrainer(Trainer):
         self.unlearning_task = unlearning_task
         self.unlearning_results: list[UnlearningResult] = []
         self.unlearning_manifests: list[dict] = []
+        self.curvature_capture = None
+        if self.unlearning_args.capture_curvature:
+            from .capture import CurvatureCaptureCallback
+
+            self.curvature_capture = CurvatureCaptureCallback(
+                loss_normalization=self.unlearning_args.loss_normalization
+            )
+            self.add_callback(self.curvature_capture)
+
+    @property
+    def curvature_factors(self):
+        """K-FAC factors captured during the last epoch of `train()` (`capture_curvature=True`), else None."""
+        return None if self.curvature_capture is None else self.curvature_capture.factors
 
     def unlearn(
         self, request: UnlearningRequest, train_dataset: Sequence[Mapping] | None = None
@@ -170,7 +183,7 @@ class UnlearnTrainer(Trainer):
             and not self.args.disable_tqdm
             and self.is_world_process_zero(),
         )
-        result = unlearn(model, dataset, request, args, task=task)
+        result = unlearn(model, dataset, request, args, task=task, curvature_factors=self.curvature_factors)
         self.unlearning_results.append(result)
         self.unlearning_manifests.append(
             build_manifest(result, self.unlearning_args, **self._manifest_context(len(dataset)))
@@ -194,8 +207,19 @@ class UnlearnTrainer(Trainer):
         return self.unlearning_manifests[-1] if self.unlearning_manifests else None
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save as the Trainer does; after `unlearn`, also the manifest and the model card section."""
+        """Save as the Trainer does; after `unlearn`, also the manifest and the model card section.
+
+        K-FAC factors captured during training are written beside the adapter they describe (the trained
+        one: not after `unlearn` changed it)."""
         super().save_model(output_dir, _internal_call)
+        factors = self.curvature_factors
+        if (
+            factors is not None
+            and not self.unlearning_results
+            and self.args.should_save
+            and Processes().is_main
+        ):
+            factors.save(output_dir or self.args.output_dir)
         if self.unlearning_manifests and self.args.should_save and Processes().is_main:
             manifest = dict(self.unlearning_manifest)
             if len(self.unlearning_manifests) > 1:

@@ -52,6 +52,14 @@ class TrainConfig:
         metadata={"help": "Precision of the base model.", "choices": ["float32", "bfloat16"]},
     )
     logging_steps: int = field(default=10, metadata={"help": "Log the training loss every N steps."})
+    capture_curvature: bool = field(
+        default=False,
+        metadata={
+            "help": "Collect K-FAC factors during the last epoch and save them beside the adapter "
+            "(curvature_factors.safetensors/.json), for `hf-unlearn unlearn --curvature kfac|ekfac` or "
+            "`--preconditioner kfac|ekfac` without an extra pass."
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the model dir."}
@@ -187,20 +195,39 @@ def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> 
     encoding = encoding or TextEncoding()
     check_output_dir(config.output_dir, config.overwrite)
     setup = prepare_training(config, encoding)
+    callbacks = []
+    if config.capture_curvature:
+        from .capture import CurvatureCaptureCallback
+
+        callbacks.append(CurvatureCaptureCallback())
     trainer = Trainer(
-        model=setup.model, args=setup.args, train_dataset=setup.rows, data_collator=setup.task.collate
+        model=setup.model,
+        args=setup.args,
+        train_dataset=setup.rows,
+        data_collator=setup.task.collate,
+        callbacks=callbacks,
     )
     start = time.perf_counter()
     output = trainer.train()
     record = training_record(config, encoding, setup, output, time.perf_counter() - start)
+    factors = None
+    if callbacks:
+        factors = callbacks[0].factors
+        record["curvature_factors"] = {
+            **factors.describe(),
+            "capture_hook_seconds": callbacks[0].overhead,
+            "captured_steps_seconds": callbacks[0].capture_seconds,
+        }
     if setup.processes.is_main:
-        save_trained_adapter(setup.model, setup.tokenizer, record, Path(config.output_dir), config.overwrite)
+        save_trained_adapter(
+            setup.model, setup.tokenizer, record, Path(config.output_dir), config.overwrite, factors
+        )
     barrier(setup.processes)
     return record
 
 
-def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: bool) -> None:
-    """Write the adapter, its tokenizer and the training record to `out`, atomically."""
+def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: bool, factors=None) -> None:
+    """Write the adapter, its tokenizer, the training record (and captured K-FAC factors) to `out`, atomically."""
     import contextlib
     import shutil
     import uuid
@@ -215,6 +242,8 @@ def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: b
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if factors is not None:
+            factors.save(staging)
         (staging / TRAINING_RECORD).write_text(
             json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
         )

@@ -183,6 +183,12 @@ class MaskedRegressionTask(UnlearningTask):
     def loss_counts(self, batch):
         return batch["mask"].sum(dim=1)
 
+    def sampled_output_losses(self, outputs, batch, generator):
+        """Targets `y ~ N(ŷ, I/2)`: the output gradient `2(ŷ − y)` then has second moment 2I, the output
+        Hessian of the squared error (on the observed entries)."""
+        noise = torch.randn(outputs.shape, generator=generator, dtype=outputs.dtype) * 0.5**0.5
+        return self.output_losses(outputs, {**batch, "y": outputs.detach() + noise})
+
     def split(self, row):
         return tuple(row["x"]), (tuple(row["y"]), tuple(row["mask"]))
 

@@ -13,7 +13,7 @@ from reference import (
 )
 
 from hf_unlearn import CausalLMTask, SolverError, UnlearningArguments, UnlearningRequest, unlearn
-from hf_unlearn.eraser import curvature_sample
+from hf_unlearn.curvature.setup import sample_rows
 from hf_unlearn.params import ParameterSpace
 
 ROWS = token_rows(12, seed=0)
@@ -298,7 +298,7 @@ def dense_refine(model, old, new, damping, steps, normalization="token", samples
     ref = DenseReference(model, normalization)
     M = ref.normaliser(ROWS)
     edited = [r for i, r in enumerate(ROWS) if i not in old] + new
-    pick = lambda rows: curvature_sample(rows, UnlearningArguments(hessian_samples=samples))  # noqa: E731
+    pick = lambda rows: sample_rows(rows, samples, seed=0)  # noqa: E731
     grad_star = torch.func.grad(ref.objective(ROWS, M))(ref.theta)
     theta = ref.theta + ref.update(ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=pick(ROWS))
     eye = torch.eye(len(theta), dtype=theta.dtype)

@@ -4,13 +4,21 @@ from .base import CurvatureOperator
 from .fisher import FisherOperator
 from .ggn import GaussNewtonOperator
 from .hessian import HessianOperator
+from .kfac import EKFACOperator, KFACFactors, KFACOperator
 
+# Operators over the curvature data, built as cls(model, task, space, batches, normalization, M, processes).
 CURVATURE_OPERATORS = {"hessian": HessianOperator, "ggn": GaussNewtonOperator, "fisher": FisherOperator}
+# Operators from Kronecker factors (same arguments plus factors=KFACFactors); see curvature/setup.py.
+KFAC_OPERATORS = {"kfac": KFACOperator, "ekfac": EKFACOperator}
 
 __all__ = [
     "CURVATURE_OPERATORS",
+    "KFAC_OPERATORS",
     "CurvatureOperator",
+    "EKFACOperator",
     "FisherOperator",
     "GaussNewtonOperator",
     "HessianOperator",
+    "KFACFactors",
+    "KFACOperator",
 ]

@@ -10,23 +10,47 @@ from .base import SolverStats, suggest_damping
 
 
 def conjugate_gradient(
-    curvature, damping: float, rhs: torch.Tensor, *, tol: float, max_iter: int, progress: bool = False, **_
+    curvature,
+    damping: float,
+    rhs: torch.Tensor,
+    *,
+    tol: float,
+    max_iter: int,
+    progress: bool = False,
+    preconditioner=None,
+    callback=None,
+    **_,
 ):
-    """Solve (C + λI) x = rhs by conjugate gradient from x = 0.
+    """Solve (C + λI) x = rhs by (preconditioned) conjugate gradient from x = 0.
 
-    Stops when ‖r‖/‖rhs‖ ≤ tol or after `max_iter` products; raises `NonPositiveCurvatureError` when a search
-    direction has pᵀ(C+λI)p ≤ 0.
+    `preconditioner`, when given, is an object with `solve_damped(r, λ)` applying `P⁻¹ r` for a symmetric
+    positive definite `P ≈ C + λI` (the K-FAC/EK-FAC block inverse) and a `name`; each iteration then costs
+    one product with C and one application of P⁻¹:
+
+        r₀ = rhs, z₀ = P⁻¹r₀, p₀ = z₀;   α = rᵀz / pᵀ(C+λI)p,  x += αp,  r −= α(C+λI)p,
+        z = P⁻¹r,  β = r_newᵀz_new / rᵀz,  p = z + βp.
+
+    Stops when the true residual ‖r‖/‖rhs‖ ≤ tol (the same test with or without P) or after `max_iter`
+    products; raises `NonPositiveCurvatureError` when a search direction has pᵀ(C+λI)p ≤ 0.
+    `callback(iteration, x)`, when given, sees every iterate (benchmarks).
     """
     start = time.perf_counter()
+    name = "cg"
+    extra = {} if preconditioner is None else {"preconditioner": preconditioner.name}
     x = torch.zeros_like(rhs)
     rhs_norm = rhs.norm().item()
     if rhs_norm == 0.0:
-        return x, SolverStats("cg", 0, 0.0, True, time.perf_counter() - start)
+        return x, SolverStats(name, 0, 0.0, True, time.perf_counter() - start, 0, extra)
+
+    def precondition(r):
+        return r if preconditioner is None else preconditioner.solve_damped(r, damping)
+
     r = rhs.clone()  # r = rhs − A x
-    p = r.clone()
-    rs = r.dot(r)
+    z = precondition(r)
+    p = z.clone()
+    rz = r.dot(z)
     relative_residual, iterations = 1.0, 0
-    bar = tqdm(total=max_iter, desc="cg", disable=not progress, leave=False)
+    bar = tqdm(total=max_iter, desc=name, disable=not progress, leave=False)
     for iterations in range(1, max_iter + 1):
         Ap = curvature.matvec(p) + damping * p
         pAp = p.dot(Ap)
@@ -39,18 +63,29 @@ def conjugate_gradient(
                 f"≤ {rayleigh:.3g}. Raise the damping, e.g. --damping {suggest_damping(damping, rayleigh):g}.",
                 suggested_damping=suggest_damping(damping, rayleigh),
             )
-        alpha = rs / pAp
+        alpha = rz / pAp
         x += alpha * p
         r -= alpha * Ap
-        rs_new = r.dot(r)
-        relative_residual = rs_new.sqrt().item() / rhs_norm
+        relative_residual = r.norm().item() / rhs_norm
+        if callback is not None:
+            callback(iterations, x)
         bar.update(1)
         bar.set_postfix(residual=f"{relative_residual:.2e}")
         if relative_residual <= tol:
             break
-        p = r + (rs_new / rs) * p
-        rs = rs_new
+        z = precondition(r)
+        rz_new = r.dot(z)
+        p = z + (rz_new / rz) * p
+        rz = rz_new
     bar.close()
+    if preconditioner is not None:
+        extra["preconditioner_applications"] = iterations
     return x, SolverStats(
-        "cg", iterations, relative_residual, relative_residual <= tol, time.perf_counter() - start, iterations
+        name,
+        iterations,
+        relative_residual,
+        relative_residual <= tol,
+        time.perf_counter() - start,
+        iterations,
+        extra,
     )

@@ -1,0 +1,102 @@
+"""Building the curvature operator (and the K-FAC preconditioner) an unlearning run asks for.
+
+K-FAC factors are needed for `curvature="kfac"|"ekfac"` and for `preconditioner="kfac"|"ekfac"`. They come,
+in this order, from: factors handed in (captured during training by `UnlearnTrainer`/the callback, or
+loaded by the caller), the directory named by `curvature_factors`, or one pass over `curvature_samples`
+training rows at the current θ (`curvature_factors="pass"`, or `"auto"` when nothing was handed in).
+EK-FAC eigenvalues are refitted with one more pass over those rows unless the factors already carry them.
+Nothing falls back silently: where the factors came from is returned for the manifest.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+from ..config import KFAC_CURVATURES, UnlearningArguments
+from ..objective import normaliser
+from . import CURVATURE_OPERATORS, KFAC_OPERATORS
+from .kfac import KFACFactors, parameters_digest
+from .kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors
+
+
+def needs_factors(args: UnlearningArguments) -> bool:
+    return args.curvature in KFAC_CURVATURES or args.preconditioner != "none"
+
+
+def sample_rows(rows: list, size: int | None, seed: int) -> list:
+    """A seeded random subset of `size` rows in their original order (all rows when `size` is None)."""
+    if size is None or size >= len(rows):
+        return list(rows)
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), size))]
+
+
+def obtain_factors(args, model, task, space, rows, batches, processes, given: KFACFactors | None = None):
+    """The K-FAC factors for this run and a record of where they came from (see the module docstring).
+
+    `rows` are the training rows, `batches(rows)` makes this process's `Batches`. Returns
+    `(factors, record)`; `record` has `origin`, the factors' `describe()` and the passes run here. An
+    explicit `args.curvature_factors` (a path or "pass") wins over `given` (recorded as ignored).
+    """
+    norm = args.loss_normalization
+    start = time.perf_counter()
+    passes = 0
+    ignored = None
+    if given is not None and args.curvature_factors != "auto":
+        ignored = given.info.get("source", "given")  # an explicit choice wins over factors handed in
+        given = None
+    if given is not None:
+        factors, origin = given, given.info.get("source", "given")
+    elif args.curvature_factors not in ("auto", "pass"):
+        factors, origin = KFACFactors.load(Path(args.curvature_factors)), "file"
+    else:
+        sample = sample_rows(rows, args.curvature_samples, args.seed)
+        factors = fit_kfac_factors(
+            model, task, space, batches(sample), norm, normaliser(task, sample, norm, args.batch_size),
+            processes, targets=args.kfac_targets, seed=args.seed, source="pass",
+        )  # fmt: skip
+        origin, passes = "pass", 1
+    wants_eigen = "ekfac" in (args.curvature, args.preconditioner)
+    if wants_eigen and not factors.has_eigenvalues:
+        sample = sample_rows(rows, args.curvature_samples, args.seed)
+        factors = fit_ekfac_eigenvalues(
+            factors, model, task, space, batches(sample), norm, normaliser(task, sample, norm, args.batch_size),
+            processes, seed=args.seed,
+        )  # fmt: skip
+        passes += 1
+    record = {
+        "origin": origin,
+        **factors.describe(),
+        # False: the factors were computed at other weights (e.g. along the last training epoch, or for the
+        # adapter before an earlier unlearning) — still usable, but an approximation of C at these weights.
+        "parameters_match": factors.info.get("parameters_digest") == parameters_digest(space),
+        "passes_in_unlearning": passes,
+        **({"ignored_factors_from": ignored} if ignored else {}),
+        "seconds": time.perf_counter() - start,
+    }
+    return factors, record
+
+
+def build_operators(args, model, task, space, curvature_rows, batches, processes, factors=None, M=None):
+    """`(curvature, preconditioner)` for `args`; `factors` are required when `needs_factors(args)`.
+
+    Exact operators (hessian, ggn, fisher) run over `curvature_rows` normalised by `normaliser` (default:
+    `M`, default: their own); the K-FAC operators take everything from the factors.
+    """
+    norm = args.loss_normalization
+    M = M if M is not None else normaliser(task, curvature_rows, norm, args.batch_size)
+    if args.curvature in KFAC_CURVATURES:
+        curvature = KFAC_OPERATORS[args.curvature](
+            model, task, space, batches([]), norm, M, processes, factors=factors
+        )
+    else:
+        curvature = CURVATURE_OPERATORS[args.curvature](
+            model, task, space, batches(curvature_rows), norm, M, processes
+        )
+    preconditioner = None
+    if args.preconditioner != "none":
+        preconditioner = KFAC_OPERATORS[args.preconditioner](
+            model, task, space, batches([]), norm, M, processes, factors=factors, allow_uncovered=True
+        )
+    return curvature, preconditioner
