@@ -305,7 +305,8 @@ def dense_refine(model, old, new, damping, steps, normalization="token", samples
     sample = pick(edited)
     for _ in range(steps):
         g = torch.func.grad(ref.objective(edited, M))(theta) - grad_star
-        H = torch.func.hessian(ref.objective(sample, ref.normaliser(sample)))(theta)
+        M_sample = M if samples is None else ref.normaliser(sample)  # the full edited set keeps M fixed
+        H = torch.func.hessian(ref.objective(sample, M_sample))(theta)
         theta = theta - torch.linalg.solve(H + damping * eye, g)
     return theta - ref.theta
 
