@@ -291,7 +291,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                 path = workdir / method
                 value = metric["retrain"] if method == "retrain" else lab.nll(path, eval_rows)
                 solves_update = ref_delta is not None and (
-                    method in SOLVERS or method == "llmeraser-reference"
+                    method in SOLVERS or method in ("llmeraser-reference", "kfac", "ekfac")
                 )
                 delta = adapter_vector(path) - theta_star
                 row = {
@@ -367,6 +367,9 @@ METHODS = {
     **{name: _solver_factory(name) for name in SOLVERS if name not in ("direct", "woodbury")},
     # cg followed by Levenberg–Marquardt refinement on the tilted edited objective (3 more trials)
     "cg+refine": _solver_factory("cg", refine_steps=3, refine_damping="adaptive"),
+    # block-inverse solves from K-FAC / EK-FAC factors of one pass over the training rows (no CG)
+    "kfac": _solver_factory("direct", curvature="kfac"),
+    "ekfac": _solver_factory("direct", curvature="ekfac"),
     "llmeraser-reference": lambda suite: llmeraser_reference,
     "gradient-ascent": lambda suite: gradient_ascent,
     "retrain": None,
