@@ -24,7 +24,9 @@ class CurvatureCaptureCallback(TrainerCallback):
     `A = Σ a aᵀ`, `G = Σ g gᵀ` with the Trainer's loss scaling measured and divided out (see
     `hf_unlearn.curvature.kfac_capture`), so that the factors mean the same as those of a separate pass
     (`curvature_factors="pass"`, targets "empirical") — up to θ moving during the epoch and train-mode
-    dropout. At `on_train_end` the factors are summed over processes into `callback.factors` and, when
+    dropout. Under DDP each process captures its shard (a sampler that pads shards to equal size repeats a
+    few rows; they are counted, in `num_rows` and the normaliser, as often as they were trained on). At
+    `on_train_end` the factors are summed over processes into `callback.factors` and, when
     `output_dir` is given, written there by the main process. `callback.overhead` is the time spent in the
     hooks' own arithmetic, `callback.capture_seconds` the wall time of the captured steps.
     """

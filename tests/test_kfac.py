@@ -1,6 +1,7 @@
 """K-FAC / EK-FAC factors, operators, block inverse and preconditioned CG, against naive float64 loops."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -711,3 +712,48 @@ def test_cli_train_captures_factors_that_unlearn_then_uses(tmp_path):
         assert factors["origin"] == "file" and factors["source"] == "training" and factors["parameters_match"]
         assert factors["passes_in_unlearning"] == (1 if extra[1] == "ekfac" else 0)
         assert manifest["arguments"]["curvature_factors"] == str(tmp_path / "adapter")
+
+
+@pytest.mark.distributed
+def test_capture_on_two_processes_equals_a_pass_over_all_rows(tmp_path):
+    """`hf-unlearn train --capture-curvature` under torchrun (DDP on 2 gloo CPU processes): each process
+    captures its shard, the factors are summed over processes; with a learning rate too small to move the
+    float32 weights they equal one pass over all rows. 16 rows: DDP shards would otherwise repeat a row."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from peft import PeftModel
+    from reference import tiny_llama_base
+    from transformers import AutoModelForCausalLM
+
+    rows = token_rows(16, seed=7)
+    tiny_llama_base(seed=3, dtype=torch.float32, exact=False).save_pretrained(tmp_path / "base")
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "hf_unlearn",
+         "train", "--model", str(tmp_path / "base"), "--train-file", str(tmp_path / "train.jsonl"),
+         "--output-dir", str(tmp_path / "adapter"), "--lora-r", "2", "--epochs", "2", "--learning-rate", "1e-12",
+         "--batch-size", "4", "--logging-steps", "1000", "--capture-curvature"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    captured = KFACFactors.load(tmp_path / "adapter")
+    assert captured.info["num_rows"] == len(rows) and captured.info["source"] == "training"
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", dtype=torch.float64, attn_implementation="eager"
+    )
+    model = PeftModel.from_pretrained(base, str(tmp_path / "adapter"), is_trainable=True).double().eval()
+    reference = factors_for(model, rows, "token")
+    assert captured.normaliser == reference.normaliser
+    for n in reference.names:
+        assert captured.positions[n] == reference.positions[n]
+        assert relative_error(captured.A[n], reference.A[n]) < 1e-5  # float32 training against a float64 pass
+        if n.endswith("lora_B"):
+            assert relative_error(captured.G[n], reference.G[n]) < 1e-5
+        else:  # g at lora_A's output is Bᵀ g_s with B = 0 at initialisation: ~1e-13 and moving, not compared
+            assert captured.G[n].abs().max() < 1e-20

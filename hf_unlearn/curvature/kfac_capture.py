@@ -62,6 +62,7 @@ class TrainingCapture:
             raise ConfigurationError("Curvature capture: the model has no trainable nn.Linear layer.")
         self.head = _output_embeddings(model)
         self.collector = FactorCollector(self.blocks)
+        self.collector.require_weights = True
         self.collector.active = False
         self.num_rows, self.normaliser, self.micro_batches = 0, 0.0, 0
         self.problems: list[str] = []  # the first few reasons the capture is invalid
@@ -114,6 +115,7 @@ class TrainingCapture:
         labels, mask = kwargs.get("labels"), kwargs.get("attention_mask")
         if labels is None:
             self._labels = None
+            self.collector.set_mask(None)  # a fresh batch without weights: its gradients are not used
             self._problem(
                 "a training forward got no `labels` (the loss was computed outside the model, e.g. label "
                 "smoothing or compute_loss_func), so its output gradients cannot be rescaled to ∂ℓ/∂s"

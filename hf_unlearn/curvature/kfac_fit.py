@@ -73,6 +73,7 @@ class FactorCollector:
         self.eigenvalues: dict[str, torch.Tensor] = {}
         self.batch = Positions(None)
         self.problem: str | None = None  # why the factors cannot be trusted (checked by the callers)
+        self.require_weights = False  # the training capture: every batch must have its w_b set
         self.active = True
         self.seconds = 0.0  # time spent accumulating
         self._handles = []
@@ -116,6 +117,12 @@ class FactorCollector:
         return a
 
     def _accumulate(self, block: LinearBlock, a, g, batch: Positions) -> None:
+        if self.require_weights and batch.example_weights is None:
+            self.problem = (
+                f"the output gradient of {block.name} arrived before the loss scale was measured at the "
+                "logits (the loss is not computed from the output embeddings' logits?)"
+            )
+            return
         start = time.perf_counter()
         if self.mode == "factors":
             self._accumulate_factors(block, a, g, batch)
