@@ -223,7 +223,11 @@ class UnlearnTrainer(Trainer):
         if self.unlearning_manifests and self.args.should_save and Processes().is_main:
             manifest = dict(self.unlearning_manifest)
             if len(self.unlearning_manifests) > 1:
-                manifest["previous_requests"] = [m["request"] for m in self.unlearning_manifests[:-1]]
+                # earlier runs of this trainer, oldest first, in the shape of the CLI manifests' `history`
+                manifest["history"] = [
+                    {"created": m.get("created"), "request": m["request"]}
+                    for m in self.unlearning_manifests[:-1]
+                ]
             write_manifest_and_card(output_dir or self.args.output_dir, manifest)
 
 

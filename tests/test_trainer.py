@@ -187,7 +187,8 @@ def test_save_model_writes_adapter_manifest_card_and_logs(tmp_path):
     trainer.unlearn(UnlearningRequest(remove=[0]))  # a second request: the card keeps one section
     trainer.save_model(str(out))
     manifest = json.loads((out / MANIFEST_NAME).read_text())
-    assert manifest["request"]["num_edits"] == 1 and len(manifest["previous_requests"]) == 1
+    assert manifest["request"]["num_edits"] == 1 and len(manifest["history"]) == 1
+    assert manifest["history"][0]["request"]["kinds"] == {"IR": 2, "QM+RC": 1, "RC": 1}  # the first request
     assert (out / "README.md").read_text().count("## Unlearning") == 1
 
 
