@@ -287,10 +287,7 @@ def main(argv=None) -> int:
             report["rows"] = []
             for kind in ("IR", "QM", "RC"):
                 lines = data[f"request_{kind}"][:size]
-                request = UnlearningRequest(
-                    remove=[line["id"] for line in lines if line["op"] == "remove"],
-                    replace={line["id"]: {k: v for k, v in line.items() if k not in ("op", "id")} for line in lines if line["op"] == "replace"},
-                )  # fmt: skip
+                request = UnlearningRequest.from_lines(lines)
                 resolved = request.resolve(train_set, task)
                 b = -gradient_sum(model, task, space, batches(resolved.old), "token", procs)
                 if resolved.new:

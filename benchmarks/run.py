@@ -250,10 +250,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
     for kind in ("IR", "QM", "RC"):
         lines = data[f"request_{kind}"]
         for size in suite["request_sizes"]:
-            request = UnlearningRequest(
-                remove=[line["id"] for line in lines[:size] if line["op"] == "remove"],
-                replace={line["id"]: {k: v for k, v in line.items() if k not in ("op", "id")} for line in lines[:size] if line["op"] == "replace"},
-            )  # fmt: skip
+            request = UnlearningRequest.from_lines(lines[:size])
             resolved = request.resolve(train, lab.task)
             eval_rows = {
                 "forget": [dict(e.old) for e in resolved.edits],

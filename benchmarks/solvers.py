@@ -250,10 +250,7 @@ def toy(opts, budgets, results, save):
         )
         for kind in ("IR", "QM", "RC"):
             lines = data[f"request_{kind}"][:size]
-            request = UnlearningRequest(
-                remove=[line["id"] for line in lines if line["op"] == "remove"],
-                replace={line["id"]: {k: v for k, v in line.items() if k not in ("op", "id")} for line in lines if line["op"] == "replace"},
-            )  # fmt: skip
+            request = UnlearningRequest.from_lines(lines)
             resolved = request.resolve(train, task)
             b = -gradient_sum(model, task, space, batches(resolved.old), "token", processes)
             if resolved.new:

@@ -97,20 +97,25 @@ class UnlearningRequest:
             rows = read_jsonl(path, what="request file", assign_ids=False)
         except DataError as e:
             raise InvalidRequestError(str(e)) from None
+        return cls.from_lines(rows, source=str(path))
+
+    @classmethod
+    def from_lines(cls, lines: list[Mapping], source: str = "request") -> UnlearningRequest:
+        """The request of already-parsed request lines (as in a request file); `source` names them in errors."""
         remove, replace = [], {}
-        for line_number, row in enumerate(rows, start=1):
+        for line_number, row in enumerate(lines, start=1):
             op, row_id = row.get("op"), row.get("id")
             if "id" not in row:
-                raise InvalidRequestError(f"{path}: request line {line_number} has no 'id'.")
+                raise InvalidRequestError(f"{source}: request line {line_number} has no 'id'.")
             if op == "remove":
                 remove.append(row_id)
             elif op == "replace":
                 if row_id in replace:
-                    raise InvalidRequestError(f"{path}: id {row_id!r} is replaced twice.")
+                    raise InvalidRequestError(f"{source}: id {row_id!r} is replaced twice.")
                 replace[row_id] = {k: v for k, v in row.items() if k not in ("op", "id")}
             else:
                 raise InvalidRequestError(
-                    f"{path}: request line {line_number} has op {op!r}; use 'remove' or 'replace'."
+                    f"{source}: request line {line_number} has op {op!r}; use 'remove' or 'replace'."
                 )
         return cls(remove=remove, replace=replace)
 
