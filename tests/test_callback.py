@@ -34,15 +34,6 @@ _p = ROWS[6]["labels"].count(-100)
 RC_ROW = {"input_ids": ROWS[6]["input_ids"][:_p] + [3, 4, 5], "labels": [-100] * _p + [3, 4, 5]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not spin-wait when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Snapshot(TrainerCallback):
     """Saves the trained adapter (θ*) before the unlearning callback, listed after it, edits it; `model(base)`
     rebuilds it in float64 on a fresh base (a deep copy would keep the Trainer's patched forward methods)."""

@@ -30,15 +30,6 @@ REQUEST = UnlearningRequest(remove=[1, 10], replace={6: RC_ROW, 9: NEW[0]})
 OLD, NEW_ROWS = [ROWS[i] for i in (1, 10, 6, 9)], [RC_ROW, NEW[0]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and do not spin-wait when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class LogCapture(TrainerCallback):
     def __init__(self):
         self.logs = []
