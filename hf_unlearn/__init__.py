@@ -22,6 +22,7 @@ _TRAINER_NAMES = {
     "UnlearnTrainer": ".trainer",
     "UnlearningCallback": ".callback",
     "CurvatureCaptureCallback": ".capture",
+    "L2RegularizationCallback": ".regularization",
 }
 
 
@@ -46,6 +47,7 @@ __all__ = [
     "ExampleEncoder",
     "InvalidRequestError",
     "KFACFactors",
+    "L2RegularizationCallback",
     "NonPositiveCurvatureError",
     "OutputExistsError",
     "SolverError",

@@ -54,6 +54,7 @@ def unlearn_command(argv: list[str]) -> int:
         check_output_dir,
         file_digest,
         read_history,
+        recorded_l2_regularization,
         save_unlearned_adapter,
     )
     from .models import (
@@ -70,6 +71,8 @@ def unlearn_command(argv: list[str]) -> int:
     paths, encoding, args = parser.parse_args_into_dataclasses(argv)
     if needs_factors(args) and args.curvature_factors == "auto" and KFACFactors.exists(paths.adapter):
         args = dataclasses.replace(args, curvature_factors=paths.adapter)  # saved beside the adapter
+    if args.l2_regularization is None:  # the objective the adapter was trained on
+        args = dataclasses.replace(args, l2_regularization=recorded_l2_regularization(paths.adapter) or 0.0)
     check_curvature_supported(args.curvature)  # FSDP / ZeRO-3 launches fail here, before loading anything
     processes = join_process_group()  # under torchrun / accelerate launch
 

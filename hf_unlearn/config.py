@@ -16,6 +16,7 @@ KFAC_CURVATURES = ("kfac", "ekfac")
 PRECONDITIONERS = ("none", *KFAC_CURVATURES)
 KFAC_TARGETS = ("empirical", "sampled")
 LOSS_NORMALIZATIONS = ("token", "example")
+CURVATURE_DATA = ("auto", "edited", "original")
 REFINE_DAMPINGS = ("fixed", "adaptive")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -73,6 +74,26 @@ class UnlearningArguments:
             "help": "How the training loss was normalised: 'token' (sum over all loss tokens / their number, "
             "the HF Trainer default) or 'example' (mean over examples of each example's token mean).",
             "choices": list(LOSS_NORMALIZATIONS),
+        },
+    )
+    curvature_data: str = field(
+        default="auto",
+        metadata={
+            "help": "Rows the curvature C is taken on: 'edited' (the kept rows plus the new versions: the "
+            "Hessian of the objective retraining minimises, so the update is a Newton step on it, exact when "
+            "the loss is quadratic), 'original' (the training set as the adapter saw it, as in the LLMEraser "
+            "paper: exact only to first order in the request size) or 'auto' (edited, except original for "
+            "kfac/ekfac, whose factors describe the training run).",
+            "choices": list(CURVATURE_DATA),
+        },
+    )
+    l2_regularization: float | None = field(
+        default=None,
+        metadata={
+            "help": "μ of the (μ/2)‖θ‖² term the adapter was trained with (hf-unlearn train "
+            "--l2-regularization, L2RegularizationCallback). It is part of the objective: μI joins the "
+            "curvature and μθ the refinement gradients. Default: hf-unlearn unlearn reads it from the "
+            "adapter's training record; otherwise 0."
         },
     )
     hessian_samples: int | None = field(
@@ -210,6 +231,13 @@ class UnlearningArguments:
                 f"curvature_samples must be ≥ 1 (or unset for all rows), got {self.curvature_samples!r}."
             )
         _choice("loss_normalization", self.loss_normalization, LOSS_NORMALIZATIONS)
+        _choice("curvature_data", self.curvature_data, CURVATURE_DATA)
+        if self.l2_regularization is not None and not (
+            math.isfinite(self.l2_regularization) and self.l2_regularization >= 0
+        ):
+            raise ConfigurationError(
+                f"l2_regularization must be a finite number ≥ 0, got {self.l2_regularization!r}."
+            )
         _choice("dtype", self.dtype, DTYPES)
         _choice("qp_optimizer", self.qp_optimizer, QP_OPTIMIZERS)
         self.damping = _number_or_auto("damping", self.damping, minimum_inclusive=True)
@@ -232,6 +260,18 @@ class UnlearningArguments:
             raise ConfigurationError(
                 f"hessian_samples must be ≥ 1 (or unset for the whole training set), got {self.hessian_samples!r}."
             )
+
+    @property
+    def l2(self) -> float:
+        """μ of the objective's (μ/2)‖θ‖² term (0 when unset)."""
+        return float(self.l2_regularization or 0.0)
+
+    @property
+    def curvature_on_edited(self) -> bool:
+        """Whether C is taken on the edited rows (see `curvature_data`)."""
+        if self.curvature_data == "auto":
+            return self.curvature not in KFAC_CURVATURES
+        return self.curvature_data == "edited"
 
     @property
     def torch_dtype(self) -> torch.dtype:

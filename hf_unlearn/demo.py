@@ -51,7 +51,11 @@ class DemoArguments:
     lr_scheduler: str = field(
         default="constant", metadata={"help": "Learning-rate schedule (a transformers name, e.g. linear)."}
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW (decoupled) weight decay."})
+    l2_regularization: float = field(
+        default=0.01,
+        metadata={"help": "μ of the (μ/2)‖θ‖² term in the training objective, which unlearning models."},
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_layers: int = field(default=6, metadata={"help": "LoRA on q_proj/v_proj of this many top layers."})
     batch_size: int = field(default=8, metadata={"help": "Training and unlearning batch size."})
@@ -119,6 +123,8 @@ class Lab:
         from peft import get_peft_model
         from transformers import Trainer, TrainingArguments, set_seed
 
+        from .regularization import L2RegularizationCallback
+
         start = time.perf_counter()
         set_seed(self.args.seed)
         model = get_peft_model(self.base, self.lora_config())
@@ -137,7 +143,13 @@ class Lab:
             seed=self.args.seed,
             data_seed=self.args.seed,
         )
-        Trainer(model=model, args=training, train_dataset=rows, data_collator=self.task.collate).train()
+        Trainer(
+            model=model,
+            args=training,
+            train_dataset=rows,
+            data_collator=self.task.collate,
+            callbacks=[L2RegularizationCallback(self.args.l2_regularization)],
+        ).train()
         model.save_pretrained(out)
         self.base = model.unload()
         return time.perf_counter() - start
@@ -198,6 +210,7 @@ def run_demo(args: DemoArguments) -> dict:
         damping=args.damping if args.damping == "auto" else float(args.damping),
         refine_steps=args.refine_steps,
         refine_damping=args.refine_damping,
+        l2_regularization=args.l2_regularization,
         max_iter=args.max_iter,
         tol=1e-4,
         batch_size=args.batch_size,

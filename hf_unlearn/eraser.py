@@ -13,13 +13,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import UnlearningArguments
+from .config import KFAC_CURVATURES, UnlearningArguments
 from .curvature.kfac import KFACFactors
 from .curvature.setup import build_operators, needs_factors, obtain_factors, sample_rows
 from .curvature.spectrum import lanczos_extremes
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes, check_curvature_supported
-from .errors import NonPositiveCurvatureError, SolverError
+from .errors import ConfigurationError, NonPositiveCurvatureError, SolverError
 from .gradients import Batches, gradient_sum, loss_sum
 from .objective import CausalLMTask, UnlearningTask, normaliser
 from .params import ParameterSpace, computation_mode
@@ -106,22 +106,38 @@ def unlearn(
         b /= M
         timings["gradients_seconds"] = time.perf_counter() - t
 
-        curvature_rows = sample_rows(all_rows, args.hessian_samples, args.seed)
-        extra_stats = {}
+        # C on the edited rows (∇²R' at θ*: a Newton step on the objective retraining minimises) or on the
+        # original ones (∇²R, the paper's choice); a subset is normalised by its own token/row count.
+        edited = resolved.edited_rows(all_rows)
+        curvature_data = edited if args.curvature_on_edited else all_rows
+        curvature_rows = sample_rows(curvature_data, args.hessian_samples, args.seed)
+        curvature_M = M if len(curvature_rows) == len(curvature_data) else None
+        extra_stats = {"curvature_data": "edited" if args.curvature_on_edited else "original"}
         factors = None
         if needs_factors(args):
             t = time.perf_counter()
             factors, extra_stats["curvature_factors"] = obtain_factors(
-                args, model, task, space, all_rows, batches, processes, curvature_factors
+                args, model, task, space, curvature_data, batches, processes, curvature_factors
             )
+            if (
+                args.curvature in KFAC_CURVATURES
+                and args.curvature_on_edited
+                and extra_stats["curvature_factors"]["origin"] != "pass"
+            ):
+                raise ConfigurationError(
+                    "curvature_data 'edited' with kfac/ekfac needs factors of the edited rows, but the factors "
+                    f"come from {extra_stats['curvature_factors']['origin']!r} (the training run). Use "
+                    "--curvature-factors pass, or --curvature-data original (or auto) to use them."
+                )
             timings["curvature_factors_seconds"] = time.perf_counter() - t
         elif curvature_factors is not None:
             extra_stats["curvature_factors_unused"] = (
                 "no kfac/ekfac curvature or preconditioner was asked for"
             )
         curvature, preconditioner = build_operators(
-            args, model, task, space, curvature_rows, batches, processes, factors
+            args, model, task, space, curvature_rows, batches, processes, factors, M=curvature_M
         )
+        mu = args.l2
 
         damping = args.damping
         if damping == "auto":
@@ -142,7 +158,8 @@ def unlearn(
             "preconditioner": preconditioner,
         }
         t = time.perf_counter()
-        delta, stats = solve(curvature, damping, -b, **solver_options)
+        # Δθ = −(C + μI + λI)⁻¹ b: the objective's L2 term adds μI (it does not change b)
+        delta, stats = solve(curvature, damping + mu, -b, **solver_options)
         timings["solver_seconds"] = time.perf_counter() - t
         problems = _check(delta, stats, args)
 
@@ -194,6 +211,7 @@ def unlearn(
         "b_norm": b_norm,
         "num_processes": processes.count,
         "damping": damping,
+        "l2_regularization": mu,
         **extra_stats,
     }
     result = UnlearningResult(delta=delta_dict, stats=stats_dict, request=resolved, timings=timings)
@@ -275,9 +293,9 @@ def refine(
     """
     norm, show = args.loss_normalization, args.progress
     adaptive = args.refine_damping == "adaptive"
-    removed = set(resolved.indices)
-    edited = [row for i, row in enumerate(all_rows) if i not in removed] + list(resolved.new)
+    edited = resolved.edited_rows(all_rows)
     theta_star = space.vector().clone()
+    mu = args.l2  # R carries (μ/2)‖θ‖²: μθ in every gradient, μI in every curvature
     solve = SOLVERS[args.solver]
     steps = []
     try:
@@ -286,6 +304,7 @@ def refine(
                 model, task, space, batches(all_rows), norm, processes, "gradient ∇R(θ*)" if show else None
             )
             / M
+            + mu * theta_star
         )
         edited_batches = batches(edited)
         curvature_rows = sample_rows(edited, args.hessian_samples, args.seed)
@@ -297,8 +316,11 @@ def refine(
         )
 
         def tilted() -> float:  # R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩
-            value = loss_sum(model, task, edited_batches, norm, processes) / M
-            return value - grad_star.dot(space.vector() - theta_star).item()
+            theta = space.vector()
+            value = (
+                loss_sum(model, task, edited_batches, norm, processes) / M + mu / 2 * theta.dot(theta).item()
+            )
+            return value - grad_star.dot(theta - theta_star).item()
 
         first_delta, first_curvature, b = first_step
         lam, grad = damping, None
@@ -308,7 +330,7 @@ def refine(
             space.add_(first_delta)
             trials, first_pending = args.refine_steps, False
         for k in range(trials):
-            if first_pending:  # at θ*, ∇R̃(θ*) = ∇R'(θ*) − ∇R(θ*) = b, and the curvature is C(θ*) of R
+            if first_pending:  # at θ*, ∇R̃(θ*) = ∇R'(θ*) − ∇R(θ*) = b, and C(θ*) is the first step's
                 grad, curvature = b, first_curvature
             elif grad is None:  # a rejected step keeps θ, so its gradient is reused
                 grad = (
@@ -322,6 +344,7 @@ def refine(
                         f"refine {k + 1}: gradient" if show else None,
                     )
                     / M
+                    + mu * space.vector()
                     - grad_star
                 )  # ∇R̃(θ) = ∇R'(θ) − ∇R(θ*)
             if not first_pending:
@@ -340,7 +363,7 @@ def refine(
                 if first_pending and lam == damping:
                     step, stats = first_delta, None  # already solved by the caller
                 else:
-                    step, stats = solve(curvature, lam, -grad, **solver_options)
+                    step, stats = solve(curvature, lam + mu, -grad, **solver_options)
             except NonPositiveCurvatureError as e:
                 if not adaptive:
                     raise

@@ -102,6 +102,20 @@ def model_card_section(manifest: dict) -> str:
     )
 
 
+def recorded_l2_regularization(adapter_dir: str | Path) -> float | None:
+    """μ of the (μ/2)‖θ‖² term in the objective of `adapter_dir`: from its training record (hf-unlearn train)
+    or, for an unlearned adapter, from its manifest; None when neither records it."""
+    from .training import TRAINING_RECORD
+
+    record = Path(adapter_dir) / TRAINING_RECORD
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8"))["config"].get("l2_regularization")
+    manifest = Path(adapter_dir) / MANIFEST_NAME
+    if manifest.is_file():
+        return json.loads(manifest.read_text(encoding="utf-8"))["solver"].get("l2_regularization")
+    return None
+
+
 def read_history(adapter_dir: str | Path) -> list[dict]:
     """Earlier unlearning runs that produced `adapter_dir`, oldest first (empty for a freshly trained adapter)."""
     path = Path(adapter_dir) / MANIFEST_NAME

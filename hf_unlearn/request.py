@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +56,11 @@ class ResolvedRequest:
     @property
     def indices(self) -> list[int]:
         return [e.index for e in self.edits]
+
+    def edited_rows(self, rows: Sequence[Mapping]) -> list[Mapping]:
+        """The training set after the edit, as R' sums it: the kept `rows`, then the new versions."""
+        removed = set(self.indices)
+        return [row for i, row in enumerate(rows) if i not in removed] + self.new
 
     def kind_counts(self) -> dict[str, int]:
         counts = Counter(e.kind for e in self.edits)

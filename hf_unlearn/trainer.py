@@ -140,7 +140,8 @@ class UnlearnTrainer(Trainer):
     """A `transformers.Trainer` with `unlearn(request)`; `unlearning_args` configures the update.
 
     `unlearning_task` overrides how rows become per-example losses (default: the Trainer's own collator
-    under the causal-LM loss contract, see `task_for_trainer`).
+    under the causal-LM loss contract, see `task_for_trainer`). With `unlearning_args.l2_regularization = μ`,
+    training adds (μ/2)‖θ‖² to the objective (`L2RegularizationCallback`) and unlearning steps on the same one.
     """
 
     def __init__(
@@ -155,6 +156,10 @@ class UnlearnTrainer(Trainer):
         self.unlearning_task = unlearning_task
         self.unlearning_results: list[UnlearningResult] = []
         self.unlearning_manifests: list[dict] = []
+        if self.unlearning_args.l2:  # train the objective the update models: R(θ) + (μ/2)‖θ‖²
+            from .regularization import L2RegularizationCallback
+
+            self.add_callback(L2RegularizationCallback(self.unlearning_args.l2))
         self.curvature_capture = None
         if self.unlearning_args.capture_curvature:
             from .capture import CurvatureCaptureCallback

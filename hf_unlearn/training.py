@@ -43,7 +43,19 @@ class TrainConfig:
     lr_scheduler: str = field(
         default="constant", metadata={"help": "Learning-rate schedule (a transformers name)."}
     )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    weight_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "AdamW (decoupled) weight decay; prefer --l2-regularization, which unlearning models."
+        },
+    )
+    l2_regularization: float = field(
+        default=0.0,
+        metadata={
+            "help": "μ of a (μ/2)‖θ‖² term in the training objective (L2RegularizationCallback); recorded with "
+            "the adapter, and `hf-unlearn unlearn` then unlearns against the same objective."
+        },
+    )
     batch_size: int = field(default=8, metadata={"help": "Rows per device per optimiser step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Batches per optimiser step."})
     seed: int = field(default=0, metadata={"help": "Seed of the LoRA initialisation and the row shuffling."})
@@ -75,6 +87,8 @@ class TrainConfig:
                 raise ConfigurationError(f"{name} must be > 0, got {getattr(self, name)}.")
         if not self.target_modules:
             raise ConfigurationError("lora_targets names no module.")
+        if not self.l2_regularization >= 0:
+            raise ConfigurationError(f"l2_regularization must be ≥ 0, got {self.l2_regularization}.")
 
     @property
     def target_modules(self) -> list[str]:
@@ -195,11 +209,14 @@ def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> 
     encoding = encoding or TextEncoding()
     check_output_dir(config.output_dir, config.overwrite)
     setup = prepare_training(config, encoding)
-    callbacks = []
+    from .regularization import L2RegularizationCallback
+
+    capture = None
     if config.capture_curvature:
         from .capture import CurvatureCaptureCallback
 
-        callbacks.append(CurvatureCaptureCallback())
+        capture = CurvatureCaptureCallback()
+    callbacks = [c for c in (capture, L2RegularizationCallback(config.l2_regularization)) if c is not None]
     trainer = Trainer(
         model=setup.model,
         args=setup.args,
@@ -211,12 +228,12 @@ def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> 
     output = trainer.train()
     record = training_record(config, encoding, setup, output, time.perf_counter() - start)
     factors = None
-    if callbacks:
-        factors = callbacks[0].factors
+    if capture is not None:
+        factors = capture.factors
         record["curvature_factors"] = {
             **factors.describe(),
-            "capture_hook_seconds": callbacks[0].overhead,
-            "captured_steps_seconds": callbacks[0].capture_seconds,
+            "capture_hook_seconds": capture.overhead,
+            "captured_steps_seconds": capture.capture_seconds,
         }
     if setup.processes.is_main:
         save_trained_adapter(

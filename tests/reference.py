@@ -152,12 +152,23 @@ class DenseReference:
     def hessian(self, rows, M=None):
         return torch.func.hessian(self.objective(rows, M))(self.theta)
 
-    def update(self, train_rows, old, new, damping, curvature_rows=None):
-        """Δθ = −(H + λI)⁻¹ b with b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)), M over the full training set."""
+    def edited_hessian(self, train_rows, old, new):
+        """∇²R' at θ: the rows of `train_rows` not in `old` (by identity) plus `new`, M of `train_rows` fixed."""
+        kept = [r for r in train_rows if not any(r is o for o in old)]
+        return self.hessian(kept + list(new), self.normaliser(train_rows))
+
+    def update(self, train_rows, old, new, damping, curvature_rows=None, mu=0.0):
+        """Δθ = −(H + (μ + λ)I)⁻¹ b with b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)), M over the full training set.
+
+        H is the Hessian of R' (the kept rows plus `new`, M fixed), or over `curvature_rows` normalised by
+        their own M when they are given (the full training set: the Hessian of R)."""
         M = self.normaliser(train_rows)
         b = (self.grad_sum(new) - self.grad_sum(old)) / M
-        H = self.hessian(curvature_rows or train_rows)
-        A = H + damping * torch.eye(len(self.theta), dtype=H.dtype)
+        if curvature_rows is None:
+            H = self.edited_hessian(train_rows, old, new)
+        else:
+            H = self.hessian(curvature_rows)
+        A = H + (mu + damping) * torch.eye(len(self.theta), dtype=H.dtype)
         return -torch.linalg.solve(A, b)
 
 
@@ -242,10 +253,11 @@ def train_tokenizer(vocab_size: int = 96):
     )
 
 
-def dense_ggn(model, rows, normalization: str) -> torch.Tensor:
-    """(1/M) Σ_rows Σ_t w_t J_tᵀ (diag(p_t) − p_t p_tᵀ) J_t with J_t the `jacrev` Jacobian of the logits."""
+def dense_ggn(model, rows, normalization: str, M=None) -> torch.Tensor:
+    """(1/M) Σ_rows Σ_t w_t J_tᵀ (diag(p_t) − p_t p_tᵀ) J_t with J_t the `jacrev` Jacobian of the logits
+    (M: the rows' own normaliser unless given)."""
     ref = DenseReference(model, normalization)
-    M = loop_normaliser(rows, normalization)
+    M = M or loop_normaliser(rows, normalization)
     total = torch.zeros(len(ref.theta), len(ref.theta), dtype=ref.theta.dtype)
     for row in rows:
         ids = torch.tensor([row["input_ids"]])
@@ -264,10 +276,10 @@ def dense_ggn(model, rows, normalization: str) -> torch.Tensor:
     return total / M
 
 
-def dense_fisher(model, rows, normalization: str) -> torch.Tensor:
-    """(1/M) Σ g_i g_iᵀ from per-example gradients, one row at a time."""
+def dense_fisher(model, rows, normalization: str, M=None) -> torch.Tensor:
+    """(1/M) Σ g_i g_iᵀ from per-example gradients, one row at a time (M: the rows' own unless given)."""
     ref = DenseReference(model, normalization)
-    M = ref.normaliser(rows)
+    M = M or ref.normaliser(rows)
     total = torch.zeros(len(ref.theta), len(ref.theta), dtype=ref.theta.dtype)
     for r in rows:
         g = torch.func.grad(lambda th, r=r: ref.ell_at(th, r))(ref.theta)

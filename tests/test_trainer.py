@@ -79,13 +79,9 @@ def trained(tmp_path_factory):
     trainer.train()
     assert trainer.state.global_step == 18  # 6 epochs × 3 shuffled batches
     ref = DenseReference(copy.deepcopy(trainer.model).double(), "token")
-    H = ref.hessian(ROWS)
+    H = ref.edited_hessian(ROWS, OLD, NEW_ROWS)
     damping = max(0.0, -torch.linalg.eigvalsh(H)[0].item()) + 0.05
-    b = (ref.grad_sum(NEW_ROWS) - ref.grad_sum(OLD)) / sum(
-        sum(y != -100 for y in r["labels"][1:]) for r in ROWS
-    )
-    expected = -torch.linalg.solve(H + damping * torch.eye(len(b), dtype=H.dtype), b)
-    return trainer, damping, expected
+    return trainer, damping, ref.update(ROWS, OLD, NEW_ROWS, damping)
 
 
 def unlearn_and_restore(trainer, **unlearning):

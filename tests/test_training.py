@@ -99,3 +99,48 @@ def test_train_argument_and_data_errors(workspace, tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "x").write_text("x")
     assert main(["train", *common, "--train-file", str(workspace / "train.jsonl")]) == 6
+
+
+def test_l2_regularization_callback_adds_mu_theta_to_the_gradient():
+    from hf_unlearn import ConfigurationError, L2RegularizationCallback
+
+    model = torch.nn.Linear(3, 2).double()
+    model.bias.requires_grad_(False)
+    model(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    data_grad = model.weight.grad.clone()
+    L2RegularizationCallback(0.3).on_pre_optimizer_step(None, None, None, model=model)
+    assert torch.allclose(model.weight.grad, data_grad + 0.3 * model.weight.detach())  # ∇[(μ/2)‖θ‖²] = μθ
+    assert model.bias.grad is None  # frozen parameters are not regularised
+    with pytest.raises(ConfigurationError, match="l2_regularization"):
+        L2RegularizationCallback(-1.0)
+
+
+def test_train_with_l2_regularization_records_it_and_unlearn_uses_it(workspace):
+    out = workspace / "adapter_l2"
+    args = ["train", "--model", str(workspace / "base"), "--train-file", str(workspace / "train.jsonl"),
+            "--output-dir", str(out), "--lora-r", "4", "--lora-alpha", "8", "--epochs", "60",
+            "--learning-rate", "1e-2", "--batch-size", "6", "--logging-steps", "1000", "--l2-regularization", "0.05"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((out / TRAINING_RECORD).read_text())["config"]["l2_regularization"] == 0.05
+    from safetensors.torch import load_file
+
+    def norm(path):
+        return (
+            sum(t.double().norm() ** 2 for t in load_file(path / "adapter_model.safetensors").values()) ** 0.5
+        )
+
+    if (workspace / "adapter").is_dir():  # same recipe without the term (the test above)
+        assert norm(out) < 0.9 * norm(workspace / "adapter")
+    request = workspace / "request_l2.jsonl"
+    request.write_text(json.dumps({"op": "remove", "id": "p3"}) + "\n")
+    unlearned = workspace / "unlearned_l2"
+    assert main(["unlearn", "--model", str(workspace / "base"), "--adapter", str(out), "--train-file",
+                 str(workspace / "train.jsonl"), "--request", str(request), "--output-dir", str(unlearned),
+                 "--curvature", "ggn", "--damping", "0.1", "--max-iter", "500", "--no_progress"]) == 0  # fmt: skip
+    manifest = json.loads((unlearned / MANIFEST_NAME).read_text())
+    assert (
+        manifest["arguments"]["l2_regularization"] == 0.05 and manifest["solver"]["l2_regularization"] == 0.05
+    )
+    from hf_unlearn.io import recorded_l2_regularization
+
+    assert recorded_l2_regularization(unlearned) == 0.05  # a later request on the unlearned adapter keeps μ

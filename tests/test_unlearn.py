@@ -56,9 +56,15 @@ def run(model, request, **kwargs):
     return result, delta
 
 
-def damping_for(model, normalization):
-    """A damping that makes H + λI positive definite, from the dense spectrum."""
-    eigenvalues = torch.linalg.eigvalsh(DenseReference(model, normalization).hessian(ROWS))
+def edited_rows(old, new):
+    """The rows R' sums: the kept training rows, then the new versions."""
+    return [r for i, r in enumerate(ROWS) if i not in old] + list(new)
+
+
+def damping_for(model, normalization, old=(), new=()):
+    """A damping that makes ∇²R' + λI positive definite (R' of the edit `old` → `new`), from the dense spectrum."""
+    ref = DenseReference(model, normalization)
+    eigenvalues = torch.linalg.eigvalsh(ref.hessian(edited_rows(old, new), ref.normaliser(ROWS)))
     return max(0.0, -eigenvalues[0].item()) + 0.05
 
 
@@ -66,7 +72,7 @@ def damping_for(model, normalization):
 @pytest.mark.parametrize("kind", list(REQUESTS))
 def test_update_matches_dense_reference(trained, kind, normalization):
     request, old, new = REQUESTS[kind]
-    damping = damping_for(trained, normalization)
+    damping = damping_for(trained, normalization, old, new)
     expected = DenseReference(trained, normalization).update(ROWS, [ROWS[i] for i in old], new, damping)
     result, delta = run(trained, request, damping=damping, tol=1e-12, loss_normalization=normalization)
     assert result.stats["converged"]
@@ -78,7 +84,7 @@ def test_update_matches_dense_reference(trained, kind, normalization):
 
 def test_direct_solver_matches_dense_reference(trained):
     request, old, new = REQUESTS["mixed"]
-    damping = damping_for(trained, "token")
+    damping = damping_for(trained, "token", old, new)
     expected = DenseReference(trained, "token").update(ROWS, [ROWS[i] for i in old], new, damping)
     _, delta = run(trained, request, solver="direct", damping=damping)
     assert relative_error(delta, expected) < 1e-12
@@ -88,12 +94,11 @@ def test_hessian_samples_uses_a_seeded_subset_with_its_own_normaliser(trained):
     request, old, new = REQUESTS["IR"]
     import random
 
-    subset = sorted(random.Random(5).sample(range(len(ROWS)), 6))
+    edited = [r for i, r in enumerate(ROWS) if i not in old] + new  # the curvature is taken on R'
+    subset = [edited[i] for i in sorted(random.Random(5).sample(range(len(edited)), 6))]
     ref = DenseReference(trained, "token")
-    damping = max(0.0, -torch.linalg.eigvalsh(ref.hessian([ROWS[i] for i in subset]))[0].item()) + 0.05
-    expected = ref.update(
-        ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=[ROWS[i] for i in subset]
-    )
+    damping = max(0.0, -torch.linalg.eigvalsh(ref.hessian(subset))[0].item()) + 0.05
+    expected = ref.update(ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=subset)
     result, delta = run(trained, request, damping=damping, tol=1e-12, hessian_samples=6, seed=5)
     assert result.stats["num_curvature_rows"] == 6
     assert relative_error(delta, expected) < 1e-9
@@ -163,6 +168,90 @@ def test_response_correction_equals_exact_refit(regression, normalization):
     assert relative_error(space.vector(), expected) < 1e-10
 
 
+def regularized_refit(model, task, rows, normalization, mu, M):
+    """The exact minimiser of (1/M) Σ_rows ℓ + (μ/2)‖θ‖², with M given (DESIGN §2 keeps it fixed)."""
+    from hf_unlearn.objective import example_losses
+
+    def ell(m, row):
+        return example_losses(task, m, task.collate([row]), normalization)[0]
+
+    ref = DenseReference(model, normalization, ell=ell)
+    data = ref.objective(rows, M=M)
+    objective = lambda theta: data(theta) + mu / 2 * theta.dot(theta)  # noqa: E731
+    gradient = torch.func.grad(objective)(ref.theta)
+    return ref.theta - torch.linalg.solve(torch.func.hessian(objective)(ref.theta), gradient)
+
+
+EDITS = {
+    "IR": (
+        UnlearningRequest(remove=[11, 40]),
+        lambda rows: [r for i, r in enumerate(rows) if i not in (11, 40)],
+    ),
+    "RC": (
+        UnlearningRequest(replace={5: {"y": [3.0, -2.0]}}),
+        lambda rows: rows[:5] + [{**rows[5], "y": [3.0, -2.0]}] + rows[6:],
+    ),
+}
+
+
+@pytest.mark.parametrize("normalization", ["token", "example"])
+@pytest.mark.parametrize("kind", list(EDITS))
+@pytest.mark.parametrize("mu", [0.0, 0.5])
+def test_one_step_on_the_edited_curvature_equals_the_exact_refit(regression, normalization, kind, mu):
+    """On a quadratic (with the objective's L2 term μ), one Newton step with C = ∇²R' is the exact refit."""
+    from hf_unlearn.objective import normaliser
+
+    model, task, rows = regression
+    M = normaliser(task, rows, normalization, 8)
+    space = ParameterSpace(model)
+    space.add_(regularized_refit(model, task, rows, normalization, mu, M) - space.vector())  # θ*
+    request, edit = EDITS[kind]
+    expected = regularized_refit(model, task, edit(rows), normalization, mu, M)
+    args = {"damping": 0.0, "dtype": "float64", "loss_normalization": normalization, "progress": False}
+    result = unlearn(
+        model, rows, request, UnlearningArguments(solver="direct", l2_regularization=mu, **args), task=task
+    )
+    assert result.stats["curvature_data"] == "edited" and result.stats["l2_regularization"] == mu
+    assert relative_error(space.vector(), expected) < 1e-10
+    space.add_(-flat(result, model))
+    unlearn(model, rows, request, UnlearningArguments(curvature_data="original", l2_regularization=mu, **args | {"progress": False}), task=task)  # fmt: skip
+    if kind == "IR":  # the removed rows' curvature is still in ∇²R: only first order
+        assert 1e-6 < relative_error(space.vector(), expected) < 0.05
+    else:  # RC leaves the Hessian unchanged
+        assert relative_error(space.vector(), expected) < 1e-8
+
+
+def test_refine_with_l2_regularization_reaches_the_regularized_refit(regression):
+    """From a first step on ∇²R (first order), one refinement step on R̃ with the L2 term reaches the refit;
+    without μ in the objective it would stop elsewhere."""
+    from hf_unlearn.objective import normaliser
+
+    model, task, rows = regression
+    mu, M = 0.5, normaliser(task, rows, "token", 8)
+    space = ParameterSpace(model)
+    space.add_(regularized_refit(model, task, rows, "token", mu, M) - space.vector())
+    theta_star = space.vector().clone()
+    request, edit = EDITS["IR"]
+    expected = regularized_refit(model, task, edit(rows), "token", mu, M)
+    common = {
+        "damping": 0.0,
+        "dtype": "float64",
+        "tol": 1e-13,
+        "curvature_data": "original",
+        "progress": False,
+    }
+    for l2, close in ((mu, True), (0.0, False)):
+        space.set_(theta_star)
+        unlearn(
+            model,
+            rows,
+            request,
+            UnlearningArguments(refine_steps=1, l2_regularization=l2, **common),
+            task=task,
+        )
+        assert (relative_error(space.vector(), expected) < 1e-9) is close
+
+
 @pytest.mark.parametrize("normalization", ["token", "example"])
 def test_removal_approximates_exact_refit_with_the_right_sign_and_scale(regression, normalization):
     model, task, rows = regression
@@ -180,6 +269,7 @@ def test_removal_approximates_exact_refit_with_the_right_sign_and_scale(regressi
             tol=1e-12,
             dtype="float64",
             loss_normalization=normalization,
+            curvature_data="original",
             progress=False,
         ),
         task=task,
@@ -205,7 +295,10 @@ def test_ggn_update_matches_dense_gauss_newton_solve(trained):
     from reference import dense_ggn
 
     request, old, new = REQUESTS["mixed"]
-    expected = dense_update(trained, dense_ggn(trained, ROWS, "token"), [ROWS[i] for i in old], new, 0.01)
+    M = DenseReference(trained, "token").normaliser(ROWS)
+    expected = dense_update(
+        trained, dense_ggn(trained, edited_rows(old, new), "token", M), [ROWS[i] for i in old], new, 0.01
+    )
     result, delta = run(trained, request, curvature="ggn", damping=0.01, tol=1e-12, max_iter=500)
     assert result.stats["converged"] and relative_error(delta, expected) < 1e-9
 
@@ -215,7 +308,10 @@ def test_fisher_update_matches_dense_fisher_solve(trained, solver):
     from reference import dense_fisher
 
     request, old, new = REQUESTS["mixed"]
-    expected = dense_update(trained, dense_fisher(trained, ROWS, "token"), [ROWS[i] for i in old], new, 0.01)
+    M = DenseReference(trained, "token").normaliser(ROWS)
+    expected = dense_update(
+        trained, dense_fisher(trained, edited_rows(old, new), "token", M), [ROWS[i] for i in old], new, 0.01
+    )
     result, delta = run(
         trained, request, curvature="fisher", solver=solver, damping=0.01, tol=1e-12, max_iter=500
     )
@@ -272,7 +368,8 @@ def test_lissa_and_qp_through_unlearn_and_divergence_changes_nothing(regression)
 
 def test_auto_damping_is_safe_recorded_and_used(trained):
     request, old, new = REQUESTS["IR"]
-    H = DenseReference(trained, "token").hessian(ROWS)
+    ref = DenseReference(trained, "token")
+    H = ref.hessian([r for i, r in enumerate(ROWS) if i not in old], ref.normaliser(ROWS))  # ∇²R'
     eigenvalues = torch.linalg.eigvalsh(H)
     result, delta = run(trained, request, damping="auto", tol=1e-12)
     auto = result.stats["damping_auto"]
@@ -293,14 +390,15 @@ def test_auto_damping_is_safe_recorded_and_used(trained):
 def dense_refine(model, old, new, damping, steps, normalization="token", samples=None):
     """θ* + Δθ, then `steps` dense Newton steps θ ← θ − (∇²R'(θ)+λI)⁻¹(∇R'(θ) − ∇R(θ*)); returns θ − θ*.
 
-    With `samples`, each Hessian is taken on `samples` seeded rows (of the training set for the first step,
-    of the edited set after it), normalised by their own M."""
+    Each Hessian is of R' (the edited rows, M fixed), or with `samples` on that many seeded edited rows,
+    normalised by their own M."""
     ref = DenseReference(model, normalization)
     M = ref.normaliser(ROWS)
     edited = [r for i, r in enumerate(ROWS) if i not in old] + new
     pick = lambda rows: sample_rows(rows, samples, seed=0)  # noqa: E731
     grad_star = torch.func.grad(ref.objective(ROWS, M))(ref.theta)
-    theta = ref.theta + ref.update(ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=pick(ROWS))
+    first_rows = None if samples is None else pick(edited)  # None: all edited rows, M fixed
+    theta = ref.theta + ref.update(ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=first_rows)
     eye = torch.eye(len(theta), dtype=theta.dtype)
     sample = pick(edited)
     for _ in range(steps):
@@ -313,7 +411,7 @@ def dense_refine(model, old, new, damping, steps, normalization="token", samples
 
 def test_refine_steps_match_dense_newton_steps(trained):
     request, old, new = REQUESTS["mixed"]
-    damping = damping_for(trained, "token") + 0.1
+    damping = damping_for(trained, "token", old, new) + 0.1
     expected = dense_refine(trained, old, new, damping, steps=2)
     one_step = DenseReference(trained, "token").update(ROWS, [ROWS[i] for i in old], new, damping)
     result, delta = run(trained, request, damping=damping, tol=1e-12, max_iter=500, refine_steps=2)
@@ -325,7 +423,7 @@ def test_refine_steps_match_dense_newton_steps(trained):
 def test_refine_steps_with_hessian_samples_match_dense_newton_steps():
     trained = fit(tiny_llama(seed=0), CausalLMTask(), ROWS)  # θ* itself: earlier tests moved the shared one
     request, old, new = REQUESTS["mixed"]
-    damping = damping_for(trained, "token") + 0.1
+    damping = damping_for(trained, "token", old, new) + 0.1
     expected = dense_refine(trained, old, new, damping, steps=2, samples=6)
     assert relative_error(dense_refine(trained, old, new, damping, steps=2), expected) > 1e-3
     _, delta = run(
@@ -335,8 +433,8 @@ def test_refine_steps_with_hessian_samples_match_dense_newton_steps():
 
 
 def dense_refine_adaptive(model, old, new, damping, steps):
-    """Levenberg–Marquardt on R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩ from θ*, `steps + 1` trials: the first trial is the
-    one-step update (H of R at θ*), later ones Newton steps on R'. A trial is kept if C + λI is positive definite
+    """Levenberg–Marquardt on R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩ from θ*, `steps + 1` trials, each a Newton
+    step on R' (the first is the one-step update). A trial is kept if C + λI is positive definite
     and it lowers R̃, then λ ← max(λ/3, damping); else λ ← 3λ. Returns θ − θ* and which trials were kept."""
     ref = DenseReference(model, "token")
     M = ref.normaliser(ROWS)
@@ -348,8 +446,7 @@ def dense_refine_adaptive(model, old, new, damping, steps):
 
     theta, eye, lam, accepted = ref.theta, torch.eye(len(ref.theta), dtype=ref.theta.dtype), damping, []
     for _ in range(steps + 1):
-        first = not any(accepted)
-        C = ref.hessian(ROWS) if first else torch.func.hessian(ref.objective(edited, M))(theta)
+        C = torch.func.hessian(ref.objective(edited, M))(theta)
         g = torch.func.grad(tilted)(theta)
         trial = theta - torch.linalg.solve(C + lam * eye, g)
         accepted.append(bool(torch.linalg.eigvalsh(C + lam * eye)[0] > 0 and tilted(trial) < tilted(theta)))
@@ -359,7 +456,7 @@ def dense_refine_adaptive(model, old, new, damping, steps):
 
 def test_adaptive_refine_matches_dense_levenberg_marquardt(trained):
     request, old, new = REQUESTS["mixed"]
-    damping = damping_for(trained, "token")
+    damping = damping_for(trained, "token")  # positive definite on R, small enough for a step to fail on R'
     expected, accepted = dense_refine_adaptive(trained, old, new, damping, steps=4)
     assert False in accepted, "the setting must make a step fail for this test to check the rejection"
     result, delta = run(
@@ -386,6 +483,7 @@ def test_one_refine_step_reaches_the_exact_refit_after_removal(regression, norma
         "tol": 1e-13,
         "dtype": "float64",
         "loss_normalization": normalization,
+        "curvature_data": "original",  # the paper's step: exact only to first order here
     }
     first = unlearn(
         model,
