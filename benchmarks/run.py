@@ -121,10 +121,17 @@ def adapter_vector(path: Path) -> torch.Tensor:
 # --- methods: each edits the original adapter and saves the result to `out` ---------------------------
 
 
+def objective(lab: Lab) -> dict:
+    """The L2 term the lab trains with: unlearning steps on the same objective."""
+    return {"l2_regularization": lab.args.l2_regularization}
+
+
 def solver_method(solver: str, settings: dict):
     def run(lab: Lab, original: Path, train: TrainingSet, request: UnlearningRequest, out: Path, **_):
         model = lab.load(original, trainable=True)
-        args = UnlearningArguments(solver=solver, progress=False, allow_inexact=True, **settings)
+        args = UnlearningArguments(
+            solver=solver, progress=False, allow_inexact=True, **objective(lab), **settings
+        )
         unlearn(model, train, request, args, task=lab.task)
         model.save_pretrained(out)
         lab.drop(model)
@@ -199,7 +206,7 @@ def gradient_ascent(
 def reference_delta(lab: Lab, original: Path, train, request, settings: dict) -> torch.Tensor:
     """Δθ of a fully converged float64 CG solve of the same update (the oracle for param_rel_err)."""
     model = lab.load(original, trainable=True)
-    oracle = {**settings, "tol": 1e-9, "max_iter": 5000, "dtype": "float64"}
+    oracle = {**objective(lab), **settings, "tol": 1e-9, "max_iter": 5000, "dtype": "float64"}
     result = unlearn(
         model, train, request, UnlearningArguments(solver="cg", progress=False, **oracle), task=lab.task
     )

@@ -58,7 +58,9 @@ def unlearn(
     tokenizer=None,
     curvature_factors: KFACFactors | None = None,
 ) -> UnlearningResult:
-    """Apply the LLMEraser update for `request` to the trainable parameters of `model`, in place.
+    """Apply the LLMEraser update `Δθ = −(C + (μ + λ)I)⁻¹ b` for `request` to the trainable parameters of
+    `model`, in place (C over the edited rows unless `args.curvature_data` says otherwise; μ =
+    `args.l2_regularization`).
 
     `train_dataset` is what the adapter was trained on (rows of `input_ids`/`labels`, or `prompt`/`response`
     with a `tokenizer`); request ids are its row indices, or the ids of a `TrainingSet`. `task` replaces the
@@ -279,9 +281,9 @@ def refine(
 ):  # fmt: skip
     """`refine_steps` damped Newton steps on the tilted edited objective (DESIGN §2 "Beyond one step").
 
-    From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + λI)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the chosen
-    `curvature`) are over the edited training set — the kept rows plus the new versions — with the normaliser
-    M of the original set kept fixed, and the same solver as the first step; with `hessian_samples`, C' is
+    From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + (μ + λ)I)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the
+    chosen `curvature`) are over the edited training set — the kept rows plus the new versions — with the
+    normaliser M of the original set kept fixed, and R, R' include the objective's (μ/2)‖θ‖² term, and the same solver as the first step; with `hessian_samples`, C' is
     taken on a seeded subset of the edited rows of that size. With `curvature="kfac"|"ekfac"` the factors are
     recomputed at every θ by one pass over the edited rows (`curvature_samples` of them); a K-FAC
     *preconditioner* keeps the θ* factors (it only changes the speed of the solve). `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses

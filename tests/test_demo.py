@@ -39,6 +39,7 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
         )
         assert all(isinstance(r[k], float) and r[k] == r[k] for k in ("original", "unlearned", "retrained"))
         assert r["unlearned"] != r["original"]  # the update did something
+        assert isinstance(r["step_applied"], bool)
     assert (out / "demo_results.png").stat().st_size > 10_000
     # The requests were served one after the other on the same adapter: the manifests chain.
     for depth, kind in enumerate(("IR", "QM", "RC")):
@@ -46,6 +47,8 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
             (out / "adapters" / f"unlearned_{kind}" / "unlearning_manifest.json").read_text()
         )
         assert set(manifest["request"]["kinds"]) == {kind}
+        assert manifest["solver"]["l2_regularization"] == 0.01  # the objective the demo trains
+        assert results["kinds"][kind]["step_applied"] == (manifest["delta_norm"] > 0)
         assert [run["request"]["kinds"] for run in manifest["history"]] == [
             {k: 6} for k in ("IR", "QM", "RC")[:depth]
         ]
