@@ -25,6 +25,7 @@ from .objective import CausalLMTask, UnlearningTask, normaliser
 from .params import ParameterSpace, computation_mode
 from .request import ResolvedRequest, UnlearningRequest
 from .solvers import SOLVERS
+from .solvers.base import SolverStats
 
 
 @dataclass
@@ -161,9 +162,18 @@ def unlearn(
         }
         t = time.perf_counter()
         # Δθ = −(C + μI + λI)⁻¹ b: the objective's L2 term adds μI (it does not change b)
-        delta, stats = solve(curvature, damping + mu, -b, **solver_options)
+        try:
+            delta, stats = solve(curvature, damping + mu, -b, **solver_options)
+            problems = _check(delta, stats, args)
+        except NonPositiveCurvatureError as e:
+            if args.refine_damping != "adaptive":
+                raise
+            # Levenberg–Marquardt: the first trial is rejected, and `refine` retries with a larger λ
+            delta, problems = e, []
+            stats = SolverStats(  # no solve: x = 0, relative residual 1
+                args.solver, 0, 1.0, False, extra={"first_trial_rejected_because": str(e)}
+            )
         timings["solver_seconds"] = time.perf_counter() - t
-        problems = _check(delta, stats, args)
 
         if args.refine_steps or args.refine_damping == "adaptive":
             t = time.perf_counter()
@@ -275,6 +285,14 @@ def choose_damping(curvature, b: torch.Tensor, seed: int) -> tuple[float, dict]:
     }
 
 
+def raised(lam: float, curvature, grad: torch.Tensor, suggestion: float | None = None) -> float:
+    """Levenberg–Marquardt's λ after a rejected trial: 3λ; from λ = 0, where tripling would retry the same
+    step, the damping CG suggested after meeting non-positive curvature, else the `damping="auto"` value."""
+    if lam > 0:
+        return 3 * lam
+    return suggestion if suggestion is not None else choose_damping(curvature, grad, seed=0)[0]
+
+
 def refine(
     model, task, space, all_rows, resolved, first_step, damping, M, args, batches, processes, solver_options,
     factors=None,
@@ -289,7 +307,8 @@ def refine(
     *preconditioner* keeps the θ* factors (it only changes the speed of the solve). `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
     λ = `damping`; with `"adaptive"` (Levenberg–Marquardt) the one-step update itself is the first trial, and
     a step is kept only if it lowers `R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩`, after which λ ← max(λ/3, damping),
-    and a rejected step (or a solve that meets non-positive curvature) leaves θ and sets λ ← 3λ; it makes
+    and a rejected step (or a solve that meets non-positive curvature, the first one included) leaves θ and sets
+    λ ← 3λ — from λ = 0, the damping CG suggested, else the 'auto' damping of the current curvature; it makes
     `refine_steps + 1` trials. Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the
     caller applies the total), also when a step fails.
     """
@@ -363,6 +382,8 @@ def refine(
                 )
             try:
                 if first_pending and lam == damping:
+                    if isinstance(first_delta, NonPositiveCurvatureError):
+                        raise first_delta  # the caller's solve of this trial failed
                     step, stats = first_delta, None  # already solved by the caller
                 else:
                     step, stats = solve(curvature, lam + mu, -grad, **solver_options)
@@ -371,7 +392,7 @@ def refine(
                     raise
                 # The damped model is not convex here: reject the step and raise λ, as for a failed step.
                 steps.append({"damping": lam, "accepted": False, "rejected_because": str(e)})
-                lam *= 3
+                lam = raised(lam, curvature, grad, suggestion=e.suggested_damping - mu)
                 continue
             if stats is not None:
                 _check(step, stats, args)
@@ -391,7 +412,7 @@ def refine(
                     value, lam, grad, first_pending = new_value, max(lam / 3, damping), None, False
                 else:
                     space.set_(before)
-                    lam *= 3
+                    lam = raised(lam, curvature, grad)
             else:
                 grad = None
             steps.append(record)

@@ -503,3 +503,16 @@ def test_one_refine_step_reaches_the_exact_refit_after_removal(regression, norma
     )
     assert relative_error(one_step, expected) > 1e-6  # one step alone is only first order
     assert relative_error(space.vector(), expected) < 1e-10
+
+
+def test_adaptive_refine_from_zero_damping_raises_lambda_instead_of_retrying_the_same_step(trained):
+    """From λ = 0, tripling would retry the rejected step unchanged: the next trial takes the 'auto' damping."""
+    request, old, new = REQUESTS["mixed"]
+    result, delta = run(
+        trained, request, damping=0.0, tol=1e-10, max_iter=500, refine_steps=6, refine_damping="adaptive"
+    )
+    steps = result.stats["refine"]
+    assert steps[0]["damping"] == 0.0 and not steps[0]["accepted"]  # the Hessian of R' is indefinite here
+    assert "non-positive curvature" in result.stats["first_trial_rejected_because"]
+    assert steps[1]["damping"] > 0 and steps[2]["damping"] in (steps[1]["damping"], 3 * steps[1]["damping"])
+    assert any(s["accepted"] for s in steps) and delta.norm() > 0
