@@ -301,8 +301,9 @@ def refine(
 
     From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + (μ + λ)I)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the
     chosen `curvature`) are over the edited training set — the kept rows plus the new versions — with the
-    normaliser M of the original set kept fixed, and R, R' include the objective's (μ/2)‖θ‖² term, and the same solver as the first step; with `hessian_samples`, C' is
-    taken on a seeded subset of the edited rows of that size. With `curvature="kfac"|"ekfac"` the factors are
+    normaliser M of the original set kept fixed, R and R' include the objective's (μ/2)‖θ‖² term, and the
+    solver is the first step's; with `hessian_samples`, C' is taken on a seeded subset of the edited rows of
+    that size. With `curvature="kfac"|"ekfac"` the factors are
     recomputed at every θ by one pass over the edited rows (`curvature_samples` of them); a K-FAC
     *preconditioner* keeps the θ* factors (it only changes the speed of the solve). `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
     λ = `damping`; with `"adaptive"` (Levenberg–Marquardt) the one-step update itself is the first trial, and

@@ -207,3 +207,16 @@ def test_unlearn_without_train_dataset_is_a_clear_error(tmp_path):
     trainer = UnlearnTrainer(model=tiny_llama(seed=0), args=training_args(tmp_path))
     with pytest.raises(ConfigurationError, match="train_dataset"):
         trainer.unlearn(REQUEST)
+
+
+def test_l2_regularization_trains_and_unlearns_the_same_objective(trained, tmp_path):
+    from hf_unlearn import L2RegularizationCallback
+
+    plain, _, _ = trained
+    trainer = make_trainer(tmp_path, "task", l2_regularization=0.5, damping=0.1)
+    assert any(isinstance(c, L2RegularizationCallback) for c in trainer.callback_handler.callbacks)
+    trainer.train()  # same seed, data and recipe as `trained`, plus (μ/2)‖θ‖² in the objective
+    norm = ParameterSpace(trainer.model).vector().norm()
+    assert norm < 0.9 * ParameterSpace(plain.model).vector().norm()
+    result = trainer.unlearn(REQUEST)
+    assert result.stats["l2_regularization"] == 0.5 and result.stats["converged"]
