@@ -59,6 +59,29 @@ SUITES = {
         "scaling_facts": [24, 48, 96],
         "scaling_ranks": [4, 8, 16],
     },
+    # the K-FAC issue's setting: a training set of thousands of rows, a request of ~2 % of it, factors
+    # captured during training, and cg on a 256-row GGN sample for comparison
+    "scale": {
+        "sizes": DemoSizes(facts=2000, private=40, poisoned=40, wrong=40),
+        "request_sizes": [40],
+        "lab": {
+            "epochs": 20,
+            "learning_rate": 2e-2,
+            "lora_layers": 2,
+            "lora_r": 8,
+            "batch_size": 32,
+            "l2_regularization": 0.1,
+        },
+        "capture_curvature": True,
+        "unlearning": {
+            "curvature": "ggn",
+            "damping": 0.0,
+            "max_iter": 300,
+            "tol": 1e-5,
+            "hessian_samples": 256,
+        },
+        "methods": ["cg", "cg+kfac", "kfac-captured", "ekfac-captured", "kfac", "retrain"],
+    },
     "full": {
         "sizes": DemoSizes(),
         "request_sizes": [3, 6],
@@ -80,6 +103,8 @@ SUITES = {
     },
 }
 BASELINES = ["llmeraser-reference", "gradient-ascent", "retrain"]
+# methods besides the plain solvers whose Δθ approximates the same update (param_rel_err applies)
+UPDATE_METHODS = ("llmeraser-reference", "kfac", "ekfac", "kfac-captured", "ekfac-captured", "cg+kfac")
 
 
 class PeakRSS:
@@ -136,14 +161,21 @@ def objective(lab: Lab) -> dict:
 
 
 def solver_method(solver: str, settings: dict):
+    """`unlearn` with `settings`; `curvature_factors="captured"` means the factors saved beside the original
+    adapter during its training. Returns the solve's product counts for the results row."""
+
     def run(lab: Lab, original: Path, train: TrainingSet, request: UnlearningRequest, out: Path, **_):
         model = lab.load(original, trainable=True)
+        options = dict(settings)
+        if options.get("curvature_factors") == "captured":
+            options["curvature_factors"] = str(original)
         args = UnlearningArguments(
-            solver=solver, progress=False, allow_inexact=True, **objective(lab), **settings
+            solver=solver, progress=False, allow_inexact=True, **objective(lab), **options
         )
-        unlearn(model, train, request, args, task=lab.task)
+        result = unlearn(model, train, request, args, task=lab.task)
         model.save_pretrained(out)
         lab.drop(model)
+        return {k: result.stats.get(k) for k in ("iterations", "curvature_products")}
 
     return run
 
@@ -259,7 +291,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
     lab = make_lab(suite, data, workdir, model)
     rows = [{k: r[k] for k in ("prompt", "response")} for r in data["train"]]
     original = workdir / "original"
-    train_seconds = lab.train(rows, original)
+    train_seconds = lab.train(rows, original, capture_curvature=suite.get("capture_curvature", False))
     print(f"original adapter: {train_seconds:.1f} s", flush=True)
     theta_star = adapter_vector(original)
     results = []
@@ -278,7 +310,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                 if suite.get("reference", True)
                 else None
             )
-            runs = {}
+            runs, extras = {}, {}
             with PeakRSS() as rss:
                 start = time.perf_counter()
                 lab.train(edited_rows(train, resolved), workdir / "retrain")
@@ -290,7 +322,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                 out = workdir / method
                 with PeakRSS() as rss:
                     start = time.perf_counter()
-                    METHODS[method](suite)(
+                    extras[method] = METHODS[method](suite)(
                         lab, original, train, request, out, budget=runs.get("cg", (10.0,))[0]
                     )
                     runs[method] = (time.perf_counter() - start, rss.peak)
@@ -303,9 +335,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
             for method in methods:
                 path = workdir / method
                 value = metric["retrain"] if method == "retrain" else lab.nll(path, eval_rows)
-                solves_update = ref_delta is not None and (
-                    method in SOLVERS or method in ("llmeraser-reference", "kfac", "ekfac")
-                )
+                solves_update = ref_delta is not None and (method in SOLVERS or method in UPDATE_METHODS)
                 delta = adapter_vector(path) - theta_star
                 row = {
                     "task": kind,
@@ -323,6 +353,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                     else None,
                     "kl_to_retrained": token_kl(retrained_lp, log_probs(lab, path, eval_rows)),
                     "peak_rss_mb": runs[method][1],
+                    **(extras.get(method) or {}),
                 }
                 results.append(row)
                 print(
@@ -383,6 +414,11 @@ METHODS = {
     # block-inverse solves from K-FAC / EK-FAC factors of one pass over the training rows (no CG)
     "kfac": _solver_factory("direct", curvature="kfac"),
     "ekfac": _solver_factory("direct", curvature="ekfac"),
+    # the same from factors captured during the original training (no pass over the data when unlearning)
+    "kfac-captured": _solver_factory("direct", curvature="kfac", curvature_factors="captured"),
+    "ekfac-captured": _solver_factory("direct", curvature="ekfac", curvature_factors="captured"),
+    # cg on the exact GGN, preconditioned by the captured K-FAC block inverse
+    "cg+kfac": _solver_factory("cg", preconditioner="kfac", curvature_factors="captured"),
     "llmeraser-reference": lambda suite: llmeraser_reference,
     "gradient-ascent": lambda suite: gradient_ascent,
     "retrain": None,
@@ -486,7 +522,7 @@ def main(argv=None):
     parser.add_argument("--no-scaling", action="store_true", help="Skip the scaling section.")
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
-    methods = args.methods.split(",") if args.methods else list(METHODS)
+    methods = args.methods.split(",") if args.methods else suite.get("methods", list(METHODS))
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}")
@@ -504,7 +540,9 @@ def main(argv=None):
             "suite": args.suite,
             "model": model or "toy Llama (hf_unlearn.toy)",
             "fidelity": fidelity(suite, model, workdir, methods),
-            "scaling": [] if args.no_scaling else scaling(suite, model, workdir),
+            "scaling": []
+            if args.no_scaling or "scaling_facts" not in suite
+            else scaling(suite, model, workdir),
         }
         report["wall_seconds"] = time.time() - started
     output = Path(args.output)

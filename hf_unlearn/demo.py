@@ -118,11 +118,13 @@ class Lab:
             task_type="CAUSAL_LM",
         )
 
-    def train(self, rows: list[dict], out: Path) -> float:
-        """Fine-tune a fresh LoRA adapter on `rows` with the HF Trainer; returns seconds."""
+    def train(self, rows: list[dict], out: Path, capture_curvature: bool = False) -> float:
+        """Fine-tune a fresh LoRA adapter on `rows` with the HF Trainer; returns seconds. With
+        `capture_curvature`, K-FAC factors of the last epoch are saved beside the adapter."""
         from peft import get_peft_model
         from transformers import Trainer, TrainingArguments, set_seed
 
+        from .capture import CurvatureCaptureCallback
         from .regularization import L2RegularizationCallback
 
         start = time.perf_counter()
@@ -148,7 +150,8 @@ class Lab:
             args=training,
             train_dataset=rows,
             data_collator=self.task.collate,
-            callbacks=[L2RegularizationCallback(self.args.l2_regularization)],
+            callbacks=[L2RegularizationCallback(self.args.l2_regularization)]
+            + ([CurvatureCaptureCallback(output_dir=str(out))] if capture_curvature else []),
         ).train()
         model.save_pretrained(out)
         self.base = model.unload()

@@ -46,7 +46,14 @@ def generate(sizes: DemoSizes | None = None, seed: int = 0) -> dict[str, list[di
     sizes = sizes or DemoSizes()
     rng = random.Random(seed)
     needed = sizes.facts + sizes.private + sizes.poisoned + sizes.wrong
-    names = rng.sample([f"{f} {last}" for f in FIRST for last in LAST], needed)
+    pool = [f"{f} {last}" for f in FIRST for last in LAST]
+    if needed > len(
+        pool
+    ):  # larger benchmark sets: add double-barrelled surnames (the default set is unchanged)
+        pool += [f"{f} {a}-{b}" for f in FIRST for a in LAST for b in LAST if a != b]
+    if needed > len(pool):
+        raise ValueError(f"at most {len(pool)} distinct people can be generated, {needed} were asked for")
+    names = rng.sample(pool, needed)
     people = iter(names)
     train, requests = [], {"IR": [], "QM": [], "RC": []}
 
