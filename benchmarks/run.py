@@ -103,6 +103,8 @@ SUITES = {
     },
 }
 BASELINES = ["llmeraser-reference", "gradient-ascent", "retrain"]
+# methods that use the K-FAC factors captured while training the original adapter (suites with capture_curvature)
+CAPTURED_METHODS = ("kfac-captured", "ekfac-captured", "cg+kfac")
 # methods besides the plain solvers whose Δθ approximates the same update (param_rel_err applies)
 UPDATE_METHODS = ("llmeraser-reference", "kfac", "ekfac", "kfac-captured", "ekfac-captured", "cg+kfac")
 
@@ -522,10 +524,15 @@ def main(argv=None):
     parser.add_argument("--no-scaling", action="store_true", help="Skip the scaling section.")
     args = parser.parse_args(argv)
     suite = SUITES[args.suite]
-    methods = args.methods.split(",") if args.methods else suite.get("methods", list(METHODS))
+    default = [m for m in METHODS if m not in CAPTURED_METHODS or suite.get("capture_curvature")]
+    methods = args.methods.split(",") if args.methods else suite.get("methods", default)
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}")
+    if not suite.get("capture_curvature") and set(methods) & set(CAPTURED_METHODS):
+        parser.error(
+            f"{sorted(set(methods) & set(CAPTURED_METHODS))} need factors captured in training: --suite scale"
+        )
     # cg first: gradient ascent gets the same wall time as cg.
     methods = sorted(methods, key=lambda m: (m != "cg", m == "retrain"))
     model = args.model
