@@ -21,6 +21,7 @@ from .eraser import UnlearningResult, unlearn
 from .errors import ConfigurationError
 from .io import build_manifest, check_output_dir, save_unlearned_adapter
 from .objective import UnlearningTask
+from .regularization import L2RegularizationCallback
 from .request import UnlearningRequest
 from .trainer import log_stats, task_for_trainer
 
@@ -32,6 +33,9 @@ class UnlearningCallback(TrainerCallback):
     `train_dataset` and `task` default to the train loader's dataset and a task built from its collator.
     After training, `callback.result` is the `UnlearningResult` and `callback.manifest` the audit record;
     the statistics are also appended to `trainer.state.log_history`.
+
+    With `unlearning_args.l2_regularization = μ`, training adds (μ/2)‖θ‖² to the objective (as
+    `L2RegularizationCallback` does) and the update steps on the same objective.
 
     With `unlearning_args.capture_curvature`, K-FAC factors are collected during the last epoch (as
     `CurvatureCaptureCallback` does) and used by the unlearning (`curvature="kfac"|"ekfac"` or a K-FAC
@@ -63,9 +67,15 @@ class UnlearningCallback(TrainerCallback):
             else None
         )
 
+        # the objective's L2 term, trained as UnlearnTrainer trains it: μθ joins every gradient
+        self.l2 = L2RegularizationCallback(self.unlearning_args.l2)
+
     @property
     def curvature_factors(self):
         return None if self.capture is None else self.capture.factors
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.l2.on_pre_optimizer_step(args, state, control, **kwargs)
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.capture is not None:

@@ -164,3 +164,12 @@ def test_callback_refuses_packing_and_existing_output_before_training(tmp_path):
 
     with pytest.raises(ConfigurationError, match="packing"):
         UnlearningCallback(UnlearningRequest(remove=[0])).on_train_begin(Packed(), None, None, model=None)
+
+
+def test_callback_trains_the_objectives_l2_term():
+    callback = UnlearningCallback(UnlearningRequest(remove=[0]), UnlearningArguments(l2_regularization=0.3))
+    model = torch.nn.Linear(3, 2).double()
+    model(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
+    data_grad = model.weight.grad.clone()
+    callback.on_pre_optimizer_step(None, None, None, model=model)
+    assert torch.allclose(model.weight.grad, data_grad + 0.3 * model.weight.detach())
