@@ -47,8 +47,8 @@ from hf_unlearn.curvature.kfac import EKFACOperator, KFACFactors, KFACOperator  
 from hf_unlearn.curvature.kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors  # noqa: E402
 from hf_unlearn.demo_data import generate  # noqa: E402
 from hf_unlearn.distributed import Processes  # noqa: E402
-from hf_unlearn.eraser import choose_damping  # noqa: E402
-from hf_unlearn.gradients import Batches, gradient_sum  # noqa: E402
+from hf_unlearn.eraser import choose_damping, request_rhs  # noqa: E402
+from hf_unlearn.gradients import Batches  # noqa: E402
 from hf_unlearn.objective import normaliser  # noqa: E402
 from hf_unlearn.params import ParameterSpace, computation_mode  # noqa: E402
 from hf_unlearn.solvers import conjugate_gradient  # noqa: E402
@@ -289,10 +289,7 @@ def main(argv=None) -> int:
                 lines = data[f"request_{kind}"][:size]
                 request = UnlearningRequest.from_lines(lines)
                 resolved = request.resolve(train_set, task)
-                b = -gradient_sum(model, task, space, batches(resolved.old), "token", procs)
-                if resolved.new:
-                    b += gradient_sum(model, task, space, batches(resolved.new), "token", procs)
-                b /= M
+                b, _ = request_rhs(model, task, space, resolved, batches, "token", procs, M)
                 for damping_name, damping in (("auto", auto), ("auto/10", auto / 10)):
                     reference, stats = conjugate_gradient(ggn, damping, -b, tol=1e-10, max_iter=5000)
                     row = {

@@ -44,7 +44,7 @@ from reference import fit, tiny_llama, token_rows  # noqa: E402
 from hf_unlearn import CausalLMTask, TrainingSet, UnlearningRequest  # noqa: E402
 from hf_unlearn.curvature import CURVATURE_OPERATORS  # noqa: E402
 from hf_unlearn.distributed import Processes  # noqa: E402
-from hf_unlearn.eraser import choose_damping  # noqa: E402
+from hf_unlearn.eraser import choose_damping, request_rhs  # noqa: E402
 from hf_unlearn.gradients import Batches, gradient_sum  # noqa: E402
 from hf_unlearn.objective import normaliser  # noqa: E402
 from hf_unlearn.params import ParameterSpace, computation_mode  # noqa: E402
@@ -252,10 +252,7 @@ def toy(opts, budgets, results, save):
             lines = data[f"request_{kind}"][:size]
             request = UnlearningRequest.from_lines(lines)
             resolved = request.resolve(train, task)
-            b = -gradient_sum(model, task, space, batches(resolved.old), "token", processes)
-            if resolved.new:
-                b += gradient_sum(model, task, space, batches(resolved.new), "token", processes)
-            b /= M
+            b, _ = request_rhs(model, task, space, resolved, batches, "token", processes, M)
             damping, auto = (
                 choose_damping(op, b, opts.seed)
                 if settings["damping"] == "auto"

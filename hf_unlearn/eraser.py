@@ -92,21 +92,7 @@ def unlearn(
         t = time.perf_counter()
         show = args.progress
         old_batches = batches(resolved.old)
-        g_old = gradient_sum(
-            model, task, space, old_batches, norm, processes, "gradients (old)" if show else None
-        )
-        b = -g_old
-        if resolved.new:
-            b += gradient_sum(
-                model,
-                task,
-                space,
-                batches(resolved.new),
-                norm,
-                processes,
-                "gradients (new)" if show else None,
-            )
-        b /= M
+        b, g_old = request_rhs(model, task, space, resolved, batches, norm, processes, M, show)
         timings["gradients_seconds"] = time.perf_counter() - t
 
         # C on the edited rows (∇²R' at θ*: a Newton step on the objective retraining minimises) or on the
@@ -229,6 +215,21 @@ def unlearn(
     result = UnlearningResult(delta=delta_dict, stats=stats_dict, request=resolved, timings=timings)
     result.stats["delta_norm"] = result.delta_norm
     return result
+
+
+def request_rhs(model, task, space, resolved, batches, norm, processes, M, show=False):
+    """`(b, Σ∇ℓ(old))` of a resolved request: b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)) at the current θ (DESIGN §2).
+
+    `batches(rows)` makes this process's `Batches`; `show` adds progress bars."""
+    g_old = gradient_sum(
+        model, task, space, batches(resolved.old), norm, processes, "gradients (old)" if show else None
+    )
+    b = -g_old
+    if resolved.new:
+        b += gradient_sum(
+            model, task, space, batches(resolved.new), norm, processes, "gradients (new)" if show else None
+        )
+    return b / M, g_old
 
 
 def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
