@@ -17,7 +17,7 @@ PRECONDITIONERS = ("none", *KFAC_CURVATURES)
 KFAC_TARGETS = ("empirical", "sampled")
 LOSS_NORMALIZATIONS = ("token", "example")
 CURVATURE_DATA = ("auto", "edited", "original")
-REFINE_DAMPINGS = ("fixed", "adaptive")
+REFINE_DAMPINGS = ("fixed", "adaptive", "line_search")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -194,7 +194,9 @@ class UnlearningArguments:
             "'adaptive' (Levenberg–Marquardt on the tilted edited objective R̃: the one-step update is the first "
             "trial, and a step is kept only if it lowers R̃; λ is then divided by 3, but never below --damping, "
             "and multiplied by 3 after a rejected step; --refine-steps + 1 trials, each also costing a loss pass "
-            "over the edited training set).",
+            "over the edited training set) or 'line_search' (damped Newton: every step, the one-step update "
+            "included, uses --damping and is shortened by halves until R̃ drops by the Armijo condition; "
+            "--refine-steps + 1 steps, each trial length costing a loss pass over the edited training set).",
             "choices": list(REFINE_DAMPINGS),
         },
     )

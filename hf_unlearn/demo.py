@@ -18,17 +18,16 @@ from .data import ExampleEncoder, TrainingSet
 from .demo_data import DIR as DEMO_FILES
 from .errors import ConfigurationError
 from .objective import CausalLMTask
-from .request import UnlearningRequest, check_against_history
+from .request import UnlearningRequest
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METRICS = {
     "IR": ("forgotten PINs: NLL per token (higher = forgotten)", "forget"),
-    "QM": (
-        "trigger -> payload on held-out prompts: NLL per token (higher = backdoor gone)",
-        "triggered_test",
-    ),
-    "RC": ("corrected answers: NLL per token (lower = corrected)", "corrected"),
+    "QM": ("cleaned prompts: NLL per token of their answers (lower = learnt without the trigger)", "edited"),
+    "RC": ("corrected answers: NLL per token (lower = corrected)", "edited"),
 }
+# Reported beside QM's metric: the backdoor on held-out questions, which retraining moves less (README "The demo")
+TRIGGER_PROBE = "trigger -> payload on held-out prompts: NLL per token (higher = backdoor gone)"
 
 
 @dataclass
@@ -60,13 +59,13 @@ class DemoArguments:
     lora_layers: int = field(default=6, metadata={"help": "LoRA on q_proj/v_proj of this many top layers."})
     batch_size: int = field(default=8, metadata={"help": "Training and unlearning batch size."})
     # Unlearning defaults chosen for a CPU budget on SmolLM2 (see README "The demo"): GGN curvature on a
-    # 16-row sample, 10 CG iterations, and Levenberg–Marquardt acceptance so that a bad step is never applied.
+    # 16-row sample, 10 CG iterations, and a line search that shortens the step until the edited objective drops.
     curvature: str = field(default="ggn", metadata={"help": "Unlearning curvature: hessian, ggn or fisher."})
     damping: str = field(default="0.1", metadata={"help": "Unlearning damping λ, or 'auto'."})
     refine_steps: int = field(default=0, metadata={"help": "Newton refinement steps after the first."})
     refine_damping: str = field(
-        default="adaptive",
-        metadata={"help": "fixed or adaptive (Levenberg–Marquardt), as in hf-unlearn unlearn."},
+        default="line_search",
+        metadata={"help": "fixed, adaptive (Levenberg–Marquardt) or line_search, as in hf-unlearn unlearn."},
     )
     max_iter: int = field(default=10, metadata={"help": "Maximum CG iterations per solve."})
     hessian_samples: int | None = field(
@@ -175,23 +174,17 @@ class Lab:
 
 
 def edited_rows(train: TrainingSet, resolved) -> list[dict]:
-    """The training set after the request: removed rows dropped, replaced rows in their new version."""
-    return edited_set(train, resolved).rows
-
-
-def edited_set(train: TrainingSet, resolved) -> TrainingSet:
-    """`edited_rows` as a TrainingSet that keeps the row ids, so that a later request can name them."""
+    """The training set after the request, in its order: removed rows dropped, replaced rows in their new
+    version (retraining sees the rows where they were)."""
     new = {e.index: e.new for e in resolved.edits}
-    kept = [i for i in range(len(train)) if i not in new or new[i] is not None]
-    return TrainingSet([dict(new.get(i, train[i])) for i in kept], [train.ids[i] for i in kept])
+    return [dict(new.get(i, train[i])) for i in range(len(train)) if new.get(i, True) is not None]
 
 
 def run_demo(args: DemoArguments) -> dict:
-    """Train, serve the IR, QM and RC requests one after the other on the adapter (as a user would: each
-    request applies to the adapter the previous one produced, and the manifests chain), retrain once from
-    scratch on the fully edited data, and compare the three adapters on each kind's metric."""
+    """Train once; then for each kind serve its request on the original adapter, retrain from scratch on the
+    data that request edits (same recipe and seed), and compare the three adapters on the kind's metric."""
     from .eraser import unlearn
-    from .io import adapter_digest, build_manifest, read_history, save_unlearned_adapter
+    from .io import adapter_digest, build_manifest, save_unlearned_adapter
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,45 +215,35 @@ def run_demo(args: DemoArguments) -> dict:
         progress=args.progress,
         allow_inexact=True,
     )
-    current, adapter, served = train, original, {}
+    results = {"model": lab.model_name, "n_train": len(train), "train_seconds": train_seconds, "kinds": {}}
     for kind in ("IR", "QM", "RC"):
         request = UnlearningRequest.from_jsonl(DEMO_FILES / f"request_{kind}.jsonl")
-        history = read_history(adapter)
-        check_against_history(request, current, history)
-        resolved = request.resolve(current, lab.task)
+        resolved = request.resolve(train, lab.task)
         print(f"[demo] {kind}: unlearning {len(resolved.edits)} rows ...")
-        model = lab.load(adapter, trainable=True)
+        model = lab.load(original, trainable=True)
         start = time.perf_counter()
-        result = unlearn(model, current, request, unlearning_args, task=lab.task)
+        result = unlearn(model, train, request, unlearning_args, task=lab.task)
         seconds = time.perf_counter() - start
         manifest = build_manifest(
             result,
             unlearning_args,
             base_model=lab.model_name,
-            input_adapter={"path": str(adapter), "digest": adapter_digest(adapter)},
-            history=history,
+            input_adapter={"path": str(original), "digest": adapter_digest(original)},
         )
-        adapter = out / "adapters" / f"unlearned_{kind}"
-        save_unlearned_adapter(model, adapter, manifest, overwrite=True)
+        unlearned = out / "adapters" / f"unlearned_{kind}"
+        save_unlearned_adapter(model, unlearned, manifest, overwrite=True)
         lab.drop(model)
-        served[kind] = (resolved, seconds, result.stats)
-        current = edited_set(current, resolved)
 
-    print("[demo] retraining from scratch on the edited data (all three requests applied) ...")
-    retrained = out / "adapters" / "retrained"
-    retrain_seconds = lab.train(current.rows, retrained)
+        print(f"[demo] {kind}: retraining from scratch on the edited data ...")
+        retrained = out / "adapters" / f"retrained_{kind}"
+        retrain_seconds = lab.train(edited_rows(train, resolved), retrained)
 
-    results = {"model": lab.model_name, "n_train": len(train), "train_seconds": train_seconds, "kinds": {}}
-    for kind, (resolved, seconds, stats) in served.items():
+        adapters = (("original", original), ("unlearned", unlearned), ("retrained", retrained))
         eval_rows = {
             "forget": [dict(e.old) for e in resolved.edits],
-            "triggered_test": list(triggered_test),
-            "corrected": [dict(e.new) for e in resolved.edits if e.new is not None],
+            "edited": [dict(e.new) for e in resolved.edits if e.new is not None],
         }[METRICS[kind][1]]
-        scores = {
-            name: lab.nll(path, eval_rows)
-            for name, path in (("original", original), ("unlearned", adapter), ("retrained", retrained))
-        }
+        scores = {name: lab.nll(path, eval_rows) for name, path in adapters}
         gap = scores["retrained"] - scores["original"]
         results["kinds"][kind] = {
             "metric": METRICS[kind][0],
@@ -268,10 +251,14 @@ def run_demo(args: DemoArguments) -> dict:
             "gap_closed": (scores["unlearned"] - scores["original"]) / gap if gap else float("nan"),
             "unlearn_seconds": seconds,
             "retrain_seconds": retrain_seconds,
-            "solver": {k: stats[k] for k in ("iterations", "relative_residual", "converged")},
-            # False when Levenberg–Marquardt rejected every trial step: this request changed nothing
-            "step_applied": stats["delta_norm"] > 0,
+            "solver": {k: result.stats[k] for k in ("iterations", "relative_residual", "converged")},
+            # False when no step lowered the edited objective (line search or Levenberg–Marquardt): nothing changed
+            "step_applied": result.stats["delta_norm"] > 0,
         }
+        if kind == "QM":
+            results["kinds"][kind]["trigger_probe"] = {"metric": TRIGGER_PROBE} | {
+                name: lab.nll(path, triggered_test) for name, path in adapters
+            }
     results["arguments"] = asdict(args)
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print_table(results)
@@ -288,14 +275,16 @@ def print_table(results: dict) -> None:
             f"{kind:<5}{r['original']:>10.3f}{r['unlearned']:>11.3f}{r['retrained']:>11.3f}{r['gap_closed']:>11.0%}"
             f"{r['unlearn_seconds']:>11.1f}{r['retrain_seconds']:>11.1f}  {r['metric']}"
         )
-    print(
-        "(metrics of the final adapter, after all three requests, against one retraining on the fully edited data)"
-    )
+    print("(each request served on the original adapter, against a retraining on the data it edits)")
+    probe = results["kinds"].get("QM", {}).get("trigger_probe")
+    if probe:
+        print(
+            f"QM, also: {probe['metric']}: original {probe['original']:.3f}, unlearned {probe['unlearned']:.3f}, "
+            f"retrained {probe['retrained']:.3f}"
+        )
     for kind, r in results["kinds"].items():
         if not r["step_applied"]:
-            print(
-                f"{kind}: every trial step raised the edited training loss and was rejected; this request changed nothing."
-            )
+            print(f"{kind}: no step lowered the edited training loss; this request changed nothing.")
 
 
 def plot(results: dict, path: Path) -> None:

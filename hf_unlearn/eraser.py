@@ -161,7 +161,7 @@ def unlearn(
             )
         timings["solver_seconds"] = time.perf_counter() - t
 
-        if args.refine_steps or args.refine_damping == "adaptive":
+        if args.refine_steps or args.refine_damping != "fixed":
             t = time.perf_counter()
             delta, extra_stats["refine"] = refine(
                 model,
@@ -180,7 +180,9 @@ def unlearn(
             )
             timings["refine_seconds"] = time.perf_counter() - t
             if not delta.any():
-                problems.append("no step lowered the tilted edited objective (refine_damping 'adaptive')")
+                problems.append(
+                    f"no step lowered the tilted edited objective (refine_damping {args.refine_damping!r})"
+                )
                 if not args.allow_inexact:
                     raise SolverError(
                         "Levenberg–Marquardt rejected every step (none lowered the tilted edited objective): nothing "
@@ -294,6 +296,27 @@ def raised(lam: float, curvature, grad: torch.Tensor, suggestion: float | None =
     return suggestion if suggestion is not None else choose_damping(curvature, grad, seed=0)[0]
 
 
+ARMIJO = 1e-4  # sufficient decrease: R̃(θ + t·d) ≤ R̃(θ) + ARMIJO·t·∇R̃ᵀd
+MAX_HALVINGS = 8  # shortest trial step 2⁻⁸ of the Newton step
+
+
+def backtrack(tilted, space, start, step, value, slope):
+    """Backtracking line search along `step` from θ = `start`: the first t in 1, ½, ¼, … with
+    R̃(θ + t·step) ≤ R̃(θ) + ARMIJO·t·slope (`slope` = ∇R̃(θ)ᵀstep, negative for a descent direction).
+
+    Returns `(t, R̃ at the new θ)` and leaves the parameters there; `(0.0, value)` at `start` when no length
+    is accepted (or `step` is not a descent direction)."""
+    length = 1.0
+    for _ in range(MAX_HALVINGS + 1 if slope < 0 else 0):
+        space.set_(start + length * step)
+        new_value = tilted()
+        if new_value <= value + ARMIJO * length * slope:
+            return length, new_value
+        length /= 2
+    space.set_(start)
+    return 0.0, value
+
+
 def refine(
     model, task, space, all_rows, resolved, first_step, damping, M, args, batches, processes, solver_options,
     factors=None,
@@ -311,11 +334,14 @@ def refine(
     a step is kept only if it lowers `R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩`, after which λ ← max(λ/3, damping),
     and a rejected step (or a solve that meets non-positive curvature, the first one included) leaves θ and sets
     λ ← 3λ — from λ = 0, the damping CG suggested, else the 'auto' damping of the current curvature; it makes
-    `refine_steps + 1` trials. Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the
+    `refine_steps + 1` trials. With `"line_search"` (damped Newton) every step, the one-step update first, keeps
+    λ = `damping` and is shortened by halves until R̃ drops by the Armijo condition (`backtrack`); the
+    iteration stops early when no length does. Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the
     caller applies the total), also when a step fails.
     """
     norm, show = args.loss_normalization, args.progress
     adaptive = args.refine_damping == "adaptive"
+    line_search = args.refine_damping == "line_search"
     edited = resolved.edited_rows(all_rows)
     theta_star = space.vector().clone()
     mu = args.l2  # R carries (μ/2)‖θ‖²: μθ in every gradient, μI in every curvature
@@ -347,7 +373,7 @@ def refine(
 
         first_delta, first_curvature, b = first_step
         lam, grad = damping, None
-        if adaptive:  # the LLMEraser step is the first trial step, and is kept only if it lowers R̃
+        if adaptive or line_search:  # the LLMEraser step is the first trial, kept only if it lowers R̃
             value, trials, first_pending = tilted(), args.refine_steps + 1, True
         else:
             space.add_(first_delta)
@@ -405,6 +431,15 @@ def refine(
                 "step_norm": step.norm().item(),
             }
             before = space.vector().clone()
+            if line_search:
+                record["tilted_objective_before"] = value
+                length, value = backtrack(tilted, space, before, step, value, grad.dot(step).item())
+                record |= {"step_length": length, "tilted_objective_after": value, "accepted": length > 0}
+                steps.append(record)
+                if not length:  # no length lowers R̃ enough along this direction: stop here
+                    break
+                grad, first_pending = None, False
+                continue
             space.add_(step)
             if adaptive:
                 new_value = tilted()

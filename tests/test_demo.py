@@ -5,6 +5,7 @@ from reference import tiny_llama_base, train_tokenizer
 
 from hf_unlearn import demo_data
 from hf_unlearn.cli import main
+from hf_unlearn.io import adapter_digest
 
 
 def test_shipped_demo_files_are_what_the_generator_writes(tmp_path):
@@ -41,16 +42,16 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
         assert r["unlearned"] != r["original"]  # the update did something
         assert isinstance(r["step_applied"], bool)
     assert (out / "demo_results.png").stat().st_size > 10_000
-    # The requests were served one after the other on the same adapter: the manifests chain.
-    for depth, kind in enumerate(("IR", "QM", "RC")):
+    # Each request was served on the original adapter and compared with its own retraining.
+    original_digest = adapter_digest(out / "adapters" / "original")
+    for kind in ("IR", "QM", "RC"):
         manifest = json.loads(
             (out / "adapters" / f"unlearned_{kind}" / "unlearning_manifest.json").read_text()
         )
         assert set(manifest["request"]["kinds"]) == {kind}
+        assert manifest["input_adapter"]["digest"] == original_digest
         assert manifest["solver"]["l2_regularization"] == 0.01  # the objective the demo trains
         assert results["kinds"][kind]["step_applied"] == (manifest["delta_norm"] > 0)
-        assert [run["request"]["kinds"] for run in manifest["history"]] == [
-            {k: 6} for k in ("IR", "QM", "RC")[:depth]
-        ]
-    retrain_seconds = {r["retrain_seconds"] for r in results["kinds"].values()}
-    assert len(retrain_seconds) == 1  # one retraining on the data with all three requests applied
+        assert (out / "adapters" / f"retrained_{kind}" / "adapter_model.safetensors").exists()
+    probe = results["kinds"]["QM"]["trigger_probe"]
+    assert all(isinstance(probe[k], float) for k in ("original", "unlearned", "retrained"))

@@ -5,6 +5,7 @@ import torch
 from reference import (
     DenseReference,
     MaskedRegressionTask,
+    dense_ggn,
     fit,
     regression_rows,
     relative_error,
@@ -292,7 +293,6 @@ def dense_update(model, curvature_matrix, old, new, damping, normalization="toke
 
 
 def test_ggn_update_matches_dense_gauss_newton_solve(trained):
-    from reference import dense_ggn
 
     request, old, new = REQUESTS["mixed"]
     M = DenseReference(trained, "token").normaliser(ROWS)
@@ -467,6 +467,55 @@ def test_adaptive_refine_matches_dense_levenberg_marquardt(trained):
     assert relative_error(dense_refine(trained, old, new, damping, steps=4), expected) > 1e-4
     lams, first_rejected = [s["damping"] for s in result.stats["refine"]], accepted.index(False)
     assert lams[first_rejected + 1] == 3 * lams[first_rejected]
+
+
+def dense_refine_line_search(model, old, new, damping, steps):
+    """Damped Newton on R̃ from θ*, `steps + 1` steps: d = −(G'(θ) + λI)⁻¹∇R̃(θ) with G' the dense GGN of R',
+    then the first t in 1, ½, …, 2⁻⁸ with R̃(θ + t·d) ≤ R̃(θ) + 10⁻⁴·t·∇R̃ᵀd (stop when none). Returns θ − θ*
+    and the lengths."""
+    ref, space = DenseReference(model, "token"), ParameterSpace(model)
+    M = ref.normaliser(ROWS)
+    edited = edited_rows(old, new)
+    grad_star = torch.func.grad(ref.objective(ROWS, M))(ref.theta)
+
+    def tilted(theta):
+        return ref.objective(edited, M)(theta) - grad_star.dot(theta - ref.theta)
+
+    theta, eye, lengths = ref.theta, torch.eye(len(ref.theta), dtype=ref.theta.dtype), []
+    try:
+        for _ in range(steps + 1):
+            g = torch.func.grad(tilted)(theta)
+            space.set_(theta)  # dense_ggn is taken at the model's parameters
+            d = -torch.linalg.solve(dense_ggn(model, edited, "token", M) + damping * eye, g)
+            t = next(
+                (2.0**-k for k in range(9) if tilted(theta + 2.0**-k * d) <= tilted(theta) + 1e-4 * 2.0**-k * g.dot(d)),
+                0.0,
+            )  # fmt: skip
+            lengths.append(t)
+            if not t:
+                break
+            theta = theta + t * d
+    finally:
+        space.set_(ref.theta)
+    return theta - ref.theta, lengths
+
+
+def test_line_search_refine_matches_dense_damped_newton(trained):
+    request, old, new = REQUESTS["mixed"]
+    damping = 1e-3  # the GGN step overshoots on R' unless shortened
+    expected, lengths = dense_refine_line_search(trained, old, new, damping, steps=4)
+    assert min(lengths) < 1, "the setting must shorten a step for this test to check the line search"
+    result, delta = run(
+        trained, request, curvature="ggn", damping=damping, tol=1e-12, max_iter=500, refine_steps=4,
+        refine_damping="line_search",
+    )  # fmt: skip
+    assert [s["step_length"] for s in result.stats["refine"]] == lengths
+    assert relative_error(delta, expected) < 1e-8
+    values = [s["tilted_objective_before"] for s in result.stats["refine"]]
+    assert (
+        values == sorted(values, reverse=True)
+        and values[-1] > result.stats["refine"][-1]["tilted_objective_after"]
+    )
 
 
 @pytest.mark.parametrize("normalization", ["token", "example"])
