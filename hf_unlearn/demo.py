@@ -309,9 +309,14 @@ def plot(results: dict, path: Path) -> None:
             label=name,
             color=color,
         )
+    for i, k in enumerate(kinds):  # the fraction of the retraining gap each request closed
+        r = results["kinds"][k]
+        top = max(r["original"], r["unlearned"], r["retrained"])
+        axes[0].annotate(f"{r['gap_closed']:.0%} of the gap", (i, top), ha="center", va="bottom", fontsize=8)
     axes[0].set_xticks(
         range(len(kinds)), [f"{k}\n{results['kinds'][k]['metric'].split(':')[0]}" for k in kinds], fontsize=7
     )
+    axes[0].set_ylim(top=1.15 * axes[0].get_ylim()[1])
     axes[0].set_ylabel("NLL per token")
     axes[0].set_title("Task metric: unlearned vs retrained")
     axes[0].legend()
@@ -324,6 +329,7 @@ def plot(results: dict, path: Path) -> None:
             color=color,
         )
     axes[1].set_xticks(range(len(kinds)), kinds)
+    axes[1].set_ylim(top=1.3 * axes[1].get_ylim()[1])
     axes[1].set_ylabel("seconds")
     axes[1].set_title("Time: unlearning vs retraining")
     axes[1].legend()
