@@ -10,7 +10,7 @@ every method writes one row:
      "kl_to_retrained", "peak_rss_mb"}
 
 `gap_closed = (unlearned − original) / (retrained − original)` on the task metric of the demo (NLL per
-token of the forgotten PINs / of the payload on held-out triggered prompts / of the corrected answers);
+token of the forgotten PINs / of the answers under the cleaned prompts / of the corrected answers);
 `param_rel_err = ‖Δθ − Δθ_ref‖ / ‖Δθ_ref‖` against a fully converged float64 CG solve of the same update
 (null for methods that do not solve it). A second section measures how the unlearning time grows with the
 request size, the training-set size and the adapter rank.
@@ -304,8 +304,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
             resolved = request.resolve(train, lab.task)
             eval_rows = {
                 "forget": [dict(e.old) for e in resolved.edits],
-                "triggered_test": list(data["triggered_test"]),
-                "corrected": [dict(e.new) for e in resolved.edits if e.new is not None],
+                "edited": [dict(e.new) for e in resolved.edits if e.new is not None],
             }[METRICS[kind][1]]
             ref_delta = (
                 reference_delta(lab, original, train, request, suite["unlearning"])
