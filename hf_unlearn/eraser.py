@@ -185,8 +185,9 @@ def unlearn(
                 )
                 if not args.allow_inexact:
                     raise SolverError(
-                        "Levenberg–Marquardt rejected every step (none lowered the tilted edited objective): nothing "
-                        "was changed. Raise --damping or --refine-steps, or use --refine-damping fixed."
+                        f"refine_damping {args.refine_damping!r} kept no step (none lowered the tilted edited "
+                        "objective): nothing was changed. Raise --damping or --refine-steps, or use --refine-damping "
+                        "fixed."
                     )
 
         # Forget-set check: mean ℓ over the old versions, predicted to first order (∇ℓ·Δθ) and measured.
