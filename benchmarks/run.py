@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, unlearn
-from hf_unlearn.demo import METRICS, DemoArguments, Lab, edited_rows
+from hf_unlearn.demo import METRICS, DemoArguments, Lab, edited_rows, metric_rows
 from hf_unlearn.demo_data import DemoSizes, generate
 from hf_unlearn.distributed import Processes
 from hf_unlearn.gradients import Batches, gradient_sum
@@ -310,10 +310,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
         for size in suite["request_sizes"]:
             request = UnlearningRequest.from_lines(lines[:size])
             resolved = request.resolve(train, lab.task)
-            eval_rows = {
-                "forget": [dict(e.old) for e in resolved.edits],
-                "edited": [dict(e.new) for e in resolved.edits if e.new is not None],
-            }[METRICS[kind][1]]
+            eval_rows = metric_rows(kind, resolved)
             ref_delta = (
                 reference_delta(lab, original, train, request, suite["unlearning"])
                 if suite.get("reference", True)

@@ -180,6 +180,13 @@ def edited_rows(train: TrainingSet, resolved) -> list[dict]:
     return [dict(new.get(i, train[i])) for i in range(len(train)) if new.get(i, True) is not None]
 
 
+def metric_rows(kind: str, resolved) -> list[dict]:
+    """The rows `kind`'s metric (`METRICS`) is measured on: the removed rows (IR) or the new versions."""
+    if METRICS[kind][1] == "forget":
+        return [dict(e.old) for e in resolved.edits]
+    return [dict(e.new) for e in resolved.edits if e.new is not None]
+
+
 def run_demo(args: DemoArguments) -> dict:
     """Train once; then for each kind serve its request on the original adapter, retrain from scratch on the
     data that request edits (same recipe and seed), and compare the three adapters on the kind's metric."""
@@ -239,10 +246,7 @@ def run_demo(args: DemoArguments) -> dict:
         retrain_seconds = lab.train(edited_rows(train, resolved), retrained)
 
         adapters = (("original", original), ("unlearned", unlearned), ("retrained", retrained))
-        eval_rows = {
-            "forget": [dict(e.old) for e in resolved.edits],
-            "edited": [dict(e.new) for e in resolved.edits if e.new is not None],
-        }[METRICS[kind][1]]
+        eval_rows = metric_rows(kind, resolved)
         scores = {name: lab.nll(path, eval_rows) for name, path in adapters}
         gap = scores["retrained"] - scores["original"]
         results["kinds"][kind] = {

@@ -337,8 +337,8 @@ def refine(
     λ ← 3λ — from λ = 0, the damping CG suggested, else the 'auto' damping of the current curvature; it makes
     `refine_steps + 1` trials. With `"line_search"` (damped Newton) every step, the one-step update first, keeps
     λ = `damping` and is shortened by halves until R̃ drops by the Armijo condition (`backtrack`); the
-    iteration stops early when no length does. Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the
-    caller applies the total), also when a step fails.
+    iteration stops early when no length does. Returns the total θ − θ* and per-step stats; the parameters
+    are left at θ* (the caller applies the total), also when a step fails.
     """
     norm, show = args.loss_normalization, args.progress
     adaptive = args.refine_damping == "adaptive"

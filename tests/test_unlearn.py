@@ -432,18 +432,24 @@ def test_refine_steps_with_hessian_samples_match_dense_newton_steps():
     assert relative_error(delta, expected) < 1e-8
 
 
-def dense_refine_adaptive(model, old, new, damping, steps):
-    """Levenberg–Marquardt on R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩ from θ*, `steps + 1` trials, each a Newton
-    step on R' (the first is the one-step update). A trial is kept if C + λI is positive definite
-    and it lowers R̃, then λ ← max(λ/3, damping); else λ ← 3λ. Returns θ − θ* and which trials were kept."""
+def dense_tilted(model, old, new):
+    """`(ref, M, edited rows, R̃)` with R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩ (token normalisation, M fixed)."""
     ref = DenseReference(model, "token")
     M = ref.normaliser(ROWS)
-    edited = [r for i, r in enumerate(ROWS) if i not in old] + new
+    edited = edited_rows(old, new)
     grad_star = torch.func.grad(ref.objective(ROWS, M))(ref.theta)
 
     def tilted(theta):
         return ref.objective(edited, M)(theta) - grad_star.dot(theta - ref.theta)
 
+    return ref, M, edited, tilted
+
+
+def dense_refine_adaptive(model, old, new, damping, steps):
+    """Levenberg–Marquardt on R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩ from θ*, `steps + 1` trials, each a Newton
+    step on R' (the first is the one-step update). A trial is kept if C + λI is positive definite
+    and it lowers R̃, then λ ← max(λ/3, damping); else λ ← 3λ. Returns θ − θ* and which trials were kept."""
+    ref, M, edited, tilted = dense_tilted(model, old, new)
     theta, eye, lam, accepted = ref.theta, torch.eye(len(ref.theta), dtype=ref.theta.dtype), damping, []
     for _ in range(steps + 1):
         C = torch.func.hessian(ref.objective(edited, M))(theta)
@@ -473,14 +479,8 @@ def dense_refine_line_search(model, old, new, damping, steps):
     """Damped Newton on R̃ from θ*, `steps + 1` steps: d = −(G'(θ) + λI)⁻¹∇R̃(θ) with G' the dense GGN of R',
     then the first t in 1, ½, …, 2⁻⁸ with R̃(θ + t·d) ≤ R̃(θ) + 10⁻⁴·t·∇R̃ᵀd (stop when none). Returns θ − θ*
     and the lengths."""
-    ref, space = DenseReference(model, "token"), ParameterSpace(model)
-    M = ref.normaliser(ROWS)
-    edited = edited_rows(old, new)
-    grad_star = torch.func.grad(ref.objective(ROWS, M))(ref.theta)
-
-    def tilted(theta):
-        return ref.objective(edited, M)(theta) - grad_star.dot(theta - ref.theta)
-
+    ref, M, edited, tilted = dense_tilted(model, old, new)
+    space = ParameterSpace(model)
     theta, eye, lengths = ref.theta, torch.eye(len(ref.theta), dtype=ref.theta.dtype), []
     try:
         for _ in range(steps + 1):
