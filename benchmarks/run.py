@@ -12,7 +12,8 @@ every method writes one row:
 `gap_closed = (unlearned − original) / (retrained − original)` on the task metric of the demo (NLL per
 token of the forgotten PINs / of the answers under the cleaned prompts / of the corrected answers);
 `param_rel_err = ‖Δθ − Δθ_ref‖ / ‖Δθ_ref‖` against a fully converged float64 CG solve of the same update
-(null for methods that do not solve it). A second section measures how the unlearning time grows with the
+(null for methods that do not solve it). `retrain-next-seed` retrains with the next seed: retraining's own
+spread, the closest any method can be expected to land. A second section measures how the unlearning time grows with the
 request size, the training-set size and the adapter rank.
 """
 
