@@ -2,6 +2,7 @@
 
 from .config import UnlearningArguments
 from .curvature.kfac import KFACFactors
+from .curvature.nystrom import NystromSketch
 from .data import ExampleEncoder, TextEncoding, TrainingSet
 from .eraser import UnlearningResult, unlearn
 from .errors import (
@@ -47,6 +48,7 @@ __all__ = [
     "ExampleEncoder",
     "InvalidRequestError",
     "KFACFactors",
+    "NystromSketch",
     "L2RegularizationCallback",
     "NonPositiveCurvatureError",
     "OutputExistsError",

@@ -43,7 +43,8 @@ def unlearn_command(argv: list[str]) -> int:
 
     from .config import UnlearningArguments
     from .curvature.kfac import KFACFactors
-    from .curvature.setup import needs_factors
+    from .curvature.nystrom import NystromSketch
+    from .curvature.setup import needs_factors, needs_sketch
     from .data import ExampleEncoder, TextEncoding, TrainingSet
     from .distributed import barrier, check_curvature_supported, join_process_group
     from .eraser import default_task, unlearn
@@ -71,6 +72,8 @@ def unlearn_command(argv: list[str]) -> int:
     paths, encoding, args = parser.parse_args_into_dataclasses(argv)
     if needs_factors(args) and args.curvature_factors == "auto" and KFACFactors.exists(paths.adapter):
         args = dataclasses.replace(args, curvature_factors=paths.adapter)  # saved beside the adapter
+    if needs_sketch(args) and args.curvature_factors == "auto" and NystromSketch.exists(paths.adapter):
+        args = dataclasses.replace(args, curvature_factors=paths.adapter)  # left by an earlier request
     if args.l2_regularization is None:  # the objective the adapter was trained on
         args = dataclasses.replace(args, l2_regularization=recorded_l2_regularization(paths.adapter) or 0.0)
     check_curvature_supported(args.curvature)  # FSDP / ZeRO-3 launches fail here, before loading anything
@@ -123,6 +126,7 @@ def unlearn_command(argv: list[str]) -> int:
             overwrite=paths.overwrite,
             card_source=paths.adapter,
             base_model_id=paths.base_model_id,
+            nystrom_sketch=result.nystrom_sketch,
         )
         s = result.stats
         print(

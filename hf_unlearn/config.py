@@ -13,7 +13,7 @@ SOLVERS = ("cg", "direct", "woodbury", "lissa", "qp")
 QP_OPTIMIZERS = ("sgd", "adam")
 CURVATURES = ("hessian", "ggn", "fisher", "kfac", "ekfac")
 KFAC_CURVATURES = ("kfac", "ekfac")
-PRECONDITIONERS = ("none", *KFAC_CURVATURES)
+PRECONDITIONERS = ("none", *KFAC_CURVATURES, "nystrom")
 KFAC_TARGETS = ("empirical", "sampled")
 LOSS_NORMALIZATIONS = ("token", "example")
 CURVATURE_DATA = ("auto", "edited", "original")
@@ -106,26 +106,37 @@ class UnlearningArguments:
         default="none",
         metadata={
             "help": "cg only: precondition with the damped K-FAC (kfac) or EK-FAC (ekfac) block inverse, "
-            "(C_kfac + λI)⁻¹, while the products stay those of --curvature (e.g. exact hessian/ggn on "
-            "--hessian-samples rows). The factors come from --curvature-factors.",
+            "(C_kfac + λI)⁻¹, or with a randomized Nyström approximation of rank --nystrom-rank of the "
+            "training set's --curvature (nystrom; downdated by the request rows so that it fits the edited "
+            "curvature), while the products stay those of --curvature (e.g. exact hessian/ggn on "
+            "--hessian-samples rows). The factors or the sketch come from --curvature-factors.",
             "choices": list(PRECONDITIONERS),
         },
     )
     curvature_factors: str = field(
         default="auto",
         metadata={
-            "help": "Where K-FAC factors (curvature kfac/ekfac or a preconditioner) come from: a directory "
-            "with curvature_factors.safetensors/.json (saved beside an adapter by capture during training), "
-            "'pass' (one pass over --curvature-samples training rows at the adapter's weights), or 'auto' "
-            "(factors passed in or captured by the trainer; hf-unlearn unlearn: the adapter directory's if "
-            "it has them; otherwise 'pass'). The manifest records which was used and its digest."
+            "help": "Where K-FAC factors (curvature kfac/ekfac or a preconditioner) or the Nyström sketch come "
+            "from: a directory with curvature_factors.safetensors/.json (saved beside an adapter by capture "
+            "during training) or nystrom_sketch.safetensors/.json (saved beside every adapter unlearned with "
+            "--preconditioner nystrom), 'pass' (one pass over --curvature-samples training rows at the "
+            "adapter's weights; a sketch costs --nystrom-rank curvature products), or 'auto' (factors or "
+            "sketch passed in or captured by the trainer; hf-unlearn unlearn: the adapter directory's if it "
+            "has them; otherwise 'pass'). The manifest records which was used and its digest."
         },
     )
     curvature_samples: int | None = field(
         default=None,
         metadata={
-            "help": "Rows (seeded random subset) of the pass that computes K-FAC factors or refits EK-FAC "
-            "eigenvalues (default: all)."
+            "help": "Rows (seeded random subset) of the pass that computes K-FAC factors, refits EK-FAC "
+            "eigenvalues or sketches the curvature for the Nyström preconditioner (default: all)."
+        },
+    )
+    nystrom_rank: int = field(
+        default=100,
+        metadata={
+            "help": "Columns of the Nyström sketch (--preconditioner nystrom): curvature products spent once "
+            "per adapter; CG then converges as if the top nystrom_rank eigenvalues were flattened."
         },
     )
     kfac_targets: str = field(
@@ -228,6 +239,13 @@ class UnlearningArguments:
                 f"preconditioner {self.preconditioner!r} preconditions conjugate gradient: use it with solver "
                 f"'cg' (solver {self.solver!r} would ignore it)."
             )
+        if self.preconditioner == "nystrom" and self.curvature in KFAC_CURVATURES:
+            raise ConfigurationError(
+                f"preconditioner 'nystrom' sketches an exact curvature (hessian, ggn, fisher); curvature "
+                f"{self.curvature!r} is solved directly: use solver 'direct'."
+            )
+        if int(self.nystrom_rank) < 1:
+            raise ConfigurationError(f"nystrom_rank must be ≥ 1, got {self.nystrom_rank!r}.")
         if self.curvature_samples is not None and self.curvature_samples < 1:
             raise ConfigurationError(
                 f"curvature_samples must be ≥ 1 (or unset for all rows), got {self.curvature_samples!r}."

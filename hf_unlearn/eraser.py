@@ -15,7 +15,15 @@ import torch
 
 from .config import KFAC_CURVATURES, UnlearningArguments
 from .curvature.kfac import KFACFactors
-from .curvature.setup import build_operators, needs_factors, obtain_factors, sample_rows
+from .curvature.nystrom import NystromSketch
+from .curvature.setup import (
+    build_operators,
+    needs_factors,
+    needs_sketch,
+    obtain_factors,
+    obtain_sketch,
+    sample_rows,
+)
 from .curvature.spectrum import lanczos_extremes
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes, check_curvature_supported
@@ -36,6 +44,9 @@ class UnlearningResult:
     stats: dict
     request: ResolvedRequest
     timings: dict = field(default_factory=dict)
+    # preconditioner "nystrom": the sketch downdated by this request, i.e. of the edited training set (the
+    # next request's starting point; hf-unlearn unlearn saves it beside the output adapter)
+    nystrom_sketch: NystromSketch | None = None
 
     @property
     def delta_norm(self) -> float:
@@ -58,6 +69,7 @@ def unlearn(
     task: UnlearningTask | None = None,
     tokenizer=None,
     curvature_factors: KFACFactors | None = None,
+    nystrom_sketch: NystromSketch | None = None,
 ) -> UnlearningResult:
     """Apply the LLMEraser update `Δθ = −(C + (μ + λ)I)⁻¹ b` for `request` to the trainable parameters of
     `model`, in place (C over the edited rows unless `args.curvature_data` says otherwise; μ =
@@ -67,7 +79,8 @@ def unlearn(
     with a `tokenizer`); request ids are its row indices, or the ids of a `TrainingSet`. `task` replaces the
     causal-LM loss for other models. `curvature_factors` are K-FAC factors for `curvature="kfac"|"ekfac"` or
     a K-FAC preconditioner (e.g. captured during training; see `args.curvature_factors` for the other
-    sources). Returns the applied Δθ and the solver statistics.
+    sources); `nystrom_sketch` the training set's sketch for `preconditioner="nystrom"` (e.g. the
+    `nystrom_sketch` of an earlier result). Returns the applied Δθ and the solver statistics.
     """
     args = args or UnlearningArguments()
     check_curvature_supported(args.curvature, model)
@@ -123,8 +136,17 @@ def unlearn(
             extra_stats["curvature_factors_unused"] = (
                 "no kfac/ekfac curvature or preconditioner was asked for"
             )
+        sketch = None
+        if needs_sketch(args):
+            t = time.perf_counter()
+            sketch, extra_stats["nystrom_sketch"] = obtain_sketch(
+                args, model, task, space, all_rows, resolved, batches, processes, M, nystrom_sketch
+            )
+            timings["nystrom_sketch_seconds"] = time.perf_counter() - t
+        elif nystrom_sketch is not None:
+            extra_stats["nystrom_sketch_unused"] = "no nystrom preconditioner was asked for"
         curvature, preconditioner = build_operators(
-            args, model, task, space, curvature_rows, batches, processes, factors, M=curvature_M
+            args, model, task, space, curvature_rows, batches, processes, factors, curvature_M, sketch
         )
         mu = args.l2
 
@@ -215,7 +237,7 @@ def unlearn(
         "l2_regularization": mu,
         **extra_stats,
     }
-    result = UnlearningResult(delta=delta_dict, stats=stats_dict, request=resolved, timings=timings)
+    result = UnlearningResult(delta_dict, stats_dict, resolved, timings, sketch)
     result.stats["delta_norm"] = result.delta_norm
     return result
 

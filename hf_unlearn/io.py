@@ -59,11 +59,7 @@ def build_manifest(result, args, **context) -> dict:
         "request": result.request.summary(),
         "arguments": args.to_dict(),
         "solver": result.stats,
-        **(
-            {"curvature_factors": result.stats["curvature_factors"]}
-            if "curvature_factors" in result.stats
-            else {}
-        ),
+        **{k: result.stats[k] for k in ("curvature_factors", "nystrom_sketch") if k in result.stats},
         "delta_norm": result.delta_norm,
         "timings": result.timings,
         "num_processes": result.stats["num_processes"],
@@ -193,10 +189,12 @@ def save_unlearned_adapter(
     overwrite: bool = False,
     card_source: str | Path | None = None,
     base_model_id: str | None = None,
+    nystrom_sketch=None,
 ) -> Path:
     """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all.
 
-    `card_source` is the input adapter's directory: its README.md is kept and extended.
+    `card_source` is the input adapter's directory: its README.md is kept and extended; `nystrom_sketch`
+    (the edited training set's) is written beside the adapter for the next request.
     """
     out = Path(output_dir).resolve()
     check_output_dir(out, overwrite)
@@ -208,6 +206,8 @@ def save_unlearned_adapter(
             shutil.copyfile(Path(card_source) / "README.md", staging / "README.md")
         model.save_pretrained(staging, safe_serialization=True)
         write_manifest_and_card(staging, manifest, base_model_id)
+        if nystrom_sketch is not None:
+            nystrom_sketch.save(staging)
         _replace_dir(staging, out)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -1,11 +1,14 @@
-"""Building the curvature operator (and the K-FAC preconditioner) an unlearning run asks for.
+"""Building the curvature operator (and the K-FAC or Nyström preconditioner) an unlearning run asks for.
 
 K-FAC factors are needed for `curvature="kfac"|"ekfac"` and for `preconditioner="kfac"|"ekfac"`. They come,
 in this order, from: factors handed in (captured during training by `UnlearnTrainer`/the callback, or
 loaded by the caller), the directory named by `curvature_factors`, or one pass over `curvature_samples`
 training rows at the current θ (`curvature_factors="pass"`, or `"auto"` when nothing was handed in).
 EK-FAC eigenvalues are refitted with one more pass over those rows unless the factors already carry them.
-Nothing falls back silently: where the factors came from is returned for the manifest.
+The Nyström sketch of the training set's curvature comes, in the same order, from a sketch handed in, the
+directory named by `curvature_factors`, or `nystrom_rank` products over `curvature_samples` rows; it is then
+downdated by the request rows when C is taken on the edited rows. Nothing falls back silently: where the
+factors or the sketch came from is returned for the manifest.
 """
 
 from __future__ import annotations
@@ -15,14 +18,20 @@ import time
 from pathlib import Path
 
 from ..config import KFAC_CURVATURES, UnlearningArguments
+from ..errors import ConfigurationError
 from ..objective import normaliser
 from . import CURVATURE_OPERATORS, KFAC_OPERATORS
 from .kfac import KFACFactors, parameters_digest
 from .kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors
+from .nystrom import NystromPreconditioner, NystromSketch
 
 
 def needs_factors(args: UnlearningArguments) -> bool:
-    return args.curvature in KFAC_CURVATURES or args.preconditioner != "none"
+    return args.curvature in KFAC_CURVATURES or args.preconditioner in KFAC_CURVATURES
+
+
+def needs_sketch(args: UnlearningArguments) -> bool:
+    return args.preconditioner == "nystrom"
 
 
 def sample_rows(rows: list, size: int | None, seed: int) -> list:
@@ -78,8 +87,63 @@ def obtain_factors(args, model, task, space, rows, batches, processes, given: KF
     return factors, record
 
 
-def build_operators(args, model, task, space, curvature_rows, batches, processes, factors=None, M=None):
-    """`(curvature, preconditioner)` for `args`; `factors` are required when `needs_factors(args)`.
+def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, M, given=None):
+    """The Nyström sketch for this request and a record of where it came from (module docstring).
+
+    `rows` are the training rows and `M` their normaliser. Returns `(sketch, record)`: the training set's
+    sketch, downdated by the request rows (old versions out, new ones in) when C is on the edited rows —
+    which is also the sketch of the edited training set, for the next request.
+    """
+    norm = args.loss_normalization
+    start = time.perf_counter()
+    ignored = None
+    if given is not None and args.curvature_factors != "auto":
+        ignored = given.info.get("origin", "given")
+        given = None
+    if given is not None:
+        sketch, origin = given, "given"
+    elif args.curvature_factors not in ("auto", "pass"):
+        sketch, origin = NystromSketch.load(Path(args.curvature_factors)), "file"
+    else:
+        sample = sample_rows(rows, args.curvature_samples, args.seed)
+        C = CURVATURE_OPERATORS[args.curvature](
+            model, task, space, batches(sample), norm,
+            M if len(sample) == len(rows) else normaliser(task, sample, norm, args.batch_size), processes,
+        )  # fmt: skip
+        sketch = NystromSketch.compute(
+            C, args.nystrom_rank, args.seed, args.progress and processes.is_main,
+            curvature=args.curvature, rows=len(sample), parameters_digest=parameters_digest(space),
+        )  # fmt: skip
+        origin = "pass"
+    if sketch.size != space.numel or sketch.info.get("curvature") != args.curvature:
+        raise ConfigurationError(
+            f"the Nyström sketch ({origin}) is of {sketch.info.get('curvature')!r} curvature over "
+            f"{sketch.size} parameters, but this run solves with {args.curvature!r} over {space.numel}: "
+            "use --curvature-factors pass to sketch this adapter's curvature."
+        )
+    record = {
+        "origin": origin,
+        "parameters_match": sketch.info.get("parameters_digest") == parameters_digest(space),
+        "products_in_unlearning": sketch.rank if origin == "pass" else 0,
+        **({"ignored_sketch_from": ignored} if ignored else {}),
+    }
+    if args.curvature_on_edited:
+        operator = CURVATURE_OPERATORS[args.curvature]
+        removed = operator(model, task, space, batches(resolved.old), norm, M, processes)
+        added = (
+            operator(model, task, space, batches(resolved.new), norm, M, processes) if resolved.new else None
+        )
+        sketch = sketch.downdate(removed, added, args.progress and processes.is_main)
+        record["downdate_rows"] = len(resolved.old) + len(resolved.new)
+    record.update(sketch.describe(), seconds=time.perf_counter() - start)
+    return sketch, record
+
+
+def build_operators(
+    args, model, task, space, curvature_rows, batches, processes, factors=None, M=None, sketch=None
+):
+    """`(curvature, preconditioner)` for `args`; `factors` are required when `needs_factors(args)`, `sketch`
+    when `needs_sketch(args)`.
 
     Exact operators (hessian, ggn, fisher) run over `curvature_rows` normalised by `normaliser` (default:
     `M`, default: their own); the K-FAC operators take everything from the factors.
@@ -95,7 +159,9 @@ def build_operators(args, model, task, space, curvature_rows, batches, processes
             model, task, space, batches(curvature_rows), norm, M, processes
         )
     preconditioner = None
-    if args.preconditioner != "none":
+    if args.preconditioner == "nystrom":
+        preconditioner = NystromPreconditioner(sketch)
+    elif args.preconditioner != "none":
         preconditioner = KFAC_OPERATORS[args.preconditioner](
             model, task, space, batches([]), norm, M, processes, factors=factors, allow_uncovered=True
         )
