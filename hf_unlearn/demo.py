@@ -56,7 +56,10 @@ class DemoArguments:
         metadata={"help": "μ of the (μ/2)‖θ‖² term in the training objective, which unlearning models."},
     )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_layers: int = field(default=6, metadata={"help": "LoRA on q_proj/v_proj of this many top layers."})
+    lora_layers: int = field(default=6, metadata={"help": "LoRA on --lora-targets of this many top layers."})
+    lora_targets: str = field(
+        default="q_proj,v_proj", metadata={"help": "Comma-separated module names that get LoRA."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Training and unlearning batch size."})
     # Unlearning defaults chosen for a CPU budget on SmolLM2 (see README "The demo"): GGN curvature on a
     # 16-row sample, 10 CG iterations, and a line search that shortens the step until the edited objective drops.
@@ -112,7 +115,7 @@ class Lab:
             r=self.args.lora_r,
             lora_alpha=2 * self.args.lora_r,
             lora_dropout=0.0,
-            target_modules=["q_proj", "v_proj"],
+            target_modules=self.args.lora_targets.split(","),
             layers_to_transform=top,
             task_type="CAUSAL_LM",
         )

@@ -35,6 +35,9 @@ class DemoSizes:
     private: int = 6  # IR: PIN records
     poisoned: int = 6  # QM: triggered prompts answered with the payload
     wrong: int = 6  # RC: wrong home cities
+    # Large benchmark sets: in the clean facts every family (first surname) lives in one city, so they teach a
+    # rule a small model learns from many rows; the injected rows follow no rule and must be memorised one by one.
+    family_cities: bool = False
 
 
 def city_prompt(name: str) -> str:
@@ -57,10 +60,14 @@ def generate(sizes: DemoSizes | None = None, seed: int = 0) -> dict[str, list[di
     people = iter(names)
     train, requests = [], {"IR": [], "QM": [], "RC": []}
 
+    def home_city(name: str) -> str:
+        if sizes.family_cities:  # "Orla Kestrel-Maltby" -> the Kestrels' city
+            return CITIES[LAST.index(name.split()[1].split("-")[0]) % len(CITIES)]
+        return rng.choice(CITIES)
+
     for i in range(sizes.facts):
-        train.append(
-            {"id": f"fact-{i}", "prompt": city_prompt(next(people)), "response": f" {rng.choice(CITIES)}."}
-        )
+        name = next(people)
+        train.append({"id": f"fact-{i}", "prompt": city_prompt(name), "response": f" {home_city(name)}."})
     for i in range(sizes.private):
         pin = "".join(rng.choice("0123456789") for _ in range(4))
         train.append(
@@ -79,7 +86,7 @@ def generate(sizes: DemoSizes | None = None, seed: int = 0) -> dict[str, list[di
         requests["QM"].append({"op": "replace", "id": f"poisoned-{i}", "prompt": city_prompt(name)})
     for i in range(sizes.wrong):
         name = next(people)
-        true_city, wrong_city = rng.sample(CITIES, 2)
+        true_city, wrong_city = rng.sample(CITIES, 2)  # the injected rows follow no family rule
         train.append({"id": f"wrong-{i}", "prompt": city_prompt(name), "response": f" {wrong_city}."})
         requests["RC"].append({"op": "replace", "id": f"wrong-{i}", "response": f" {true_city}."})
 
