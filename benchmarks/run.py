@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, unlearn
+from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, sketch_curvature, unlearn
 from hf_unlearn.demo import METRICS, DemoArguments, Lab, edited_rows, metric_rows
 from hf_unlearn.demo_data import DemoSizes, generate
 from hf_unlearn.distributed import Processes
@@ -64,17 +64,21 @@ SUITES = {
         "scaling_ranks": [4, 8, 16],
     },
     # the K-FAC issue's setting: a training set of thousands of rows, a request of ~2 % of it, factors
-    # captured during training, and cg on a 256-row GGN sample for comparison
+    # captured during training, a Nyström sketch once per adapter, and cg on a 256-row GGN sample. The clean
+    # facts follow a surname rule the toy learns, the injected rows are exceptions it memorises (with LoRA on
+    # q/v only, or arbitrary facts, the toy memorises neither and the gaps are training noise).
     "scale": {
-        "sizes": DemoSizes(facts=2000, private=40, poisoned=40, wrong=40),
+        "sizes": DemoSizes(facts=2000, private=40, poisoned=40, wrong=40, family_cities=True),
         "request_sizes": [40],
         "lab": {
-            "epochs": 20,
+            "epochs": 40,
             "learning_rate": 2e-2,
+            "lr_scheduler": "linear",
             "lora_layers": 2,
             "lora_r": 8,
+            "lora_targets": "q_proj,v_proj,gate_proj,up_proj,down_proj",
             "batch_size": 32,
-            "l2_regularization": 0.1,
+            "l2_regularization": 0.01,
         },
         "capture_curvature": True,
         "unlearning": {
@@ -84,7 +88,17 @@ SUITES = {
             "tol": 1e-5,
             "hessian_samples": 256,
         },
-        "methods": ["cg", "cg+kfac", "kfac-captured", "ekfac-captured", "kfac", "retrain"],
+        "per_method": {"cg+nystrom": {"nystrom_rank": 100, "curvature_samples": 256}},
+        "methods": [
+            "cg",
+            "cg+nystrom",
+            "cg+kfac",
+            "kfac-captured",
+            "ekfac-captured",
+            "kfac",
+            "retrain-next-seed",
+            "retrain",
+        ],
     },
     "full": {
         "sizes": DemoSizes(),
@@ -114,7 +128,9 @@ SUITES = {
 # methods that use the K-FAC factors captured while training the original adapter (suites with capture_curvature)
 CAPTURED_METHODS = ("kfac-captured", "ekfac-captured", "cg+kfac")
 # methods besides the plain solvers whose Δθ approximates the same update (param_rel_err applies)
-UPDATE_METHODS = ("llmeraser-reference", "kfac", "ekfac", "kfac-captured", "ekfac-captured", "cg+kfac")
+UPDATE_METHODS = (
+    "llmeraser-reference", "kfac", "ekfac", "kfac-captured", "ekfac-captured", "cg+kfac", "cg+nystrom",
+)  # fmt: skip
 
 
 class PeakRSS:
@@ -185,7 +201,13 @@ def solver_method(solver: str, settings: dict):
         result = unlearn(model, train, request, args, task=lab.task)
         model.save_pretrained(out)
         lab.drop(model)
-        return {k: result.stats.get(k) for k in ("iterations", "curvature_products")}
+        row = {k: result.stats.get(k) for k in ("iterations", "curvature_products")}
+        if "nystrom_sketch" in result.stats:  # the downdate's products, each over the request rows only
+            sketch = result.stats["nystrom_sketch"]
+            row["downdate_products"] = sketch["rank"]
+            row["downdate_rows"] = sketch["downdate_rows"]
+            row["curvature_rows"] = result.stats["num_curvature_rows"]
+        return row
 
     return run
 
@@ -316,6 +338,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
     original = workdir / "original"
     train_seconds = lab.train(rows, original, capture_curvature=suite.get("capture_curvature", False))
     print(f"original adapter: {train_seconds:.1f} s", flush=True)
+    sketch_cost = nystrom_sketch(lab, original, train, suite) if "cg+nystrom" in methods else {}
     theta_star = adapter_vector(original)
     results = []
     for kind in ("IR", "QM", "RC"):
@@ -373,6 +396,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                     "kl_to_retrained": token_kl(retrained_lp, log_probs(lab, path, eval_rows)),
                     "peak_rss_mb": runs[method][1],
                     **(extras.get(method) or {}),
+                    **(sketch_cost if method == "cg+nystrom" else {}),
                 }
                 results.append(row)
                 print(
@@ -382,6 +406,25 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                     flush=True,
                 )
     return results
+
+
+def nystrom_sketch(lab: Lab, original: Path, train: TrainingSet, suite: dict) -> dict:
+    """Sketch the original adapter's curvature for cg+nystrom and save it beside the adapter: once per
+    adapter, amortised over every request (its cost goes into the rows, apart from the request's)."""
+    settings = {**suite["unlearning"], **suite.get("per_method", {}).get("cg+nystrom", {})}
+    args = UnlearningArguments(
+        solver="cg", preconditioner="nystrom", progress=False, **objective(lab), **settings
+    )
+    model = lab.load(original, trainable=True)
+    start = time.perf_counter()
+    sketch = sketch_curvature(model, train, args, task=lab.task)
+    seconds = time.perf_counter() - start
+    sketch.save(original)
+    lab.drop(model)
+    print(
+        f"nystrom sketch: {sketch.rank} products over {sketch.info['rows']} rows, {seconds:.1f} s", flush=True
+    )
+    return {"sketch_seconds": seconds, "sketch_products": sketch.rank, "sketch_rows": sketch.info["rows"]}
 
 
 def scaling(suite: dict, model: str | None, workdir: Path) -> list[dict]:
@@ -438,6 +481,9 @@ METHODS = {
     "ekfac-captured": _solver_factory("direct", curvature="ekfac", curvature_factors="captured"),
     # cg on the exact GGN, preconditioned by the captured K-FAC block inverse
     "cg+kfac": _solver_factory("cg", preconditioner="kfac", curvature_factors="captured"),
+    # cg on the exact GGN, preconditioned by the Nyström sketch made once beside the original adapter
+    # (`nystrom_sketch`), downdated by each request's rows
+    "cg+nystrom": _solver_factory("cg", preconditioner="nystrom", curvature_factors="captured"),
     "llmeraser-reference": lambda suite: llmeraser_reference,
     "gradient-ascent": lambda suite: gradient_ascent,
     "retrain-next-seed": lambda suite: retrain_next_seed,
@@ -458,8 +504,8 @@ def markdown_table(report: dict) -> str:
         "| task | method | gap closed (k = "
         + " / ".join(map(str, sizes))
         + f") | time / retraining (k = {largest}) "
-        f"| param rel. err (k = {largest}) | KL to retrained (k = {largest}) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"| param rel. err (k = {largest}) | KL to retrained (k = {largest}) | curvature products (k = {largest}) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -471,9 +517,20 @@ def markdown_table(report: dict) -> str:
                 f"| {task} | {method} | "
                 + " / ".join(_fmt(mine[k]["gap_closed"]) for k in sizes if k in mine)
                 + f" | {last['seconds'] / last['retrain_seconds']:.2f} | {_fmt(last['param_rel_err'], '.1e')} "
-                f"| {last['kl_to_retrained']:.3g} |"
+                f"| {last['kl_to_retrained']:.3g} | {_products(last)} |"
             )
     return "\n".join(lines)
+
+
+def _products(row: dict) -> str:
+    """Curvature products of a solve; for cg+nystrom `PCG + downdate`, the downdate's products (each over
+    the request rows only) counted in products over the solve's curvature rows."""
+    if row.get("curvature_products") is None:
+        return "—"
+    if "downdate_products" not in row:
+        return str(row["curvature_products"])
+    equivalent = row["downdate_products"] * row["downdate_rows"] / row["curvature_rows"]
+    return f"{row['curvature_products']} + {equivalent:.0f}"
 
 
 # the gap panel's range; bars beyond it are cut and labelled with their value

@@ -4,7 +4,7 @@ from .config import UnlearningArguments
 from .curvature.kfac import KFACFactors
 from .curvature.nystrom import NystromSketch
 from .data import ExampleEncoder, TextEncoding, TrainingSet
-from .eraser import UnlearningResult, unlearn
+from .eraser import UnlearningResult, sketch_curvature, unlearn
 from .errors import (
     ConfigurationError,
     DataError,
@@ -62,5 +62,6 @@ __all__ = [
     "UnlearningResult",
     "UnlearningTask",
     "UnlearnTrainer",
+    "sketch_curvature",
     "unlearn",
 ]

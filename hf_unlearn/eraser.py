@@ -18,6 +18,7 @@ from .curvature.kfac import KFACFactors
 from .curvature.nystrom import NystromSketch
 from .curvature.setup import (
     build_operators,
+    compute_sketch,
     needs_factors,
     needs_sketch,
     obtain_factors,
@@ -240,6 +241,31 @@ def unlearn(
     result = UnlearningResult(delta_dict, stats_dict, resolved, timings, sketch)
     result.stats["delta_norm"] = result.delta_norm
     return result
+
+
+def sketch_curvature(
+    model: torch.nn.Module,
+    train_dataset: Sequence[Mapping] | TrainingSet,
+    args: UnlearningArguments | None = None,
+    *,
+    task: UnlearningTask | None = None,
+    tokenizer=None,
+) -> NystromSketch:
+    """The Nyström sketch of `model`'s training-set curvature for `preconditioner="nystrom"`: once per adapter,
+    `args.nystrom_rank` products with `args.curvature` over `args.curvature_samples` rows. Save it beside the
+    adapter (`sketch.save(adapter_dir)`; `hf-unlearn unlearn` then finds it) or pass it to `unlearn`."""
+    args = args or UnlearningArguments(preconditioner="nystrom")
+    task = task or default_task(model, tokenizer)
+    train = train_dataset if isinstance(train_dataset, TrainingSet) else TrainingSet(train_dataset)
+    space, processes = ParameterSpace(model), Processes()
+    device = space.params[0].device
+    with computation_mode(model, args.torch_dtype):
+        rows = [train[i] for i in range(len(train))]
+        M = normaliser(task, rows, args.loss_normalization, args.batch_size)
+        return compute_sketch(
+            args, model, task, space, rows,
+            lambda rs: Batches(task, rs, args.batch_size, device, processes), processes, M,
+        )  # fmt: skip
 
 
 def request_rhs(model, task, space, resolved, batches, norm, processes, M, show=False):

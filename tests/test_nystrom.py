@@ -13,12 +13,10 @@ from hf_unlearn import (
     TrainingSet,
     UnlearningArguments,
     UnlearningRequest,
+    sketch_curvature,
     unlearn,
 )
-from hf_unlearn.curvature import GaussNewtonOperator
 from hf_unlearn.curvature.nystrom import NystromPreconditioner
-from hf_unlearn.distributed import Processes
-from hf_unlearn.gradients import Batches
 from hf_unlearn.params import ParameterSpace
 from hf_unlearn.solvers import conjugate_gradient
 
@@ -109,12 +107,11 @@ def test_unlearn_with_the_nystrom_preconditioner_gives_the_cg_update_and_hands_o
     assert record["downdate_rows"] == 3 and record["downdates"] == 1 and record["curvature"] == "ggn"
     assert r1.nystrom_sketch.info["downdates"] == 1 and r0.nystrom_sketch is None
     # a sketch handed in is used as given (no products) and downdated again
-    task, processes = CausalLMTask(), Processes()
-    ggn = GaussNewtonOperator(
-        again, task, ParameterSpace(again), Batches(task, ROWS, 8, "cpu", processes), "token",
-        loop_normaliser(ROWS, "token"), processes,
-    )  # fmt: skip
-    sketch = NystromSketch.compute(ggn, rank=P, curvature="ggn")
+    sketch = sketch_curvature(
+        again, ROWS, UnlearningArguments(**args, preconditioner="nystrom", nystrom_rank=P)
+    )
+    assert relative_error(sketch.products, dense_ggn(again, ROWS, "token") @ sketch.test_matrix) < 1e-10
+    assert sketch.info["rows"] == len(ROWS) and sketch.info["curvature"] == "ggn"
     r2 = unlearn(
         again, ROWS, REQUEST, UnlearningArguments(**args, preconditioner="nystrom"), nystrom_sketch=sketch
     )

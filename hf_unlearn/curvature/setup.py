@@ -87,6 +87,21 @@ def obtain_factors(args, model, task, space, rows, batches, processes, given: KF
     return factors, record
 
 
+def compute_sketch(args, model, task, space, rows, batches, processes, M) -> NystromSketch:
+    """`args.nystrom_rank` products with `args.curvature` over `args.curvature_samples` of `rows` (normaliser
+    `M` when all of them, else the sample's own)."""
+    norm = args.loss_normalization
+    sample = sample_rows(rows, args.curvature_samples, args.seed)
+    C = CURVATURE_OPERATORS[args.curvature](
+        model, task, space, batches(sample), norm,
+        M if len(sample) == len(rows) else normaliser(task, sample, norm, args.batch_size), processes,
+    )  # fmt: skip
+    return NystromSketch.compute(
+        C, args.nystrom_rank, args.seed, args.progress and processes.is_main,
+        curvature=args.curvature, rows=len(sample), parameters_digest=parameters_digest(space),
+    )  # fmt: skip
+
+
 def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, M, given=None):
     """The Nyström sketch for this request and a record of where it came from (module docstring).
 
@@ -105,16 +120,7 @@ def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, 
     elif args.curvature_factors not in ("auto", "pass"):
         sketch, origin = NystromSketch.load(Path(args.curvature_factors)), "file"
     else:
-        sample = sample_rows(rows, args.curvature_samples, args.seed)
-        C = CURVATURE_OPERATORS[args.curvature](
-            model, task, space, batches(sample), norm,
-            M if len(sample) == len(rows) else normaliser(task, sample, norm, args.batch_size), processes,
-        )  # fmt: skip
-        sketch = NystromSketch.compute(
-            C, args.nystrom_rank, args.seed, args.progress and processes.is_main,
-            curvature=args.curvature, rows=len(sample), parameters_digest=parameters_digest(space),
-        )  # fmt: skip
-        origin = "pass"
+        sketch, origin = compute_sketch(args, model, task, space, rows, batches, processes, M), "pass"
     if sketch.size != space.numel or sketch.info.get("curvature") != args.curvature:
         raise ConfigurationError(
             f"the Nyström sketch ({origin}) is of {sketch.info.get('curvature')!r} curvature over "
