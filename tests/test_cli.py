@@ -184,24 +184,25 @@ def test_new_flags_parse_numbers_and_auto():
 def test_nystrom_sketch_is_written_beside_the_output_and_reused_by_the_next_request(workspace):
     from hf_unlearn import NystromSketch
 
-    root, common = workspace["root"], ["--model", workspace["base"], "--no_progress", "--dtype", "float64"]
-    solve = ["--curvature", "ggn", "--damping", "0.05", "--tol", "1e-9", "--max-iter", "500"]
+    root, common = workspace["root"], ["--model", workspace["base"], "--no_progress"]
+    solve = ["--curvature", "ggn", "--damping", "0.05", "--max-iter", "500"]
     first = root / "nystrom-1"
     with_ids = [{"id": i, **r} for i, r in enumerate(ROWS)]  # ids that survive the removal
     train = write_jsonl(root / "train-ids.jsonl", with_ids)
     assert main(["unlearn", *common, *solve, "--adapter", workspace["adapter"], "--train-file", train,
                  "--request", workspace["IR"], "--output-dir", str(first), "--preconditioner", "nystrom",
-                 "--nystrom-rank", "32"]) == 0  # fmt: skip
+                 "--nystrom-rank", "32", "--tol", "1e-5"]) == 0  # fmt: skip
     record = json.loads((first / MANIFEST_NAME).read_text())["nystrom_sketch"]
     assert record["origin"] == "pass" and record["products_in_unlearning"] == 32 and record["downdates"] == 1
     assert NystromSketch.load(first).digest() == record["digest"]
-    # the next request, on the training file as edited by the first (rows 2 and 8 removed)
+    # the next request, on the training file as edited by the first (rows 2 and 8 removed), in float64 with
+    # the float32 sketch the first run saved
     edited = write_jsonl(root / "train-edited.jsonl", [r for r in with_ids if r["id"] not in (2, 8)])
     deltas = {}
     for name, extra in (("nystrom", ["--preconditioner", "nystrom"]), ("plain", [])):
         out = root / f"nystrom-2-{name}"
         assert main(["unlearn", *common, *solve, "--adapter", str(first), "--train-file", edited, "--request", workspace["RC"],
-                     "--output-dir", str(out), *extra]) == 0  # fmt: skip
+                     "--output-dir", str(out), "--tol", "1e-9", "--dtype", "float64", *extra]) == 0  # fmt: skip
         names = list(load_file(f"{out}/adapter_model.safetensors"))
         deltas[name] = adapter_vector(out, names) - adapter_vector(first, names)
         manifest = json.loads((out / MANIFEST_NAME).read_text())

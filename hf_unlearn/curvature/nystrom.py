@@ -86,6 +86,10 @@ class NystromSketch:
         info = {**self.info, "downdates": downdates, "downdate_seconds": time.perf_counter() - start}
         return NystromSketch(self.test_matrix, Y, info)
 
+    def to(self, dtype: torch.dtype) -> NystromSketch:
+        """The same sketch in `dtype` (a sketch saved by a float32 run, used in a float64 one)."""
+        return NystromSketch(self.test_matrix.to(dtype), self.products.to(dtype), self.info)
+
     def digest(self) -> str:
         h = hashlib.sha256()
         for t in (self.test_matrix, self.products):
