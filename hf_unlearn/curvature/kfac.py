@@ -57,6 +57,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .base import CurvatureOperator
+from .files import files_exist, load_tensors, save_tensors
 
 FACTORS_FILE = "curvature_factors.safetensors"
 FACTORS_META = "curvature_factors.json"
@@ -228,16 +229,8 @@ class KFACFactors:
 
     def save(self, directory: str | Path) -> Path:
         """Write `curvature_factors.safetensors` and `curvature_factors.json` into `directory`."""
-        from safetensors.torch import save_file
-
-        from .. import __version__
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file(self.tensors(), str(directory / FACTORS_FILE))
         meta = {
             "format": FACTORS_FORMAT,
-            "hf_unlearn_version": __version__,
             **self.info,
             "modules": {
                 n: {"in": self.A[n].shape[0], "out": self.G[n].shape[0], "positions": self.positions[n]}
@@ -246,32 +239,22 @@ class KFACFactors:
             "ekfac_eigenvalues": self.has_eigenvalues,
             "digest": self.digest(),
         }
-        (directory / FACTORS_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        return directory
+        return save_tensors(directory, (FACTORS_FILE, FACTORS_META), self.tensors(), meta)
 
     @staticmethod
     def exists(directory: str | Path) -> bool:
-        d = Path(directory)
-        return (d / FACTORS_FILE).is_file() and (d / FACTORS_META).is_file()
+        return files_exist(directory, (FACTORS_FILE, FACTORS_META))
 
     @classmethod
     def load(cls, directory: str | Path) -> KFACFactors:
         """Read factors written by `save` (safetensors only; the JSON must match the tensors)."""
-        from safetensors.torch import load_file
-
         d = Path(directory)
-        if not cls.exists(d):
-            raise ConfigurationError(
-                f"{str(d)!r} has no curvature factors ({FACTORS_FILE} + {FACTORS_META}). Capture them during "
-                "training (UnlearningArguments(capture_curvature=True) / CurvatureCaptureCallback) or let "
-                "unlearning compute them with one pass over the data (--curvature-factors pass)."
-            )
-        meta = json.loads((d / FACTORS_META).read_text(encoding="utf-8"))
-        if meta.get("format") != FACTORS_FORMAT:
-            raise ConfigurationError(
-                f"{d / FACTORS_META} has format {meta.get('format')!r}; this version reads {FACTORS_FORMAT!r}."
-            )
-        tensors = load_file(str(d / FACTORS_FILE))
+        tensors, meta = load_tensors(
+            d, (FACTORS_FILE, FACTORS_META), FACTORS_FORMAT, "curvature factors",
+            "Capture them during training (UnlearningArguments(capture_curvature=True) / "
+            "CurvatureCaptureCallback) or let unlearning compute them with one pass over the data "
+            "(--curvature-factors pass).",
+        )  # fmt: skip
         modules = meta["modules"]
         A, G, eigen = {}, {}, {}
         for n, shape in modules.items():

@@ -22,7 +22,6 @@ edited training set, i.e. to the next request.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigurationError
+from .files import files_exist, load_tensors, save_tensors
 
 SKETCH_FILE = "nystrom_sketch.safetensors"
 SKETCH_META = "nystrom_sketch.json"
 SKETCH_FORMAT = "hf_unlearn.nystrom_sketch/1"
+FILES = (SKETCH_FILE, SKETCH_META)
 
 
 @dataclass
@@ -104,41 +105,22 @@ class NystromSketch:
 
     def save(self, directory: str | Path) -> Path:
         """Write `nystrom_sketch.safetensors` and `nystrom_sketch.json` into `directory`."""
-        from safetensors.torch import save_file
-
-        from .. import __version__
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {"test_matrix": self.test_matrix.contiguous(), "products": self.products.contiguous()}
-        save_file(tensors, str(directory / SKETCH_FILE))
-        meta = {"format": SKETCH_FORMAT, "hf_unlearn_version": __version__, **self.describe()}
-        (directory / SKETCH_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        return directory
+        tensors = {"test_matrix": self.test_matrix, "products": self.products}
+        return save_tensors(directory, FILES, tensors, {"format": SKETCH_FORMAT, **self.describe()})
 
     @staticmethod
     def exists(directory: str | Path) -> bool:
-        d = Path(directory)
-        return (d / SKETCH_FILE).is_file() and (d / SKETCH_META).is_file()
+        return files_exist(directory, FILES)
 
     @classmethod
     def load(cls, directory: str | Path) -> NystromSketch:
         """Read a sketch written by `save` (safetensors only; the JSON digest must match the tensors)."""
-        from safetensors.torch import load_file
-
         d = Path(directory)
-        if not cls.exists(d):
-            raise ConfigurationError(
-                f"{str(d)!r} has no Nyström sketch ({SKETCH_FILE} + {SKETCH_META}). An unlearning run with "
-                "--preconditioner nystrom writes one beside its output adapter; or use --curvature-factors pass "
-                "to sketch the curvature in this run."
-            )
-        meta = json.loads((d / SKETCH_META).read_text(encoding="utf-8"))
-        if meta.get("format") != SKETCH_FORMAT:
-            raise ConfigurationError(
-                f"{d / SKETCH_META} has format {meta.get('format')!r}; this version reads {SKETCH_FORMAT!r}."
-            )
-        tensors = load_file(str(d / SKETCH_FILE))
+        tensors, meta = load_tensors(
+            d, FILES, SKETCH_FORMAT, "Nyström sketch",
+            "An unlearning run with --preconditioner nystrom writes one beside its output adapter; "
+            "or use --curvature-factors pass to sketch the curvature in this run.",
+        )  # fmt: skip
         info = {
             k: v for k, v in meta.items() if k not in ("format", "hf_unlearn_version", "num_params", "digest")
         }
