@@ -411,7 +411,8 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
 def nystrom_sketch(lab: Lab, original: Path, train: TrainingSet, suite: dict) -> dict:
     """Sketch the original adapter's curvature for cg+nystrom and save it beside the adapter: once per
     adapter, amortised over every request (its cost goes into the rows, apart from the request's)."""
-    settings = {**suite["unlearning"], **suite.get("per_method", {}).get("cg+nystrom", {})}
+    per_method = suite.get("per_method", {})
+    settings = {**suite["unlearning"], **per_method.get("cg", {}), **per_method.get("cg+nystrom", {})}
     args = UnlearningArguments(
         solver="cg", preconditioner="nystrom", progress=False, **objective(lab), **settings
     )
@@ -463,9 +464,16 @@ def scaling(suite: dict, model: str | None, workdir: Path) -> list[dict]:
     return rows_out
 
 
-def _solver_factory(name: str, **extra):
+def _solver_factory(name: str, method: str | None = None, **extra):
+    """`solver_method(name, ...)` with the suite's settings, `per_method[name]` and `per_method[method]`."""
     return lambda suite: solver_method(
-        name, {**suite["unlearning"], **suite.get("per_method", {}).get(name, {}), **extra}
+        name,
+        {
+            **suite["unlearning"],
+            **suite.get("per_method", {}).get(name, {}),
+            **suite.get("per_method", {}).get(method, {}),
+            **extra,
+        },
     )
 
 
@@ -483,7 +491,7 @@ METHODS = {
     "cg+kfac": _solver_factory("cg", preconditioner="kfac", curvature_factors="captured"),
     # cg on the exact GGN, preconditioned by the Nyström sketch made once beside the original adapter
     # (`nystrom_sketch`), downdated by each request's rows
-    "cg+nystrom": _solver_factory("cg", preconditioner="nystrom", curvature_factors="captured"),
+    "cg+nystrom": _solver_factory("cg", "cg+nystrom", preconditioner="nystrom", curvature_factors="captured"),
     "llmeraser-reference": lambda suite: llmeraser_reference,
     "gradient-ascent": lambda suite: gradient_ascent,
     "retrain-next-seed": lambda suite: retrain_next_seed,
