@@ -65,7 +65,7 @@ class NystromSketch:
             )
         generator = torch.Generator().manual_seed(seed)
         omega = torch.randn(operator.size, rank, generator=generator, dtype=torch.float64)
-        Q = torch.linalg.qr(omega).Q.to(_dtype_of(operator))  # (P, s)
+        Q = torch.linalg.qr(omega).Q.to(**_placement(operator))  # (P, s)
         Y = torch.empty_like(Q)
         start = time.perf_counter()
         for i in tqdm(range(rank), desc="nystrom sketch", disable=not progress, leave=False):
@@ -87,9 +87,13 @@ class NystromSketch:
         info = {**self.info, "downdates": downdates, "downdate_seconds": time.perf_counter() - start}
         return NystromSketch(self.test_matrix, Y, info)
 
-    def to(self, dtype: torch.dtype) -> NystromSketch:
-        """The same sketch in `dtype` (a sketch saved by a float32 run, used in a float64 one)."""
-        return NystromSketch(self.test_matrix.to(dtype), self.products.to(dtype), self.info)
+    def to(self, dtype: torch.dtype, device=None) -> NystromSketch:
+        """The same sketch in `dtype` on `device` (e.g. saved by a float32 run, used in a float64 one)."""
+        return NystromSketch(
+            self.test_matrix.to(dtype=dtype, device=device),
+            self.products.to(dtype=dtype, device=device),
+            self.info,
+        )
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -167,6 +171,8 @@ class NystromPreconditioner:
         return (self.U @ (Ur * (scale - 1)) + r64).to(r.dtype)
 
 
-def _dtype_of(operator) -> torch.dtype:
+def _placement(operator) -> dict:
+    """The dtype and device of the operator's parameters (float64 on the CPU for a plain matrix)."""
     space = getattr(operator, "space", None)
-    return space.params[0].dtype if space is not None else torch.float64
+    p = space.params[0] if space is not None else torch.empty(0, dtype=torch.float64)
+    return {"dtype": p.dtype, "device": p.device}

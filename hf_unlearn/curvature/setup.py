@@ -127,7 +127,7 @@ def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, 
             f"{sketch.size} parameters, but this run solves with {args.curvature!r} over {space.numel}: "
             "use --curvature-factors pass to sketch this adapter's curvature."
         )
-    sketch = sketch.to(space.params[0].dtype)
+    sketch = sketch.to(space.params[0].dtype, space.params[0].device)
     record = {
         "origin": origin,
         "parameters_match": sketch.info.get("parameters_digest") == parameters_digest(space),
