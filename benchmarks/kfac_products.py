@@ -190,6 +190,13 @@ def parameter_groups(space, key) -> list[list[int]]:
     return list(groups.values())
 
 
+def write_report(report: dict, output: str) -> None:
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def products_to(errors) -> dict:
     return {f"{t:g}": next((k + 1 for k, e in enumerate(errors) if e <= t), None) for t in THRESHOLDS}
 
@@ -234,8 +241,7 @@ def main(argv=None) -> int:
         report["capture"], captured = capture_overhead(lab, rows, workdir, args.repeats)
         print(json.dumps(report["capture"], indent=1), flush=True)
         if args.capture_only:
-            Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+            write_report(report, args.output)
             return 0
 
         model = lab.load(workdir / "captured", trainable=True)
@@ -327,10 +333,7 @@ def main(argv=None) -> int:
                         {k: round(v, 3) for k, v in row.items() if k.startswith("direct")},
                         flush=True,
                     )
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.output)
     return 0
 
 

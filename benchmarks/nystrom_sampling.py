@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kfac_products import products_to, solve_with_errors  # noqa: E402
+from kfac_products import products_to, solve_with_errors, write_report  # noqa: E402
 from run import SUITES, make_lab  # noqa: E402
 
 from hf_unlearn import NystromSketch, TrainingSet, UnlearningRequest  # noqa: E402
@@ -104,10 +104,7 @@ def main(argv=None) -> int:
             }
             report["rows"].append(row)
             print(kind, json.dumps(row), flush=True)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.output)
     return 0
 
 

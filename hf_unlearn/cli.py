@@ -70,10 +70,11 @@ def unlearn_command(argv: list[str]) -> int:
 
     parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments), prog="hf-unlearn unlearn")
     paths, encoding, args = parser.parse_args_into_dataclasses(argv)
-    if needs_factors(args) and args.curvature_factors == "auto" and KFACFactors.exists(paths.adapter):
-        args = dataclasses.replace(args, curvature_factors=paths.adapter)  # saved beside the adapter
-    if needs_sketch(args) and args.curvature_factors == "auto" and NystromSketch.exists(paths.adapter):
-        args = dataclasses.replace(args, curvature_factors=paths.adapter)  # left by an earlier request
+    saved_beside = (needs_factors(args) and KFACFactors.exists(paths.adapter)) or (
+        needs_sketch(args) and NystromSketch.exists(paths.adapter)  # left by an earlier request
+    )
+    if args.curvature_factors == "auto" and saved_beside:
+        args = dataclasses.replace(args, curvature_factors=paths.adapter)
     if args.l2_regularization is None:  # the objective the adapter was trained on
         args = dataclasses.replace(args, l2_regularization=recorded_l2_regularization(paths.adapter) or 0.0)
     check_curvature_supported(args.curvature)  # FSDP / ZeRO-3 launches fail here, before loading anything

@@ -23,7 +23,7 @@ def save_tensors(directory: str | Path, names: tuple[str, str], tensors: dict[st
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file({k: t.contiguous() for k, t in tensors.items()}, str(directory / names[0]))
-    meta = {"format": meta.pop("format"), "hf_unlearn_version": __version__, **meta}
+    meta = {"format": meta["format"], "hf_unlearn_version": __version__, **meta}
     (directory / names[1]).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return directory
 

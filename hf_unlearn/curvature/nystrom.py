@@ -70,7 +70,7 @@ class NystromSketch:
         start = time.perf_counter()
         for i in tqdm(range(rank), desc="nystrom sketch", disable=not progress, leave=False):
             Y[:, i] = operator.matvec(Q[:, i])
-        info = {"rank": rank, "seed": seed, "products": rank, "seconds": time.perf_counter() - start, **info}
+        info = {"rank": rank, "seed": seed, "seconds": time.perf_counter() - start, **info}
         return cls(Q, Y, info)
 
     def downdate(self, removed, added=None, progress: bool = False) -> NystromSketch:

@@ -41,6 +41,15 @@ def sample_rows(rows: list, size: int | None, seed: int) -> list:
     return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), size))]
 
 
+def _source(args, given: str | None) -> tuple[str, str | None]:
+    """`("given" | "file" | "pass", ignored)`: where precomputed curvature comes from. `given` names what was
+    handed in (None: nothing); an explicit `args.curvature_factors` (a path or "pass") wins over it, and
+    then it is returned as ignored."""
+    if given and args.curvature_factors == "auto":
+        return "given", None
+    return ("pass" if args.curvature_factors in ("auto", "pass") else "file"), given
+
+
 def obtain_factors(args, model, task, space, rows, batches, processes, given: KFACFactors | None = None):
     """The K-FAC factors for this run and a record of where they came from (see the module docstring).
 
@@ -51,13 +60,10 @@ def obtain_factors(args, model, task, space, rows, batches, processes, given: KF
     norm = args.loss_normalization
     start = time.perf_counter()
     passes = 0
-    ignored = None
-    if given is not None and args.curvature_factors != "auto":
-        ignored = given.info.get("source", "given")  # an explicit choice wins over factors handed in
-        given = None
-    if given is not None:
+    source, ignored = _source(args, None if given is None else given.info.get("source", "given"))
+    if source == "given":
         factors, origin = given, given.info.get("source", "given")
-    elif args.curvature_factors not in ("auto", "pass"):
+    elif source == "file":
         factors, origin = KFACFactors.load(Path(args.curvature_factors)), "file"
     else:
         sample = sample_rows(rows, args.curvature_samples, args.seed)
@@ -111,16 +117,13 @@ def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, 
     """
     norm = args.loss_normalization
     start = time.perf_counter()
-    ignored = None
-    if given is not None and args.curvature_factors != "auto":
-        ignored = given.info.get("origin", "given")
-        given = None
-    if given is not None:
-        sketch, origin = given, "given"
-    elif args.curvature_factors not in ("auto", "pass"):
-        sketch, origin = NystromSketch.load(Path(args.curvature_factors)), "file"
+    origin, ignored = _source(args, None if given is None else "given")
+    if origin == "given":
+        sketch = given
+    elif origin == "file":
+        sketch = NystromSketch.load(Path(args.curvature_factors))
     else:
-        sketch, origin = compute_sketch(args, model, task, space, rows, batches, processes, M), "pass"
+        sketch = compute_sketch(args, model, task, space, rows, batches, processes, M)
     if sketch.size != space.numel or sketch.info.get("curvature") != args.curvature:
         raise ConfigurationError(
             f"the Nyström sketch ({origin}) is of {sketch.info.get('curvature')!r} curvature over "
