@@ -1,5 +1,6 @@
 """Nyström sketch, downdate and preconditioner, against dense float64 matrices and plain CG."""
 
+import dataclasses
 import json
 
 import pytest
@@ -149,3 +150,20 @@ def test_bad_nystrom_settings_are_refused():
     args = UnlearningArguments(curvature="ggn", preconditioner="nystrom", damping=0.1, progress=False)
     with pytest.raises(ConfigurationError, match="over 4 parameters.*--curvature-factors pass"):
         unlearn(model, ROWS, REQUEST, args, nystrom_sketch=wrong)
+
+
+def test_an_explicit_curvature_factors_choice_wins_over_a_sketch_handed_in():
+    args = UnlearningArguments(
+        curvature="ggn",
+        preconditioner="nystrom",
+        nystrom_rank=8,
+        damping=0.1,
+        dtype="float64",
+        progress=False,
+    )
+    model = fresh_model()
+    given = sketch_curvature(model, ROWS, args)
+    explicit = dataclasses.replace(args, curvature_factors="pass")
+    record = unlearn(model, ROWS, REQUEST, explicit, nystrom_sketch=given).stats["nystrom_sketch"]
+    assert record["origin"] == "pass" and record["ignored_sketch_from"] == "given"
+    assert record["products_in_unlearning"] == 8
