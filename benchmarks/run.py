@@ -204,7 +204,7 @@ def solver_method(solver: str, settings: dict):
         row = {k: result.stats.get(k) for k in ("iterations", "curvature_products")}
         if "nystrom_sketch" in result.stats:  # the downdate's products, each over the request rows only
             sketch = result.stats["nystrom_sketch"]
-            row["downdate_products"] = sketch["rank"]
+            row["downdate_products"] = sketch["rank"] if sketch["downdate_rows"] else 0
             row["downdate_rows"] = sketch["downdate_rows"]
             row["curvature_rows"] = result.stats["num_curvature_rows"]
         return row

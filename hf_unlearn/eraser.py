@@ -19,11 +19,11 @@ from .curvature.nystrom import NystromSketch
 from .curvature.setup import (
     build_operators,
     compute_sketch,
+    curvature_sample,
     needs_factors,
     needs_sketch,
     obtain_factors,
     obtain_sketch,
-    sample_rows,
 )
 from .curvature.spectrum import lanczos_extremes
 from .data import ExampleEncoder, TrainingSet
@@ -110,11 +110,13 @@ def unlearn(
         timings["gradients_seconds"] = time.perf_counter() - t
 
         # C on the edited rows (∇²R' at θ*: a Newton step on the objective retraining minimises) or on the
-        # original ones (∇²R, the paper's choice); a subset is normalised by its own token/row count.
+        # original ones (∇²R, the paper's choice); a sample is of the training rows, then edited, and keeps
+        # its normaliser from before the edit, as the whole edited set keeps M.
         edited = resolved.edited_rows(all_rows)
         curvature_data = edited if args.curvature_on_edited else all_rows
-        curvature_rows = sample_rows(curvature_data, args.hessian_samples, args.seed)
-        curvature_M = M if len(curvature_rows) == len(curvature_data) else None
+        curvature_rows, curvature_M = curvature_sample(
+            task, all_rows, resolved, args.curvature_on_edited, args, M
+        )
         extra_stats = {"curvature_data": "edited" if args.curvature_on_edited else "original"}
         factors = None
         if needs_factors(args):
@@ -375,8 +377,8 @@ def refine(
     From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + (μ + λ)I)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the
     chosen `curvature`) are over the edited training set — the kept rows plus the new versions — with the
     normaliser M of the original set kept fixed, R and R' include the objective's (μ/2)‖θ‖² term, and the
-    solver is the first step's; with `hessian_samples`, C' is taken on a seeded subset of the edited rows of
-    that size. With `curvature="kfac"|"ekfac"` the factors are
+    solver is the first step's; with `hessian_samples`, C' is taken on the first step's edited sample
+    (`curvature_sample`). With `curvature="kfac"|"ekfac"` the factors are
     recomputed at every θ by one pass over the edited rows (`curvature_samples` of them); a K-FAC
     *preconditioner* keeps the θ* factors (it only changes the speed of the solve). `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
     λ = `damping`; with `"adaptive"` (Levenberg–Marquardt) the one-step update itself is the first trial, and
@@ -405,13 +407,8 @@ def refine(
             + mu * theta_star
         )
         edited_batches = batches(edited)
-        curvature_rows = sample_rows(edited, args.hessian_samples, args.seed)
-        # C'(θ) over the edited rows with M fixed, or on a seeded subset normalised like the first step's sample
-        curvature_M = (
-            M
-            if len(curvature_rows) == len(edited)
-            else normaliser(task, curvature_rows, norm, args.batch_size)
-        )
+        # C'(θ) on the first step's rows: the edited set with M fixed, or the same edited sample
+        curvature_rows, curvature_M = curvature_sample(task, all_rows, resolved, True, args, M)
 
         def tilted() -> float:  # R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩
             theta = space.vector()

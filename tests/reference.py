@@ -157,17 +157,17 @@ class DenseReference:
         kept = [r for r in train_rows if not any(r is o for o in old)]
         return self.hessian(kept + list(new), self.normaliser(train_rows))
 
-    def update(self, train_rows, old, new, damping, curvature_rows=None, mu=0.0):
+    def update(self, train_rows, old, new, damping, curvature_rows=None, mu=0.0, curvature_M=None):
         """Δθ = −(H + (μ + λ)I)⁻¹ b with b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)), M over the full training set.
 
         H is the Hessian of R' (the kept rows plus `new`, M fixed), or over `curvature_rows` normalised by
-        their own M when they are given (the full training set: the Hessian of R)."""
+        `curvature_M` (default: their own) when they are given (the full training set: the Hessian of R)."""
         M = self.normaliser(train_rows)
         b = (self.grad_sum(new) - self.grad_sum(old)) / M
         if curvature_rows is None:
             H = self.edited_hessian(train_rows, old, new)
         else:
-            H = self.hessian(curvature_rows)
+            H = self.hessian(curvature_rows, curvature_M)
         A = H + (mu + damping) * torch.eye(len(self.theta), dtype=H.dtype)
         return -torch.linalg.solve(A, b)
 

@@ -19,6 +19,7 @@ from hf_unlearn import (
 )
 from hf_unlearn.curvature.nystrom import NystromPreconditioner
 from hf_unlearn.params import ParameterSpace
+from hf_unlearn.request import example_digest
 from hf_unlearn.solvers import conjugate_gradient
 
 ROWS = token_rows(10, seed=1)
@@ -167,3 +168,42 @@ def test_an_explicit_curvature_factors_choice_wins_over_a_sketch_handed_in():
     record = unlearn(model, ROWS, REQUEST, explicit, nystrom_sketch=given).stats["nystrom_sketch"]
     assert record["origin"] == "pass" and record["ignored_sketch_from"] == "given"
     assert record["products_in_unlearning"] == 8
+
+
+def test_a_sampled_sketch_is_downdated_by_its_own_request_rows_and_fits_the_sampled_solve(tmp_path):
+    # seed 5: the 6-row sample of the 10 training rows is 4..9, with replaced row 7 and without removed row 2
+    picked = [4, 5, 6, 7, 8, 9]
+    args = dict(
+        solver="cg", curvature="ggn", damping=0.05, tol=1e-10, dtype="float64", progress=False, seed=5,
+        hessian_samples=6,
+    )  # fmt: skip
+    plain, pre = fresh_model(), fresh_model()
+    theta = ParameterSpace(plain).vector().clone()
+    P = theta.numel()
+    r0 = unlearn(plain, ROWS, REQUEST, UnlearningArguments(**args))
+    r1 = unlearn(
+        pre, ROWS, REQUEST,
+        UnlearningArguments(**args, preconditioner="nystrom", nystrom_rank=P, curvature_samples=6),
+    )  # fmt: skip
+    d0, d1 = ParameterSpace(plain).vector() - theta, ParameterSpace(pre).vector() - theta
+    assert relative_error(d1, d0) < 1e-8
+    # only row 7's two versions are downdated, and the sketch is then exactly the solve's edited sample
+    record = r1.stats["nystrom_sketch"]
+    assert record["downdate_rows"] == 2 and record["rows"] == 6 and "row_digests" not in record
+    assert r1.stats["num_curvature_rows"] == 6 and r1.stats["iterations"] <= 3 < r0.stats["iterations"]
+    new7 = REQUEST.resolve(TrainingSet(ROWS), CausalLMTask()).new[0]
+    edited_sample = [ROWS[i] for i in picked if i != 7] + [new7]
+    M_sample = loop_normaliser([ROWS[i] for i in picked], "token")
+    sketch = r1.nystrom_sketch
+    expected = dense_ggn(fresh_model(), edited_sample, "token", M_sample) @ sketch.test_matrix
+    assert relative_error(sketch.products, expected) < 1e-10
+    # the rows it now holds (for the next request's downdate) survive a save/load, but not in the manifest
+    assert sorted(sketch.info["row_digests"]) == sorted(example_digest(r) for r in edited_sample)
+    sketch.save(tmp_path)
+    assert NystromSketch.load(tmp_path).info["row_digests"] == sketch.info["row_digests"]
+    # a request with no row in the sample leaves the sketch as it is (no products)
+    sketched = UnlearningArguments(**args, preconditioner="nystrom", nystrom_rank=8, curvature_samples=6)
+    given = sketch_curvature(fresh_model(), ROWS, sketched)
+    r2 = unlearn(fresh_model(), ROWS, UnlearningRequest(remove=[2]), sketched, nystrom_sketch=given)
+    assert r2.stats["nystrom_sketch"]["downdate_rows"] == 0
+    assert torch.equal(r2.nystrom_sketch.products, given.products)

@@ -1,5 +1,7 @@
 """The whole update against exact references: a dense float64 LLM computation and exact refitting."""
 
+import random
+
 import pytest
 import torch
 from reference import (
@@ -14,7 +16,6 @@ from reference import (
 )
 
 from hf_unlearn import CausalLMTask, SolverError, UnlearningArguments, UnlearningRequest, unlearn
-from hf_unlearn.curvature.setup import sample_rows
 from hf_unlearn.params import ParameterSpace
 
 ROWS = token_rows(12, seed=0)
@@ -91,17 +92,22 @@ def test_direct_solver_matches_dense_reference(trained):
     assert relative_error(delta, expected) < 1e-12
 
 
-def test_hessian_samples_uses_a_seeded_subset_with_its_own_normaliser(trained):
-    request, old, new = REQUESTS["IR"]
-    import random
-
-    edited = [r for i, r in enumerate(ROWS) if i not in old] + new  # the curvature is taken on R'
-    subset = [edited[i] for i in sorted(random.Random(5).sample(range(len(edited)), 6))]
+def test_hessian_samples_take_a_seeded_sample_of_the_training_rows_then_apply_the_edit(trained):
+    request, old, new = REQUESTS["mixed"]  # row 0 removed, rows 4, 6, 9 replaced
+    sample = sorted(random.Random(0).sample(range(len(ROWS)), 6))
+    assert sample == [0, 3, 4, 6, 7, 11]  # holds the removed row and two replaced ones, not row 9
+    # the sample's kept rows, then the new versions of its replaced rows, normalised like the sample before
+    # the edit (as the whole edited set keeps M)
+    edited_sample = [ROWS[i] for i in (3, 7, 11)] + [QM_ROW, RC_ROW]
     ref = DenseReference(trained, "token")
-    damping = max(0.0, -torch.linalg.eigvalsh(ref.hessian(subset))[0].item()) + 0.05
-    expected = ref.update(ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=subset)
-    result, delta = run(trained, request, damping=damping, tol=1e-12, hessian_samples=6, seed=5)
-    assert result.stats["num_curvature_rows"] == 6
+    M_sample = ref.normaliser([ROWS[i] for i in sample])
+    H = ref.hessian(edited_sample, M_sample)
+    damping = max(0.0, -torch.linalg.eigvalsh(H)[0].item()) + 0.05
+    expected = ref.update(
+        ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=edited_sample, curvature_M=M_sample
+    )
+    result, delta = run(trained, request, damping=damping, tol=1e-12, hessian_samples=6, seed=0)
+    assert result.stats["num_curvature_rows"] == 5
     assert relative_error(delta, expected) < 1e-9
 
 
@@ -387,24 +393,23 @@ def test_auto_damping_is_safe_recorded_and_used(trained):
 # --- refine_steps: Newton steps on the tilted edited objective ---------------------------------------------
 
 
-def dense_refine(model, old, new, damping, steps, normalization="token", samples=None):
+def dense_refine(model, old, new, damping, steps, normalization="token", sample=None):
     """θ* + Δθ, then `steps` dense Newton steps θ ← θ − (∇²R'(θ)+λI)⁻¹(∇R'(θ) − ∇R(θ*)); returns θ − θ*.
 
-    Each Hessian is of R' (the edited rows, M fixed), or with `samples` on that many seeded edited rows,
-    normalised by their own M."""
+    Each Hessian is of R' (the edited rows, M fixed), or with `sample = (rows, M_sample)` of those rows
+    normalised by M_sample."""
     ref = DenseReference(model, normalization)
     M = ref.normaliser(ROWS)
     edited = [r for i, r in enumerate(ROWS) if i not in old] + new
-    pick = lambda rows: sample_rows(rows, samples, seed=0)  # noqa: E731
     grad_star = torch.func.grad(ref.objective(ROWS, M))(ref.theta)
-    first_rows = None if samples is None else pick(edited)  # None: all edited rows, M fixed
-    theta = ref.theta + ref.update(ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=first_rows)
+    rows, M_rows = sample or (edited, M)
+    theta = ref.theta + ref.update(
+        ROWS, [ROWS[i] for i in old], new, damping, curvature_rows=rows, curvature_M=M_rows
+    )
     eye = torch.eye(len(theta), dtype=theta.dtype)
-    sample = pick(edited)
     for _ in range(steps):
         g = torch.func.grad(ref.objective(edited, M))(theta) - grad_star
-        M_sample = M if samples is None else ref.normaliser(sample)  # the full edited set keeps M fixed
-        H = torch.func.hessian(ref.objective(sample, M_sample))(theta)
+        H = torch.func.hessian(ref.objective(rows, M_rows))(theta)
         theta = theta - torch.linalg.solve(H + damping * eye, g)
     return theta - ref.theta
 
@@ -424,7 +429,10 @@ def test_refine_steps_with_hessian_samples_match_dense_newton_steps():
     trained = fit(tiny_llama(seed=0), CausalLMTask(), ROWS)  # θ* itself: earlier tests moved the shared one
     request, old, new = REQUESTS["mixed"]
     damping = damping_for(trained, "token", old, new) + 0.1
-    expected = dense_refine(trained, old, new, damping, steps=2, samples=6)
+    # hessian_samples=6, seed 0: the training rows 0, 3, 4, 6, 7, 11 after the edit (see the test above)
+    M_sample = DenseReference(trained, "token").normaliser([ROWS[i] for i in (0, 3, 4, 6, 7, 11)])
+    sample = ([ROWS[i] for i in (3, 7, 11)] + [QM_ROW, RC_ROW], M_sample)
+    expected = dense_refine(trained, old, new, damping, steps=2, sample=sample)
     assert relative_error(dense_refine(trained, old, new, damping, steps=2), expected) > 1e-3
     _, delta = run(
         trained, request, damping=damping, tol=1e-12, max_iter=500, refine_steps=2, hessian_samples=6

@@ -16,7 +16,9 @@ Each request solves on the *edited* curvature `C' = C − (1/M)(Σ C_old − Σ 
 stiff, a preconditioner of C alone shrinks directions C' no longer has and CG gets slower than without it.
 `downdate` makes the sketch exact for C' by the same linearity: `C'Q = Y − D Q` with `D` the request rows'
 curvature, s products over the 2k request rows only (cheap when k ≪ n). The downdated sketch belongs to the
-edited training set, i.e. to the next request.
+edited training set, i.e. to the next request. A sketch of a sample of the training rows records the rows'
+digests and its normaliser, and is downdated by the request rows in the sample only: it is then the sketch of
+the edited sample, which is what a solve with as many `hessian_samples` (same seed) multiplies by.
 """
 
 from __future__ import annotations
@@ -102,15 +104,19 @@ class NystromSketch:
         return "sha256:" + h.hexdigest()
 
     def describe(self) -> dict:
-        """What the manifest records (no tensors)."""
-        return {**self.info, "num_params": self.size, "digest": self.digest()}
+        """What the manifest records (no tensors, and not the sampled rows' digests)."""
+        info = {k: v for k, v in self.info.items() if k != "row_digests"}
+        return {**info, "num_params": self.size, "digest": self.digest()}
 
     # --- files ---
 
     def save(self, directory: str | Path) -> Path:
         """Write `nystrom_sketch.safetensors` and `nystrom_sketch.json` into `directory`."""
         tensors = {"test_matrix": self.test_matrix, "products": self.products}
-        return save_tensors(directory, FILES, tensors, {"format": SKETCH_FORMAT, **self.describe()})
+        meta = {"format": SKETCH_FORMAT, **self.describe()}
+        if "row_digests" in self.info:  # a sampled sketch: which rows, for the next request's downdate
+            meta["row_digests"] = self.info["row_digests"]
+        return save_tensors(directory, FILES, tensors, meta)
 
     @staticmethod
     def exists(directory: str | Path) -> bool:

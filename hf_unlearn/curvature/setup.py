@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 from ..config import KFAC_CURVATURES, UnlearningArguments
 from ..errors import ConfigurationError
 from ..objective import normaliser
+from ..request import example_digest
 from . import CURVATURE_OPERATORS, KFAC_OPERATORS
 from .kfac import KFACFactors, parameters_digest
 from .kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors
@@ -34,11 +36,35 @@ def needs_sketch(args: UnlearningArguments) -> bool:
     return args.preconditioner == "nystrom"
 
 
+def sample_indices(n: int, size: int | None, seed: int) -> list[int]:
+    """A seeded random subset of `size` of `range(n)`, sorted (all of it when `size` is None or ≥ n)."""
+    if size is None or size >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), size))
+
+
 def sample_rows(rows: list, size: int | None, seed: int) -> list:
     """A seeded random subset of `size` rows in their original order (all rows when `size` is None)."""
+    return [rows[i] for i in sample_indices(len(rows), size, seed)]
+
+
+def curvature_sample(task, rows, resolved, edited: bool, args, M) -> tuple[list, float]:
+    """`(rows, normaliser)` the exact curvature is taken on: with `args.hessian_samples`, a seeded sample of the
+    *training* rows (the same rows for every request, and those a sketch with as many `curvature_samples`
+    holds), edited by the request when `edited` (its kept rows, then the new versions of its replaced ones),
+    normalised by the sample's normaliser before the edit — as the whole edited set keeps the training set's
+    `M`. Without sampling: all `rows` (or the edited set) and `M`."""
+    size = args.hessian_samples
     if size is None or size >= len(rows):
-        return list(rows)
-    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), size))]
+        return (resolved.edited_rows(rows) if edited else list(rows)), M
+    picked = sample_indices(len(rows), size, args.seed)
+    sample = [rows[i] for i in picked]
+    M_sample = normaliser(task, sample, args.loss_normalization, args.batch_size)
+    if not edited:
+        return sample, M_sample
+    edits = {e.index: e for e in resolved.edits}
+    kept = [rows[i] for i in picked if i not in edits]
+    return kept + [edits[i].new for i in picked if i in edits and edits[i].new is not None], M_sample
 
 
 def _source(args, given: str | None) -> tuple[str, str | None]:
@@ -95,17 +121,35 @@ def obtain_factors(args, model, task, space, rows, batches, processes, given: KF
 
 def compute_sketch(args, model, task, space, rows, batches, processes, M) -> NystromSketch:
     """`args.nystrom_rank` products with `args.curvature` over `args.curvature_samples` of `rows` (normaliser
-    `M` when all of them, else the sample's own)."""
+    `M` when all of them, else the sample's own). A sampled sketch records its normaliser and its rows'
+    digests, so that a request downdates it by the request rows in it only."""
     norm = args.loss_normalization
     sample = sample_rows(rows, args.curvature_samples, args.seed)
-    C = CURVATURE_OPERATORS[args.curvature](
-        model, task, space, batches(sample), norm,
-        M if len(sample) == len(rows) else normaliser(task, sample, norm, args.batch_size), processes,
-    )  # fmt: skip
+    sampled = len(sample) < len(rows)
+    M_sketch = normaliser(task, sample, norm, args.batch_size) if sampled else M
+    C = CURVATURE_OPERATORS[args.curvature](model, task, space, batches(sample), norm, M_sketch, processes)
+    sample_info = {"normaliser": float(M_sketch), "row_digests": [example_digest(r) for r in sample]}
     return NystromSketch.compute(
         C, args.nystrom_rank, args.seed, args.progress and processes.is_main,
         curvature=args.curvature, rows=len(sample), parameters_digest=parameters_digest(space),
+        **(sample_info if sampled else {}),
     )  # fmt: skip
+
+
+def _request_rows_in_sketch(sketch: NystromSketch, resolved) -> tuple[list, list, list[str]]:
+    """`(old, new, row_digests)`: the request's old and new versions of the rows in a sampled sketch, and the
+    sketch's row digests after the edit (the removed rows' digests gone)."""
+    digests = Counter(sketch.info["row_digests"])
+    old, new = [], []
+    for e in resolved.edits:
+        d = example_digest(e.old)
+        if digests[d] > 0:
+            digests[d] -= 1
+            old.append(e.old)
+            if e.new is not None:
+                new.append(e.new)
+                digests[example_digest(e.new)] += 1
+    return old, new, sorted(digests.elements())
 
 
 def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, M, given=None):
@@ -138,13 +182,21 @@ def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, 
         **({"ignored_sketch_from": ignored} if ignored else {}),
     }
     if args.curvature_on_edited:
-        operator = CURVATURE_OPERATORS[args.curvature]
-        removed = operator(model, task, space, batches(resolved.old), norm, M, processes)
-        added = (
-            operator(model, task, space, batches(resolved.new), norm, M, processes) if resolved.new else None
-        )
-        sketch = sketch.downdate(removed, added, args.progress and processes.is_main)
-        record["downdate_rows"] = len(resolved.old) + len(resolved.new)
+        # out with the request's old rows, in with their new versions, normalised like the sketch: all of them
+        # for a sketch of the training set, those in its sample for a sampled one
+        if "row_digests" in sketch.info:
+            old, new, digests = _request_rows_in_sketch(sketch, resolved)
+            M_sketch = sketch.info["normaliser"]
+        else:
+            old, new, digests, M_sketch = resolved.old, resolved.new, None, M
+        if old:
+            operator = CURVATURE_OPERATORS[args.curvature]
+            removed = operator(model, task, space, batches(old), norm, M_sketch, processes)
+            added = operator(model, task, space, batches(new), norm, M_sketch, processes) if new else None
+            sketch = sketch.downdate(removed, added, args.progress and processes.is_main)
+            if digests is not None:
+                sketch.info["row_digests"] = digests
+        record["downdate_rows"] = len(old) + len(new)
     record.update(sketch.describe(), seconds=time.perf_counter() - start)
     return sketch, record
 
