@@ -88,7 +88,7 @@ SUITES = {
             "tol": 1e-5,
             "hessian_samples": 256,
         },
-        "per_method": {"cg+nystrom": {"nystrom_rank": 100, "curvature_samples": 256}},
+        "per_method": {"cg+nystrom": {"nystrom_rank": 200, "curvature_samples": 256}},
         "methods": [
             "cg",
             "cg+nystrom",
@@ -629,8 +629,11 @@ def main(argv=None):
     )
     parser.add_argument("--methods", default=None, help="Comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--no-scaling", action="store_true", help="Skip the scaling section.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the training recipe (original and retraining)."
+    )
     args = parser.parse_args(argv)
-    suite = SUITES[args.suite]
+    suite = {**SUITES[args.suite], "lab": {**SUITES[args.suite]["lab"], "seed": args.seed}}
     default = [m for m in METHODS if m not in CAPTURED_METHODS or suite.get("capture_curvature")]
     methods = args.methods.split(",") if args.methods else suite.get("methods", default)
     unknown = set(methods) - set(METHODS)
@@ -652,6 +655,7 @@ def main(argv=None):
         started = time.time()
         report = {
             "suite": args.suite,
+            "seed": args.seed,
             "model": model or "toy Llama (hf_unlearn.toy)",
             "fidelity": fidelity(suite, model, workdir, methods),
             "scaling": []

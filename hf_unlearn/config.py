@@ -99,7 +99,9 @@ class UnlearningArguments:
     hessian_samples: int | None = field(
         default=None,
         metadata={
-            "help": "Estimate the curvature on a seeded random subset of this many training rows (default: all)."
+            "help": "Estimate the curvature on a seeded random subset of this many training rows (default: all), "
+            "with the request applied to it when the curvature is of the edited rows: the same rows for every "
+            "request, and those of a Nyström sketch with as many --curvature-samples."
         },
     )
     preconditioner: str = field(

@@ -177,7 +177,11 @@ class UnlearnTrainer(Trainer):
     def unlearn(
         self, request: UnlearningRequest, train_dataset: Sequence[Mapping] | None = None
     ) -> UnlearningResult:
-        """Apply `request` (ids = row indices of the train dataset) to the live adapter, in place."""
+        """Apply `request` (ids = row indices of the train dataset) to the live adapter, in place.
+
+        With `preconditioner="nystrom"`, the sketch the last call left (downdated to its edited training set)
+        is used for this one; the first call sketches the curvature. Pass the edited rows as `train_dataset`
+        for a request that follows another."""
         check_curvature_supported(self.unlearning_args.curvature, self.model, self.accelerator)
         dataset, collator = training_rows(self, train_dataset)
         model = self.accelerator.unwrap_model(self.model)
@@ -188,7 +192,11 @@ class UnlearnTrainer(Trainer):
             and not self.args.disable_tqdm
             and self.is_world_process_zero(),
         )
-        result = unlearn(model, dataset, request, args, task=task, curvature_factors=self.curvature_factors)
+        previous = self.unlearning_results[-1].nystrom_sketch if self.unlearning_results else None
+        result = unlearn(
+            model, dataset, request, args, task=task,
+            curvature_factors=self.curvature_factors, nystrom_sketch=previous,
+        )  # fmt: skip
         self.unlearning_results.append(result)
         self.unlearning_manifests.append(
             build_manifest(result, self.unlearning_args, **self._manifest_context(len(dataset)))

@@ -220,3 +220,23 @@ def test_l2_regularization_trains_and_unlearns_the_same_objective(trained, tmp_p
     assert norm < 0.9 * ParameterSpace(plain.model).vector().norm()
     result = trainer.unlearn(REQUEST)
     assert result.stats["l2_regularization"] == 0.5 and result.stats["converged"]
+
+
+def test_unlearn_hands_the_nystrom_sketch_on_to_the_next_request(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.train()
+    trainer.unlearning_args = UnlearningArguments(
+        dtype="float64",
+        curvature="ggn",
+        damping=0.1,
+        preconditioner="nystrom",
+        nystrom_rank=8,
+        progress=False,
+    )
+    first = trainer.unlearn(UnlearningRequest(remove=[1]))
+    edited = trainer.train_dataset.select([i for i in range(len(ROWS)) if i != 1])
+    second = trainer.unlearn(UnlearningRequest(remove=[2]), train_dataset=edited)
+    made, reused = first.stats["nystrom_sketch"], second.stats["nystrom_sketch"]
+    assert made["origin"] == "pass" and made["products_in_unlearning"] == 8
+    assert reused["origin"] == "given" and reused["products_in_unlearning"] == 0
+    assert reused["downdates"] == 2 and second.stats["converged"]
