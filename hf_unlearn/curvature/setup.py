@@ -128,11 +128,12 @@ def compute_sketch(args, model, task, space, rows, batches, processes, M) -> Nys
     sampled = len(sample) < len(rows)
     M_sketch = normaliser(task, sample, norm, args.batch_size) if sampled else M
     C = CURVATURE_OPERATORS[args.curvature](model, task, space, batches(sample), norm, M_sketch, processes)
-    sample_info = {"normaliser": float(M_sketch), "row_digests": [example_digest(r) for r in sample]}
+    sample_info = (
+        {"normaliser": float(M_sketch), "row_digests": [example_digest(r) for r in sample]} if sampled else {}
+    )
     return NystromSketch.compute(
         C, args.nystrom_rank, args.seed, args.progress and processes.is_main,
-        curvature=args.curvature, rows=len(sample), parameters_digest=parameters_digest(space),
-        **(sample_info if sampled else {}),
+        curvature=args.curvature, rows=len(sample), parameters_digest=parameters_digest(space), **sample_info,
     )  # fmt: skip
 
 
