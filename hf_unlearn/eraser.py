@@ -114,9 +114,6 @@ def unlearn(
         # its normaliser from before the edit, as the whole edited set keeps M.
         edited = resolved.edited_rows(all_rows)
         curvature_data = edited if args.curvature_on_edited else all_rows
-        curvature_rows, curvature_M = curvature_sample(
-            task, all_rows, resolved, args.curvature_on_edited, args, M
-        )
         extra_stats = {"curvature_data": "edited" if args.curvature_on_edited else "original"}
         factors = None
         if needs_factors(args):
@@ -139,15 +136,19 @@ def unlearn(
             extra_stats["curvature_factors_unused"] = (
                 "no kfac/ekfac curvature or preconditioner was asked for"
             )
-        sketch = None
+        # picked: the indices of the training rows a sampled sketch holds, which the solve's sample then is
+        sketch, picked = None, None
         if needs_sketch(args):
             t = time.perf_counter()
-            sketch, extra_stats["nystrom_sketch"] = obtain_sketch(
+            sketch, extra_stats["nystrom_sketch"], picked = obtain_sketch(
                 args, model, task, space, all_rows, resolved, batches, processes, M, nystrom_sketch
             )
             timings["nystrom_sketch_seconds"] = time.perf_counter() - t
         elif nystrom_sketch is not None:
             extra_stats["nystrom_sketch_unused"] = "no nystrom preconditioner was asked for"
+        curvature_rows, curvature_M = curvature_sample(
+            task, all_rows, resolved, args.curvature_on_edited, args, M, picked
+        )
         curvature, preconditioner = build_operators(
             args, model, task, space, curvature_rows, batches, processes, factors, curvature_M, sketch
         )
@@ -202,6 +203,7 @@ def unlearn(
                 processes,
                 solver_options,
                 factors,
+                picked,
             )
             timings["refine_seconds"] = time.perf_counter() - t
             if not delta.any():
@@ -370,7 +372,7 @@ def backtrack(tilted, space, start, step, value, slope):
 
 def refine(
     model, task, space, all_rows, resolved, first_step, damping, M, args, batches, processes, solver_options,
-    factors=None,
+    factors=None, picked=None,
 ):  # fmt: skip
     """`refine_steps` damped Newton steps on the tilted edited objective (DESIGN §2 "Beyond one step").
 
@@ -378,7 +380,7 @@ def refine(
     chosen `curvature`) are over the edited training set — the kept rows plus the new versions — with the
     normaliser M of the original set kept fixed, R and R' include the objective's (μ/2)‖θ‖² term, and the
     solver is the first step's; with `hessian_samples`, C' is taken on the first step's edited sample
-    (`curvature_sample`). With `curvature="kfac"|"ekfac"` the factors are
+    (`curvature_sample` of the same training rows: the seeded sample, or `picked`). With `curvature="kfac"|"ekfac"` the factors are
     recomputed at every θ by one pass over the edited rows (`curvature_samples` of them); a K-FAC
     *preconditioner* keeps the θ* factors (it only changes the speed of the solve). `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
     λ = `damping`; with `"adaptive"` (Levenberg–Marquardt) the one-step update itself is the first trial, and
@@ -408,7 +410,7 @@ def refine(
         )
         edited_batches = batches(edited)
         # C'(θ) on the first step's rows: the edited set with M fixed, or the same edited sample
-        curvature_rows, curvature_M = curvature_sample(task, all_rows, resolved, True, args, M)
+        curvature_rows, curvature_M = curvature_sample(task, all_rows, resolved, True, args, M, picked)
 
         def tilted() -> float:  # R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩
             theta = space.vector()

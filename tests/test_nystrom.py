@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from reference import dense_ggn, fit, loop_normaliser, relative_error, tiny_llama, token_rows
+from reference import DenseReference, dense_ggn, fit, loop_normaliser, relative_error, tiny_llama, token_rows
 
 from hf_unlearn import (
     CausalLMTask,
@@ -207,3 +207,40 @@ def test_a_sampled_sketch_is_downdated_by_its_own_request_rows_and_fits_the_samp
     r2 = unlearn(fresh_model(), ROWS, UnlearningRequest(remove=[2]), sketched, nystrom_sketch=given)
     assert r2.stats["nystrom_sketch"]["downdate_rows"] == 0
     assert torch.equal(r2.nystrom_sketch.products, given.products)
+
+
+def test_a_request_after_a_removal_curves_on_the_rows_of_the_sampled_sketch():
+    # seed 5: the first request's 6-row sample is rows 4..9 (row 2 removed, row 7 replaced). In the edited
+    # file those rows sit at 3..8, while a seeded sample of its 9 rows would be 0, 4..8: a sketch handed on
+    # must keep the solve on its own rows.
+    args = dict(
+        solver="cg", curvature="ggn", damping=0.05, tol=1e-10, dtype="float64", progress=False, seed=5,
+        hessian_samples=6, preconditioner="nystrom", nystrom_rank=8, curvature_samples=6,
+    )  # fmt: skip
+    model = fresh_model()
+    first = unlearn(model, ROWS, REQUEST, UnlearningArguments(**args))
+    new7 = REQUEST.resolve(TrainingSet(ROWS), CausalLMTask()).new[0]
+    rows = [new7 if i == 7 else r for i, r in enumerate(ROWS) if i != 2]  # the training file as edited
+    second = unlearn(
+        model,
+        rows,
+        UnlearningRequest(remove=[4]),
+        UnlearningArguments(**args),
+        nystrom_sketch=first.nystrom_sketch,
+    )
+    assert second.stats["nystrom_sketch"]["solve_sample_is_sketch_sample"]
+    assert second.stats["nystrom_sketch"]["downdate_rows"] == 1
+    # the exact update with the GGN of the sketch's rows minus the removed one, normalised by those rows
+    ref_model = fresh_model()
+    unlearn(ref_model, ROWS, REQUEST, UnlearningArguments(**args))  # θ₁ again, deterministically
+    ref = DenseReference(ref_model, "token")
+    b = -ref.grad_sum([rows[4]]) / loop_normaliser(rows, "token")
+    G = dense_ggn(ref_model, [rows[i] for i in (3, 5, 6, 7, 8)], "token", loop_normaliser(rows[3:9], "token"))
+    expected = -torch.linalg.solve(G + 0.05 * torch.eye(len(b), dtype=G.dtype), b)
+    assert relative_error(torch.cat([d.reshape(-1) for d in second.delta.values()]), expected) < 1e-8
+    # a sketch that holds rows of another training set is refused, not silently used for the sample
+    with pytest.raises(ConfigurationError, match="not in this training set"):
+        unlearn(
+            fresh_model(), ROWS, UnlearningRequest(remove=[0]), UnlearningArguments(**args),
+            nystrom_sketch=second.nystrom_sketch,
+        )  # fmt: skip

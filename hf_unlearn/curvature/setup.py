@@ -48,16 +48,18 @@ def sample_rows(rows: list, size: int | None, seed: int) -> list:
     return [rows[i] for i in sample_indices(len(rows), size, seed)]
 
 
-def curvature_sample(task, rows, resolved, edited: bool, args, M) -> tuple[list, float]:
+def curvature_sample(task, rows, resolved, edited: bool, args, M, picked=None) -> tuple[list, float]:
     """`(rows, normaliser)` the exact curvature is taken on: with `args.hessian_samples`, a seeded sample of the
     *training* rows (the same rows for every request, and those a sketch with as many `curvature_samples`
-    holds), edited by the request when `edited` (its kept rows, then the new versions of its replaced ones),
-    normalised by the sample's normaliser before the edit — as the whole edited set keeps the training set's
-    `M`. Without sampling: all `rows` (or the edited set) and `M`."""
+    holds) — or the training rows at indices `picked` (`sketch_sample`) —, edited by the request when `edited`
+    (its kept rows, then the new versions of its replaced ones), normalised by the sample's normaliser before
+    the edit — as the whole edited set keeps the training set's `M`. Without sampling: all `rows` (or the
+    edited set) and `M`."""
     size = args.hessian_samples
-    if size is None or size >= len(rows):
+    if picked is None and (size is None or size >= len(rows)):
         return (resolved.edited_rows(rows) if edited else list(rows)), M
-    picked = sample_indices(len(rows), size, args.seed)
+    if picked is None:
+        picked = sample_indices(len(rows), size, args.seed)
     sample = [rows[i] for i in picked]
     M_sample = normaliser(task, sample, args.loss_normalization, args.batch_size)
     if not edited:
@@ -153,11 +155,36 @@ def _request_rows_in_sketch(sketch: NystromSketch, resolved) -> tuple[list, list
     return old, new, sorted(digests.elements())
 
 
-def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, M, given=None):
-    """The Nyström sketch for this request and a record of where it came from (module docstring).
+def sketch_sample(sketch: NystromSketch, rows: list, args) -> list[int] | None:
+    """Indices of the training `rows` a sampled sketch holds (matched by digest), when it is the sample
+    `args.hessian_samples` asks for (as many rows when it was made, the same seed): then the solve curves on
+    the sketch's rows. After a removal the seeded sample of the shorter training file is other rows, while the
+    sketch, downdated, holds the first request's rows minus the removed ones. None otherwise."""
+    digests = sketch.info.get("row_digests")
+    info = sketch.info
+    if digests is None or (info.get("rows"), info.get("seed")) != (args.hessian_samples, args.seed):
+        return None
+    wanted, picked = Counter(digests), []
+    for i, row in enumerate(rows):
+        d = example_digest(row)
+        if wanted[d] > 0:
+            wanted[d] -= 1
+            picked.append(i)
+    missing = sum(wanted.values())
+    if missing:
+        raise ConfigurationError(
+            f"the Nyström sketch holds {missing} rows that are not in this training set: give the training file "
+            "as edited by the earlier runs, or use --curvature-factors pass to sketch this one."
+        )
+    return picked
 
-    `rows` are the training rows and `M` their normaliser. Returns `(sketch, record)`: the training set's
-    sketch, downdated by the request rows (old versions out, new ones in) when C is on the edited rows —
+
+def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, M, given=None):
+    """The Nyström sketch for this request, a record of where it came from (module docstring), and the indices
+    of the training rows the solve's sample must be (`sketch_sample`; None: the seeded sample or all rows).
+
+    `rows` are the training rows and `M` their normaliser. Returns `(sketch, record, picked)`: the training
+    set's sketch, downdated by the request rows (old versions out, new ones in) when C is on the edited rows —
     which is also the sketch of the edited training set, for the next request.
     """
     norm = args.loss_normalization
@@ -176,11 +203,13 @@ def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, 
             "use --curvature-factors pass to sketch this adapter's curvature."
         )
     sketch = sketch.to(space.params[0].dtype, space.params[0].device)
+    picked = sketch_sample(sketch, rows, args)
     record = {
         "origin": origin,
         "parameters_match": sketch.info.get("parameters_digest") == parameters_digest(space),
         "products_in_unlearning": sketch.rank if origin == "pass" else 0,
         **({"ignored_sketch_from": ignored} if ignored else {}),
+        "solve_sample_is_sketch_sample": picked is not None,
     }
     if args.curvature_on_edited:
         # out with the request's old rows, in with their new versions, normalised like the sketch: all of them
@@ -199,7 +228,7 @@ def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, 
                 sketch.info["row_digests"] = digests
         record["downdate_rows"] = len(old) + len(new)
     record.update(sketch.describe(), seconds=time.perf_counter() - start)
-    return sketch, record
+    return sketch, record, picked
 
 
 def build_operators(
