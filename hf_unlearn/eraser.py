@@ -380,9 +380,10 @@ def refine(
     chosen `curvature`) are over the edited training set — the kept rows plus the new versions — with the
     normaliser M of the original set kept fixed, R and R' include the objective's (μ/2)‖θ‖² term, and the
     solver is the first step's; with `hessian_samples`, C' is taken on the first step's edited sample
-    (`curvature_sample` of the same training rows: the seeded sample, or `picked`). With `curvature="kfac"|"ekfac"` the factors are
-    recomputed at every θ by one pass over the edited rows (`curvature_samples` of them); a K-FAC
-    *preconditioner* keeps the θ* factors (it only changes the speed of the solve). `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
+    (`curvature_sample` of the same training rows: the seeded sample, or `picked`). With
+    `curvature="kfac"|"ekfac"` the factors are recomputed at every θ by one pass over the edited rows
+    (`curvature_samples` of them); a K-FAC *preconditioner* keeps the θ* factors (it only changes the speed
+    of the solve). `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
     λ = `damping`; with `"adaptive"` (Levenberg–Marquardt) the one-step update itself is the first trial, and
     a step is kept only if it lowers `R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩`, after which λ ← max(λ/3, damping),
     and a rejected step (or a solve that meets non-positive curvature, the first one included) leaves θ and sets
