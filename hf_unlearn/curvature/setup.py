@@ -173,8 +173,9 @@ def sketch_sample(sketch: NystromSketch, rows: list, args) -> list[int] | None:
     missing = sum(wanted.values())
     if missing:
         raise ConfigurationError(
-            f"the Nyström sketch holds {missing} rows that are not in this training set: give the training file "
-            "as edited by the earlier runs, or use --curvature-factors pass to sketch this one."
+            f"the Nyström sketch holds {missing} rows that are not in this training set: give the training rows "
+            "as edited by the earlier requests (the edited training file, or `train_dataset=` in "
+            "UnlearnTrainer.unlearn), or use --curvature-factors pass to sketch these rows."
         )
     return picked
 
