@@ -55,10 +55,10 @@ def curvature_sample(task, rows, resolved, edited: bool, args, M, picked=None) -
     (its kept rows, then the new versions of its replaced ones), normalised by the sample's normaliser before
     the edit — as the whole edited set keeps the training set's `M`. Without sampling: all `rows` (or the
     edited set) and `M`."""
-    size = args.hessian_samples
-    if picked is None and (size is None or size >= len(rows)):
-        return (resolved.edited_rows(rows) if edited else list(rows)), M
     if picked is None:
+        size = args.hessian_samples
+        if size is None or size >= len(rows):
+            return (resolved.edited_rows(rows) if edited else list(rows)), M
         picked = sample_indices(len(rows), size, args.seed)
     sample = [rows[i] for i in picked]
     M_sample = normaliser(task, sample, args.loss_normalization, args.batch_size)
@@ -160,8 +160,8 @@ def sketch_sample(sketch: NystromSketch, rows: list, args) -> list[int] | None:
     `args.hessian_samples` asks for (as many rows when it was made, the same seed): then the solve curves on
     the sketch's rows. After a removal the seeded sample of the shorter training file is other rows, while the
     sketch, downdated, holds the first request's rows minus the removed ones. None otherwise."""
-    digests = sketch.info.get("row_digests")
     info = sketch.info
+    digests = info.get("row_digests")
     if digests is None or (info.get("rows"), info.get("seed")) != (args.hessian_samples, args.seed):
         return None
     wanted, picked = Counter(digests), []
