@@ -48,8 +48,8 @@ SUITES = {
         "sizes": DemoSizes(facts=24, private=8, poisoned=8, wrong=8),
         "request_sizes": [2, 4, 8],
         # the toy memorises its rows; μ = 0.1 makes the objective's own L2 term the damping (λ = 0 on top).
-        # Full-batch steps with a linearly decaying rate end near a stationary point of the objective, which
-        # the influence step assumes (a constant rate on mini-batches leaves θ* and each retraining noisy).
+        # Full-batch steps with a linearly decaying rate end with small gradients (not at a minimum: README),
+        # where a constant rate on mini-batches left θ* and each retraining noisy.
         "lab": {
             "epochs": 200,
             "learning_rate": 2e-2,
