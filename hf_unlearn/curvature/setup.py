@@ -139,15 +139,22 @@ def compute_sketch(args, model, task, space, rows, batches, processes, M) -> Nys
     )  # fmt: skip
 
 
+def _take(digests: Counter, row) -> bool:
+    """Whether `row` is among the (multiset of) row `digests`; if so, one copy of its digest is used up."""
+    d = example_digest(row)
+    if digests[d] > 0:
+        digests[d] -= 1
+        return True
+    return False
+
+
 def _request_rows_in_sketch(sketch: NystromSketch, resolved) -> tuple[list, list, list[str]]:
     """`(old, new, row_digests)`: the request's old and new versions of the rows in a sampled sketch, and the
     sketch's row digests after the edit (the removed rows' digests gone)."""
     digests = Counter(sketch.info["row_digests"])
     old, new = [], []
     for e in resolved.edits:
-        d = example_digest(e.old)
-        if digests[d] > 0:
-            digests[d] -= 1
+        if _take(digests, e.old):
             old.append(e.old)
             if e.new is not None:
                 new.append(e.new)
@@ -164,12 +171,8 @@ def sketch_sample(sketch: NystromSketch, rows: list, args) -> list[int] | None:
     digests = info.get("row_digests")
     if digests is None or (info.get("rows"), info.get("seed")) != (args.hessian_samples, args.seed):
         return None
-    wanted, picked = Counter(digests), []
-    for i, row in enumerate(rows):
-        d = example_digest(row)
-        if wanted[d] > 0:
-            wanted[d] -= 1
-            picked.append(i)
+    wanted = Counter(digests)
+    picked = [i for i, row in enumerate(rows) if _take(wanted, row)]
     missing = sum(wanted.values())
     if missing:
         raise ConfigurationError(
