@@ -379,6 +379,20 @@ def test_arguments_are_validated():
         UnlearningArguments(solver="woodbury", curvature="kfac")
 
 
+def test_a_factor_pass_refuses_an_adapted_lm_head_and_says_why():
+    """The loss computes logits at the loss positions only, so an adapted lm_head sees (B, K) positions that
+    do not line up with the (B, L) attention mask: refused with a message naming lm_head, not summed wrongly."""
+    from peft import LoraConfig, get_peft_model
+    from reference import LORA, tiny_llama_base
+
+    head = get_peft_model(
+        tiny_llama_base(seed=1),
+        LoraConfig(**{**LORA, "target_modules": ["lm_head"]}, init_lora_weights=False),
+    ).eval()
+    with pytest.raises(ConfigurationError, match="an adapted lm_head"):
+        factors_for(head, ROWS, "token")
+
+
 # --- saving and loading ------------------------------------------------------------------------------------
 
 

@@ -100,7 +100,10 @@ class FactorCollector:
             if batch.mask is not None and tuple(batch.mask.shape) != tuple(a.shape[:2]):
                 self.problem = (
                     f"the input of {block.name} has shape {tuple(a.shape)}, which does not line up with the "
-                    f"batch's attention mask {tuple(batch.mask.shape)} (packed or reshaped sequences?)"
+                    f"batch's attention mask {tuple(batch.mask.shape)}: packed or reshaped sequences, or a layer "
+                    "that sees only some positions, such as an adapted lm_head (the loss computes logits at the "
+                    "loss positions only); K-FAC covers per-token layers, so leave lm_head out of the LoRA "
+                    "targets or use curvature ggn/hessian"
                 )
                 return
             output.register_hook(lambda g: self._accumulate(block, a, g.detach(), batch))
