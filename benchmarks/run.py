@@ -91,7 +91,10 @@ SUITES = {
             "tol": 1e-5,
             "hessian_samples": 256,
         },
-        "per_method": {"cg+nystrom": {"nystrom_rank": 200, "curvature_samples": 256}},
+        "per_method": {
+            "cg+nystrom": {"nystrom_rank": 200, "curvature_samples": 256},
+            "cg+refine": {"refine_steps": 5, "refine_damping": "line_search"},  # as in the quick suite
+        },
         "methods": [
             "cg",
             "cg+nystrom",
