@@ -1,0 +1,150 @@
+"""How close one influence step lands to retraining, as a function of how hard the adapter fits its rows.
+
+    python benchmarks/regimes.py --output benchmarks/results/regimes.json
+
+Runs the quick suite's fidelity section (methods `cg`, `retrain-next-seed`, `retrain`; no converged reference)
+for each L2 strength μ of the training objective `R + (μ/2)‖θ‖²` (the unlearning objective carries the same
+term) and each LoRA target set, and writes every row with its `l2_regularization` and `lora_targets`, plus a
+PNG: `cg`'s gap closed against μ per task, one point per request size, with retraining's own spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from run import SUITES, fidelity
+
+METHODS = ["cg", "retrain-next-seed", "retrain"]
+L2_STRENGTHS = [0.05, 0.1, 0.2, 0.3, 0.5]
+TARGETS = ["lm_head", "q_proj,v_proj"]
+
+
+def sweep(l2_strengths: list[float], targets: list[str], seed: int) -> list[dict]:
+    rows = []
+    for lora_targets in targets:
+        for mu in l2_strengths:
+            lab = {
+                **SUITES["quick"]["lab"],
+                "seed": seed,
+                "l2_regularization": mu,
+                "lora_targets": lora_targets,
+            }
+            suite = {**SUITES["quick"], "lab": lab, "reference": False}
+            print(f"--- LoRA on {lora_targets}, μ = {mu:g}", flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                for row in fidelity(suite, None, Path(tmp), METHODS):
+                    rows.append({"lora_targets": lora_targets, "l2_regularization": mu, **row})
+    return rows
+
+
+def markdown_table(report: dict) -> str:
+    """One line per target set and μ: the forgotten PINs' NLL at θ* (how hard the rows are fitted), `cg`'s gap
+    closed per task at each request size, and the range the next seed's retraining closes."""
+    rows = report["fidelity"]
+    lines = [
+        "| LoRA on | μ | PIN NLL at θ* | cg: IR (k = 2 / 4 / 8) | cg: QM | cg: RC | next-seed retraining |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for lora_targets, mu in dict.fromkeys((r["lora_targets"], r["l2_regularization"]) for r in rows):
+        cell = [r for r in rows if (r["lora_targets"], r["l2_regularization"]) == (lora_targets, mu)]
+
+        def gaps(task, method="cg", cell=cell):
+            return [r["gap_closed"] for r in cell if r["task"] == task and r["method"] == method]
+
+        pins = [r["original"] for r in cell if r["task"] == "IR" and r["method"] == "cg"]
+        spread = [g for task in ("IR", "QM", "RC") for g in gaps(task, "retrain-next-seed")]
+        lines.append(
+            f"| {lora_targets} | {mu:g} | {sum(pins) / len(pins):.2f} | "
+            + " | ".join(" / ".join(f"{g:.0%}" for g in gaps(task)) for task in ("IR", "QM", "RC"))
+            + f" | {min(spread):.0%}–{max(spread):.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    rows = report["fidelity"]
+    targets = list(dict.fromkeys(r["lora_targets"] for r in rows))
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False, sharey=True)
+    for ax, lora_targets in zip(axes[0], targets):
+        ax.axhspan(0.8, 1.2, color="green", alpha=0.08, label="80–120 %")
+        ax.axhline(1.0, color="black", linewidth=0.6)
+        for i, task in enumerate(["IR", "QM", "RC"]):
+            for method, marker, style in (("cg", "o", "-"), ("retrain-next-seed", "x", ":")):
+                picked = [
+                    r
+                    for r in rows
+                    if r["lora_targets"] == lora_targets and r["task"] == task and r["method"] == method
+                ]
+                mus = sorted({r["l2_regularization"] for r in picked})
+                # one point per request size, the line through their mean at each μ
+                xs = [r["l2_regularization"] for r in picked]
+                ys = [r["gap_closed"] for r in picked]
+                means = [
+                    sum(r["gap_closed"] for r in picked if r["l2_regularization"] == mu)
+                    / sum(r["l2_regularization"] == mu for r in picked)
+                    for mu in mus
+                ]
+                color = f"C{i}"
+                ax.scatter(xs, ys, marker=marker, color=color, s=18, alpha=0.7)
+                label = f"{task} {'cg' if method == 'cg' else 'next-seed retraining'}"
+                ax.plot(mus, means, style, color=color, label=label)
+        ax.set_xscale("log")
+        ticks = sorted({r["l2_regularization"] for r in rows if r["lora_targets"] == lora_targets})
+        ax.set_xticks(ticks, [f"{mu:g}" for mu in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("L2 strength μ of the training objective")
+        ax.set_title(f"LoRA on {lora_targets}")
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes[0][0].set_ylabel("gap to retraining closed")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(
+        "one influence step vs retraining on the quick toy (points: request sizes; lines: their mean)"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output", default="benchmarks/results/regimes.json")
+    parser.add_argument(
+        "--l2", default=",".join(map(str, L2_STRENGTHS)), help="Comma-separated L2 strengths μ."
+    )
+    parser.add_argument(
+        "--targets",
+        default=";".join(TARGETS),
+        help="Semicolon-separated LoRA target sets (each comma-separated modules).",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the training recipe.")
+    args = parser.parse_args(argv)
+    started = time.time()
+    report = {
+        "suite": "quick",
+        "seed": args.seed,
+        "fidelity": sweep([float(m) for m in args.l2.split(",")], args.targets.split(";"), args.seed),
+    }
+    report["wall_seconds"] = time.time() - started
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, output.with_suffix(".png"))
+    print(markdown_table(report))
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
