@@ -11,13 +11,12 @@ PNG: `cg`'s gap closed against μ per task, one point per request size, with ret
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from run import SUITES, fidelity
+from run import SUITES, fidelity, write_report
 
 METHODS = ["cg", "retrain-next-seed", "retrain"]
 L2_STRENGTHS = [0.05, 0.1, 0.2, 0.3, 0.5]
@@ -137,12 +136,7 @@ def main(argv=None):
         "fidelity": sweep([float(m) for m in args.l2.split(",")], args.targets.split(";"), args.seed),
     }
     report["wall_seconds"] = time.time() - started
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, output.with_suffix(".png"))
-    print(markdown_table(report))
-    print(f"wrote {output} and {output.with_suffix('.png')}")
+    write_report(report, args.output, plot, markdown_table(report))
     return 0
 
 

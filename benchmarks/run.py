@@ -641,6 +641,16 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write_report(report: dict, output: str | Path, plot, summary: str) -> None:
+    """`report` as JSON at `output` and `plot(report, path)` as the PNG beside it; prints `summary`."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, output.with_suffix(".png"))
+    print(summary)
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -695,12 +705,7 @@ def main(argv=None):
             else scaling(suite, model, workdir),
         }
         report["wall_seconds"] = time.time() - started
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, output.with_suffix(".png"))
-    print(markdown_table(report))
-    print(f"wrote {output} and {output.with_suffix('.png')}")
+    write_report(report, args.output, plot, markdown_table(report))
     return 0
 
 

@@ -10,11 +10,10 @@ kept training rows (what the step must not break). Writes JSON and a PNG plot be
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from run import SUITES, make_lab, objective
+from run import SUITES, make_lab, objective, write_report
 
 from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, unlearn
 from hf_unlearn.demo import edited_rows, metric_rows
@@ -102,13 +101,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         report = profile(args.kind, args.size, args.seed, Path(tmp))
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, output.with_suffix(".png"))
-    for p in report["points"]:
-        print(f"t = {p['t']:4.2f}  gap closed {p['gap_closed']:6.0%}  kept rows NLL {p['kept_rows_nll']:.3f}")
-    print(f"wrote {output} and {output.with_suffix('.png')}")
+    summary = "\n".join(
+        f"t = {p['t']:4.2f}  gap closed {p['gap_closed']:6.0%}  kept rows NLL {p['kept_rows_nll']:.3f}"
+        for p in report["points"]
+    )
+    write_report(report, args.output, plot, summary)
     return 0
 
 
