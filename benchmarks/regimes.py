@@ -1,11 +1,11 @@
-"""How close one influence step lands to retraining, as a function of how hard the adapter fits its rows.
+"""How close unlearning lands to retraining, as a function of how hard the adapter fits its rows.
 
     python benchmarks/regimes.py --output benchmarks/results/regimes.json
 
-Runs the quick suite's fidelity section (methods `cg`, `retrain-next-seed`, `retrain`; no converged reference)
-for each L2 strength μ of the training objective `R + (μ/2)‖θ‖²` (the unlearning objective carries the same
-term) and each LoRA target set, and writes every row with its `l2_regularization` and `lora_targets`, plus a
-PNG: `cg`'s gap closed against μ per task, one point per request size, with retraining's own spread.
+Runs the quick suite's fidelity section (by default the methods `cg`, `retrain-next-seed`, `retrain`; no
+converged reference) for each L2 strength μ of the training objective `R + (μ/2)‖θ‖²` (the unlearning
+objective carries the same term) and each LoRA target set, and writes every row with its `l2_regularization`
+and `lora_targets`, plus a PNG: each method's gap closed against μ per task, one point per request size.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from run import METHODS as RUN_METHODS
 from run import SUITES, fidelity, write_report
 
 METHODS = ["cg", "retrain-next-seed", "retrain"]
@@ -23,7 +24,7 @@ L2_STRENGTHS = [0.05, 0.1, 0.2, 0.3, 0.5]
 TARGETS = ["lm_head", "q_proj,v_proj"]
 
 
-def sweep(l2_strengths: list[float], targets: list[str], seed: int) -> list[dict]:
+def sweep(l2_strengths: list[float], targets: list[str], seed: int, methods: list[str]) -> list[dict]:
     rows = []
     for lora_targets in targets:
         for mu in l2_strengths:
@@ -36,32 +37,39 @@ def sweep(l2_strengths: list[float], targets: list[str], seed: int) -> list[dict
             suite = {**SUITES["quick"], "lab": lab, "reference": False}
             print(f"--- LoRA on {lora_targets}, μ = {mu:g}", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
-                for row in fidelity(suite, None, Path(tmp), METHODS):
+                for row in fidelity(suite, None, Path(tmp), methods):
                     rows.append({"lora_targets": lora_targets, "l2_regularization": mu, **row})
     return rows
 
 
 def markdown_table(report: dict) -> str:
-    """One line per target set and μ: the forgotten PINs' NLL at θ* (how hard the rows are fitted), `cg`'s gap
-    closed per task at each request size, and the range the next seed's retraining closes."""
+    """One line per target set, μ and unlearning method: the forgotten PINs' NLL at θ* (how hard the rows
+    are fitted), the gap closed per task at each request size, and the range the next seed's retraining
+    closes."""
     rows = report["fidelity"]
     lines = [
-        "| LoRA on | μ | PIN NLL at θ* | cg: IR (k = 2 / 4 / 8) | cg: QM | cg: RC | next-seed retraining |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| LoRA on | μ | PIN NLL at θ* | method | IR (k = 2 / 4 / 8) | QM | RC | next-seed retraining |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for lora_targets, mu in dict.fromkeys((r["lora_targets"], r["l2_regularization"]) for r in rows):
         cell = [r for r in rows if (r["lora_targets"], r["l2_regularization"]) == (lora_targets, mu)]
-
-        def gaps(task, method="cg", cell=cell):
-            return [r["gap_closed"] for r in cell if r["task"] == task and r["method"] == method]
-
-        pins = [r["original"] for r in cell if r["task"] == "IR" and r["method"] == "cg"]
-        spread = [g for task in ("IR", "QM", "RC") for g in gaps(task, "retrain-next-seed")]
-        lines.append(
-            f"| {lora_targets} | {mu:g} | {sum(pins) / len(pins):.2f} | "
-            + " | ".join(" / ".join(f"{g:.0%}" for g in gaps(task)) for task in ("IR", "QM", "RC"))
-            + f" | {min(spread):.0%}–{max(spread):.0%} |"
-        )
+        pins = [r["original"] for r in cell if r["task"] == "IR" and r["method"] == "retrain"]
+        spread = [r["gap_closed"] for r in cell if r["method"] == "retrain-next-seed"]
+        spread = f"{min(spread):.0%}–{max(spread):.0%}" if spread else "—"
+        for method in dict.fromkeys(r["method"] for r in cell):
+            if method in ("retrain", "retrain-next-seed"):
+                continue
+            gaps = [
+                " / ".join(
+                    f"{r['gap_closed']:.0%}" for r in cell if r["task"] == task and r["method"] == method
+                )
+                for task in ("IR", "QM", "RC")
+            ]
+            lines.append(
+                f"| {lora_targets} | {mu:g} | {sum(pins) / len(pins):.2f} | {method} | "
+                + " | ".join(gaps)
+                + f" | {spread} |"
+            )
     return "\n".join(lines)
 
 
@@ -74,12 +82,13 @@ def plot(report: dict, path: Path) -> None:
 
     rows = report["fidelity"]
     targets = list(dict.fromkeys(r["lora_targets"] for r in rows))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "retrain"]
     fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False, sharey=True)
     for ax, lora_targets in zip(axes[0], targets):
         ax.axhspan(0.8, 1.2, color="green", alpha=0.08, label="80–120 %")
         ax.axhline(1.0, color="black", linewidth=0.6)
         for i, task in enumerate(["IR", "QM", "RC"]):
-            for method, marker, style in (("cg", "o", "-"), ("retrain-next-seed", "x", ":")):
+            for method, marker, style in zip(methods, "oxs^v", ["-", ":", "--", "-.", (0, (1, 3))]):
                 picked = [
                     r
                     for r in rows
@@ -96,7 +105,7 @@ def plot(report: dict, path: Path) -> None:
                 ]
                 color = f"C{i}"
                 ax.scatter(xs, ys, marker=marker, color=color, s=18, alpha=0.7)
-                label = f"{task} {'cg' if method == 'cg' else 'next-seed retraining'}"
+                label = f"{task} {method}"
                 ax.plot(mus, means, style, color=color, label=label)
         ax.set_xscale("log")
         ticks = sorted({r["l2_regularization"] for r in rows if r["lora_targets"] == lora_targets})
@@ -108,7 +117,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0][0].set_ylabel("gap to retraining closed")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(
-        "one influence step vs retraining on the quick toy (points: request sizes; lines: their mean)"
+        "unlearning vs retraining on the quick toy by L2 strength (points: request sizes; lines: their mean)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -128,12 +137,23 @@ def main(argv=None):
         help="Semicolon-separated LoRA target sets (each comma-separated modules).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the training recipe.")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help="Comma-separated benchmarks/run.py methods."
+    )
     args = parser.parse_args(argv)
+    methods = args.methods.split(",")
+    if "retrain" not in methods:
+        methods.append("retrain")  # the gap is measured against it
+    unknown = set(methods) - set(RUN_METHODS)
+    if unknown:
+        parser.error(f"unknown methods {sorted(unknown)}")
     started = time.time()
     report = {
         "suite": "quick",
         "seed": args.seed,
-        "fidelity": sweep([float(m) for m in args.l2.split(",")], args.targets.split(";"), args.seed),
+        "fidelity": sweep(
+            [float(m) for m in args.l2.split(",")], args.targets.split(";"), args.seed, methods
+        ),
     }
     report["wall_seconds"] = time.time() - started
     write_report(report, args.output, plot, markdown_table(report))
