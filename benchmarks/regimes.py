@@ -117,7 +117,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0][0].set_ylabel("gap to retraining closed")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(
-        "unlearning vs retraining on the quick toy by L2 strength (points: request sizes; lines: their mean)"
+        "unlearning vs retraining on the quick toy, by L2 strength\n(points: request sizes; lines: their mean)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
