@@ -641,12 +641,12 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(report: dict, output: str | Path, plot, summary: str) -> None:
-    """`report` as JSON at `output` and `plot(report, path)` as the PNG beside it; prints `summary`."""
+def write_report(report: dict, output: str | Path, draw, summary: str) -> None:
+    """`report` as JSON at `output` and `draw(report, path)` as the PNG beside it; prints `summary`."""
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")
-    plot(report, output.with_suffix(".png"))
+    draw(report, output.with_suffix(".png"))
     print(summary)
     print(f"wrote {output} and {output.with_suffix('.png')}")
 
