@@ -115,6 +115,42 @@ def test_l2_regularization_callback_adds_mu_theta_to_the_gradient():
         L2RegularizationCallback(-1.0)
 
 
+class _LeastSquares(torch.nn.Module):
+    """R(θ) = mean of (xᵀθ − y)²: a model the Trainer can fit, returning its loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.zeros(4))
+
+    def forward(self, x, y):
+        return {"loss": ((x @ self.theta - y) ** 2).mean()}
+
+
+def test_l2_regularization_callback_trains_to_the_regularised_minimum_when_clipping_binds(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from hf_unlearn import L2RegularizationCallback
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=gen), 3 * torch.randn(16, generator=gen)
+    rows = [{"x": x[i], "y": y[i]} for i in range(16)]
+    mu, clip = 1.0, 0.1  # at the minimum ‖∇R‖ = μ‖θ‖ ≫ 0.1: clipping ∇R alone would stop training early
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=16, num_train_epochs=400, learning_rate=0.2,
+        optim="sgd", lr_scheduler_type="constant", max_grad_norm=clip, report_to=[], save_strategy="no",
+        disable_tqdm=True, logging_strategy="no", remove_unused_columns=False, use_cpu=True,
+    )  # fmt: skip
+    model = _LeastSquares()
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[L2RegularizationCallback(mu)]).train()
+    assert args.max_grad_norm == clip  # restored after training
+
+    theta = model.theta.detach().double()
+    x, y = x.double(), y.double()
+    exact = torch.linalg.solve(2 * x.T @ x / 16 + mu * torch.eye(4, dtype=torch.float64), 2 * x.T @ y / 16)
+    assert mu * exact.norm() > 5 * clip
+    assert torch.allclose(theta, exact, rtol=1e-4, atol=1e-5)  # argmin R + (μ/2)‖θ‖²
+
+
 def test_train_with_l2_regularization_records_it_and_unlearn_uses_it(workspace):
     out = workspace / "adapter_l2"
     args = ["train", "--model", str(workspace / "base"), "--train-file", str(workspace / "train.jsonl"),
