@@ -11,13 +11,14 @@ and `lora_targets`, plus a PNG: each method's gap closed against μ per task, on
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from run import GAP_AXIS, SUITES, fidelity, write_report
 from run import METHODS as RUN_METHODS
-from run import SUITES, fidelity, write_report
 
 METHODS = ["cg", "retrain-next-seed", "retrain"]
 L2_STRENGTHS = [0.05, 0.1, 0.2, 0.3, 0.5]
@@ -84,7 +85,9 @@ def plot(report: dict, path: Path) -> None:
     targets = list(dict.fromkeys(r["lora_targets"] for r in rows))
     methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "retrain"]
     fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4.2), squeeze=False, sharey=True)
+    low, high = GAP_AXIS
     for ax, lora_targets in zip(axes[0], targets):
+        ax.set_ylim(low, high)
         ax.axhspan(0.8, 1.2, color="green", alpha=0.08, label="80–120 %")
         ax.axhline(1.0, color="black", linewidth=0.6)
         for i, task in enumerate(["IR", "QM", "RC"]):
@@ -95,18 +98,23 @@ def plot(report: dict, path: Path) -> None:
                     if r["lora_targets"] == lora_targets and r["task"] == task and r["method"] == method
                 ]
                 mus = sorted({r["l2_regularization"] for r in picked})
-                # one point per request size, the line through their mean at each μ
-                xs = [r["l2_regularization"] for r in picked]
-                ys = [r["gap_closed"] for r in picked]
-                means = [
-                    sum(r["gap_closed"] for r in picked if r["l2_regularization"] == mu)
-                    / sum(r["l2_regularization"] == mu for r in picked)
+                color = f"C{i}"
+                # one point per request size (cut at the axis limits, with its value), the line through their
+                # median at each μ
+                for r in picked:
+                    g = r["gap_closed"]
+                    ax.scatter(
+                        r["l2_regularization"], min(max(g, low), high), marker=marker, color=color, s=18
+                    )
+                    if not low <= g <= high:
+                        ax.annotate(
+                            f"{g:.0%}", (r["l2_regularization"], high if g > high else low), fontsize=6
+                        )
+                medians = [
+                    statistics.median(r["gap_closed"] for r in picked if r["l2_regularization"] == mu)
                     for mu in mus
                 ]
-                color = f"C{i}"
-                ax.scatter(xs, ys, marker=marker, color=color, s=18, alpha=0.7)
-                label = f"{task} {method}"
-                ax.plot(mus, means, style, color=color, label=label)
+                ax.plot(mus, medians, style, color=color, label=f"{task} {method}")
         ax.set_xscale("log")
         ticks = sorted({r["l2_regularization"] for r in rows if r["lora_targets"] == lora_targets})
         ax.set_xticks(ticks, [f"{mu:g}" for mu in ticks])
@@ -117,7 +125,7 @@ def plot(report: dict, path: Path) -> None:
     axes[0][0].set_ylabel("gap to retraining closed")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(
-        "unlearning vs retraining on the quick toy, by L2 strength\n(points: request sizes; lines: their mean)"
+        "unlearning vs retraining on the quick toy, by L2 strength\n(points: request sizes; lines: their median)"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
