@@ -17,8 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from run import GAP_AXIS, SUITES, fidelity, write_report
-from run import METHODS as RUN_METHODS
+from run import GAP_AXIS, SUITES, fidelity, ordered_methods, suite_with, write_report
 
 METHODS = ["cg", "retrain-next-seed", "retrain"]
 L2_STRENGTHS = [0.05, 0.1, 0.2, 0.3, 0.5]
@@ -29,13 +28,7 @@ def sweep(l2_strengths: list[float], targets: list[str], seed: int, methods: lis
     rows = []
     for lora_targets in targets:
         for mu in l2_strengths:
-            lab = {
-                **SUITES["quick"]["lab"],
-                "seed": seed,
-                "l2_regularization": mu,
-                "lora_targets": lora_targets,
-            }
-            suite = {**SUITES["quick"], "lab": lab, "reference": False}
+            suite = {**suite_with("quick", seed, lora_targets, l2_regularization=mu), "reference": False}
             print(f"--- LoRA on {lora_targets}, μ = {mu:g}", flush=True)
             with tempfile.TemporaryDirectory() as tmp:
                 for row in fidelity(suite, None, Path(tmp), methods):
@@ -152,9 +145,10 @@ def main(argv=None):
     methods = args.methods.split(",")
     if "retrain" not in methods:
         methods.append("retrain")  # the gap is measured against it
-    unknown = set(methods) - set(RUN_METHODS)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}")
+    try:
+        methods = ordered_methods(SUITES["quick"], methods)
+    except ValueError as e:
+        parser.error(str(e))
     started = time.time()
     report = {
         "suite": "quick",

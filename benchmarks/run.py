@@ -651,6 +651,30 @@ def write_report(report: dict, output: str | Path, draw, summary: str) -> None:
     print(f"wrote {output} and {output.with_suffix('.png')}")
 
 
+def suite_with(name: str, seed: int, lora_targets: str | None = None, **lab) -> dict:
+    """The suite `name` with its training recipe's seed, LoRA targets (None: the suite's) and other `lab`
+    settings overridden."""
+    lab = {**SUITES[name]["lab"], "seed": seed, **lab}
+    if lora_targets:
+        lab["lora_targets"] = lora_targets
+    return {**SUITES[name], "lab": lab}
+
+
+def ordered_methods(suite: dict, requested: list[str] | None) -> list[str]:
+    """The methods to run (None: the suite's own list or every method it can run), checked and in run order:
+    cg first, since gradient ascent gets the same wall time as cg, and retraining last."""
+    default = [m for m in METHODS if m not in CAPTURED_METHODS or suite.get("capture_curvature")]
+    methods = requested or suite.get("methods", default)
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}")
+    if not suite.get("capture_curvature") and set(methods) & set(CAPTURED_METHODS):
+        raise ValueError(
+            f"{sorted(set(methods) & set(CAPTURED_METHODS))} need factors captured in training: --suite scale"
+        )
+    return sorted(methods, key=lambda m: (m != "cg", m == "retrain"))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -671,21 +695,11 @@ def main(argv=None):
         help="Comma-separated modules that get LoRA, instead of the suite's (e.g. lm_head: a near-convex problem).",
     )
     args = parser.parse_args(argv)
-    lab = {**SUITES[args.suite]["lab"], "seed": args.seed}
-    if args.lora_targets:
-        lab["lora_targets"] = args.lora_targets
-    suite = {**SUITES[args.suite], "lab": lab}
-    default = [m for m in METHODS if m not in CAPTURED_METHODS or suite.get("capture_curvature")]
-    methods = args.methods.split(",") if args.methods else suite.get("methods", default)
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        parser.error(f"unknown methods {sorted(unknown)}")
-    if not suite.get("capture_curvature") and set(methods) & set(CAPTURED_METHODS):
-        parser.error(
-            f"{sorted(set(methods) & set(CAPTURED_METHODS))} need factors captured in training: --suite scale"
-        )
-    # cg first: gradient ascent gets the same wall time as cg.
-    methods = sorted(methods, key=lambda m: (m != "cg", m == "retrain"))
+    suite = suite_with(args.suite, args.seed, args.lora_targets)
+    try:
+        methods = ordered_methods(suite, args.methods.split(",") if args.methods else None)
+    except ValueError as e:
+        parser.error(str(e))
     model = args.model
     if args.suite == "full" and model is None:
         from hf_unlearn.demo import default_model_path
@@ -697,7 +711,7 @@ def main(argv=None):
         report = {
             "suite": args.suite,
             "seed": args.seed,
-            "lora_targets": lab.get("lora_targets", DemoArguments.lora_targets),
+            "lora_targets": suite["lab"].get("lora_targets", DemoArguments.lora_targets),
             "model": model or "toy Llama (hf_unlearn.toy)",
             "fidelity": fidelity(suite, model, workdir, methods),
             "scaling": []
