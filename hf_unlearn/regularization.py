@@ -8,8 +8,9 @@ loss; its minimiser is what `UnlearningArguments(l2_regularization=μ)` unlearns
 Gradient clipping must see that sum: clipping the data gradient alone and adding `μθ` afterwards stops
 training where `clip(∇R) = −μθ`, which is not a stationary point of the objective once `‖∇R‖` exceeds the
 clipping norm there. So the callback clips itself: for the run it sets the Trainer's `max_grad_norm` to 0
-and clips `∇R + μθ` to the original norm, then restores `max_grad_norm` when training ends. The logged
-training loss and gradient norm do not include the term.
+and clips `∇R + μθ` to the original norm, then restores `max_grad_norm` when training ends (a run that
+raises leaves it at 0 in `args` until this callback's next run ends: set it back if you reuse `args`
+elsewhere). The logged training loss and gradient norm do not include the term.
 
     trainer = Trainer(..., callbacks=[L2RegularizationCallback(0.01)])
 """
