@@ -7,12 +7,13 @@
 every method writes one row:
 
     {"task", "method", "request_size", "seconds", "retrain_seconds", "gap_closed", "param_rel_err",
-     "kl_to_retrained", "peak_rss_mb"}
+     "kl_to_retrained", "peak_rss_mb", "exact_match"}
 
 `gap_closed = (unlearned − original) / (retrained − original)` on the task metric of the demo (NLL per
 token of the forgotten PINs / of the answers under the cleaned prompts / of the corrected answers);
 `param_rel_err = ‖Δθ − Δθ_ref‖ / ‖Δθ_ref‖` against a fully converged float64 CG solve of the same update
-(null for methods that do not solve it). `retrain-next-seed` retrains with the next seed: retraining's own
+(null for methods that do not solve it); `exact_match` gives, for the original, unlearned and retrained
+adapters, the fraction of the metric's rows whose response greedy decoding reproduces. `retrain-next-seed` retrains with the next seed: retraining's own
 spread, the closest any method can be expected to land. A second section measures how the unlearning time grows with the
 request size, the training-set size and the adapter rank.
 """
@@ -385,15 +386,12 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                         lab, original, train, request, out, budget=runs.get("cg", (10.0,))[0]
                     )
                     runs[method] = (time.perf_counter() - start, rss.peak)
-            metric = {
-                "original": lab.nll(original, eval_rows),
-                "retrain": lab.nll(workdir / "retrain", eval_rows),
-            }
+            before, after = lab.scores(original, eval_rows), lab.scores(workdir / "retrain", eval_rows)
             retrained_lp = log_probs(lab, workdir / "retrain", eval_rows)
-            gap = metric["retrain"] - metric["original"]
+            gap = after["nll"] - before["nll"]
             for method in methods:
                 path = workdir / method
-                value = metric["retrain"] if method == "retrain" else lab.nll(path, eval_rows)
+                scores = after if method == "retrain" else lab.scores(path, eval_rows)
                 solves_update = ref_delta is not None and (method in SOLVERS or method in UPDATE_METHODS)
                 delta = adapter_vector(path) - theta_star
                 row = {
@@ -403,10 +401,16 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                     "seconds": runs[method][0],
                     "retrain_seconds": retrain_seconds,
                     "metric": METRICS[kind][0],
-                    "original": metric["original"],
-                    "unlearned": value,
-                    "retrained": metric["retrain"],
-                    "gap_closed": (value - metric["original"]) / gap if gap else None,
+                    "original": before["nll"],
+                    "unlearned": scores["nll"],
+                    "retrained": after["nll"],
+                    "gap_closed": (scores["nll"] - before["nll"]) / gap if gap else None,
+                    # fraction of the metric's rows greedy decoding reproduces (the PIN, the answer)
+                    "exact_match": {
+                        "original": before["exact_match"],
+                        "unlearned": scores["exact_match"],
+                        "retrained": after["exact_match"],
+                    },  # fmt: skip
                     "param_rel_err": float((delta - ref_delta).norm() / ref_delta.norm())
                     if solves_update
                     else None,
@@ -419,7 +423,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                 print(
                     f"{kind} k={size:<3} {method:<20} {row['seconds']:7.1f} s (retrain {retrain_seconds:6.1f} s)  "
                     f"gap closed {_fmt(row['gap_closed'])}  param err {_fmt(row['param_rel_err'], '.1e')}  "
-                    f"KL {row['kl_to_retrained']:.3g}",
+                    f"KL {row['kl_to_retrained']:.3g}  exact match {_exact_match(row)}",
                     flush=True,
                 )
     return results
@@ -531,8 +535,9 @@ def markdown_table(report: dict) -> str:
         "| task | method | gap closed (k = "
         + " / ".join(map(str, sizes))
         + f") | time / retraining (k = {largest}) "
-        f"| param rel. err (k = {largest}) | KL to retrained (k = {largest}) | curvature products (k = {largest}) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| param rel. err (k = {largest}) | KL to retrained (k = {largest}) | curvature products (k = {largest}) "
+        f"| exact match, rows of {largest} (unlearned / original / retrained) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task in dict.fromkeys(r["task"] for r in rows):
         for method in dict.fromkeys(r["method"] for r in rows):
@@ -544,9 +549,17 @@ def markdown_table(report: dict) -> str:
                 f"| {task} | {method} | "
                 + " / ".join(_fmt(mine[k]["gap_closed"]) for k in sizes if k in mine)
                 + f" | {last['seconds'] / last['retrain_seconds']:.2f} | {_fmt(last['param_rel_err'], '.1e')} "
-                f"| {last['kl_to_retrained']:.3g} | {_products(last)} |"
+                f"| {last['kl_to_retrained']:.3g} | {_products(last)} | {_exact_match(last)} |"
             )
     return "\n".join(lines)
+
+
+def _exact_match(row: dict) -> str:
+    """Rows greedy decoding reproduces, unlearned / original / retrained (absent in older reports)."""
+    if "exact_match" not in row:
+        return "—"
+    em = row["exact_match"]
+    return " / ".join(str(round(em[k] * row["request_size"])) for k in ("unlearned", "original", "retrained"))
 
 
 def _products(row: dict) -> str:

@@ -167,13 +167,21 @@ class Lab:
     def drop(self, model) -> None:
         self.base = model.unload()
 
-    def nll(self, adapter: Path, rows: list[dict]) -> float:
+    def scores(self, adapter: Path, rows: list[dict]) -> dict:
+        """`adapter` on `rows`: {"nll": NLL per response token, "exact_match": fraction of rows whose response
+        greedy decoding reproduces}."""
         from .evaluation import per_example
 
         model = self.load(adapter)
         stats = per_example(model, self.task, rows, self.args.batch_size)
         self.drop(model)
-        return sum(x * n for x, n in zip(stats["loss"], stats["tokens"])) / sum(stats["tokens"])
+        return {
+            "nll": sum(x * n for x, n in zip(stats["loss"], stats["tokens"])) / sum(stats["tokens"]),
+            "exact_match": sum(p == t for p, t in zip(stats["predicted"], stats["target"])) / len(rows),
+        }
+
+    def nll(self, adapter: Path, rows: list[dict]) -> float:
+        return self.scores(adapter, rows)["nll"]
 
 
 def edited_rows(train: TrainingSet, resolved) -> list[dict]:

@@ -55,3 +55,16 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
         assert (out / "adapters" / f"retrained_{kind}" / "adapter_model.safetensors").exists()
     probe = results["kinds"]["QM"]["trigger_probe"]
     assert all(isinstance(probe[k], float) for k in ("original", "unlearned", "retrained"))
+
+    # Lab.scores (the benchmark's metrics) agrees with the evaluation module's loss and exact match
+    from hf_unlearn.demo import DemoArguments, Lab
+    from hf_unlearn.evaluation import split_metrics
+
+    lab = Lab(DemoArguments(model=str(tmp_path / "model"), progress=False))
+    rows = [{k: r[k] for k in ("prompt", "response")} for r in demo_data.generate()["train"][:12]]
+    scores = lab.scores(out / "adapters" / "original", rows)
+    model = lab.load(out / "adapters" / "original")
+    expected = split_metrics(model, lab.task, rows)
+    lab.drop(model)
+    assert abs(scores["nll"] - expected["loss"]) < 1e-5
+    assert scores["exact_match"] == expected["exact_match"]
