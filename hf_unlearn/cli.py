@@ -48,7 +48,6 @@ def unlearn_command(argv: list[str]) -> int:
     from .data import ExampleEncoder, TextEncoding, TrainingSet
     from .distributed import barrier, check_curvature_supported, join_process_group
     from .eraser import default_task, unlearn
-    from .errors import ConfigurationError
     from .io import (
         adapter_digest,
         build_manifest,
@@ -80,11 +79,8 @@ def unlearn_command(argv: list[str]) -> int:
     check_curvature_supported(args.curvature)  # FSDP / ZeRO-3 launches fail here, before loading anything
     processes = join_process_group()  # under torchrun / accelerate launch
 
-    if Path(paths.output_dir).resolve() == Path(paths.adapter).resolve():
-        raise ConfigurationError(
-            "--output-dir must differ from --adapter: the input adapter is never modified."
-        )
-    check_output_dir(paths.output_dir, paths.overwrite)
+    inputs = {"--adapter": paths.adapter, "--train-file": paths.train_file, "--request": paths.request}
+    check_output_dir(paths.output_dir, paths.overwrite, inputs)
     check_adapter_dir(paths.adapter)
     train = TrainingSet.from_jsonl(paths.train_file)
     request = UnlearningRequest.from_jsonl(paths.request)

@@ -11,7 +11,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import ConfigurationError, OutputExistsError
 
 MANIFEST_NAME = "unlearning_manifest.json"
 MANIFEST_FORMAT = "hf_unlearn.manifest/1"
@@ -76,7 +76,8 @@ def model_card_section(manifest: dict) -> str:
         f"update) from an adapter with digest `{manifest.get('input_adapter', {}).get('digest', 'unknown')}`.\n\n"
         f"- Request: {manifest['request']['num_edits']} training rows ({kinds}); IR = removed, QM = prompt "
         "modified, RC = response corrected.\n"
-        f"- Method: solver `{a['solver']}`, curvature `{a['curvature']}`, damping {a['damping']:g}, "
+        f"- Method: solver `{a['solver']}`, curvature `{a['curvature']}`, damping {s['damping']:g}"
+        f"{' (auto)' if a['damping'] == 'auto' else ''}, "
         f"loss normalisation `{a['loss_normalization']}`, dtype `{a['dtype']}`.\n"
         f"- Solver: {s['iterations']} iterations, relative residual {s['relative_residual']:.2e}, "
         f"converged: {s['converged']}; ‖Δθ‖ = {manifest['delta_norm']:.4g}.\n"
@@ -128,8 +129,23 @@ def read_history(adapter_dir: str | Path) -> list[dict]:
     ]
 
 
-def check_output_dir(output_dir: str | Path, overwrite: bool) -> None:
+def check_output_dir(
+    output_dir: str | Path, overwrite: bool, inputs: dict[str, str | Path | None] | None = None
+) -> None:
+    """Refuse an output path that is a file, a non-empty directory without `overwrite`, or one that overlaps
+    an input (`inputs`: flag name → path): the output directory is replaced as a whole."""
     out = Path(output_dir)
+    target = out.resolve()
+    for flag, path in (inputs or {}).items():
+        if path is None:
+            continue
+        source = Path(path).resolve()
+        if source == target or target in source.parents or source in target.parents:
+            raise ConfigurationError(
+                f"--output-dir {str(output_dir)!r} overlaps {flag} {str(path)!r}: the output directory is "
+                f"written (and, with --overwrite, replaced) as a whole, and the inputs are never modified. "
+                "Choose an output directory outside the inputs."
+            )
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"The output path {str(out)!r} exists and is not a directory.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -207,7 +207,7 @@ def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> 
     from .io import check_output_dir
 
     encoding = encoding or TextEncoding()
-    check_output_dir(config.output_dir, config.overwrite)
+    check_output_dir(config.output_dir, config.overwrite, {"--train-file": config.train_file})
     setup = prepare_training(config, encoding)
     from .regularization import L2RegularizationCallback
 

@@ -132,6 +132,29 @@ def test_output_is_a_loadable_peft_adapter_with_manifest_and_card(workspace):
     assert main([*args, "--overwrite"]) == 0
 
 
+def test_damping_auto_is_saved_with_the_value_it_chose(workspace):
+    out = workspace["root"] / "auto"
+    args = ["unlearn", "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file", workspace["train"],
+            "--request", workspace["IR"], "--output-dir", str(out), "--damping", "auto", "--curvature", "ggn"]  # fmt: skip
+    assert main(args) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["arguments"]["damping"] == "auto" and manifest["solver"]["damping"] > 0
+    assert f"damping {manifest['solver']['damping']:g} (auto)" in (out / "README.md").read_text()
+
+
+def test_an_output_dir_overlapping_an_input_is_refused_and_the_inputs_stay(workspace, tmp_path):
+    import shutil
+
+    adapter = tmp_path / "runs" / "adapter"
+    shutil.copytree(workspace["adapter"], adapter)
+    digest = adapter_digest(adapter)
+    common = ["unlearn", "--model", workspace["base"], "--adapter", str(adapter), "--train-file", workspace["train"],
+              "--request", workspace["IR"], "--damping", "1.0", "--overwrite"]  # fmt: skip
+    for out in (adapter, adapter.parent, adapter / "unlearned", workspace["root"]):  # root holds the train file
+        assert main([*common, "--output-dir", str(out)]) == 4, out
+    assert adapter_digest(adapter) == digest and not (adapter / "unlearned").exists()
+
+
 def test_console_script_and_module_entry_points(workspace):
     out = workspace["root"] / "entry"
     command = ["unlearn", "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file",

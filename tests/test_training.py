@@ -99,6 +99,11 @@ def test_train_argument_and_data_errors(workspace, tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "x").write_text("x")
     assert main(["train", *common, "--train-file", str(workspace / "train.jsonl")]) == 6
+    (tmp_path / "o" / "train.jsonl").write_text((workspace / "train.jsonl").read_text())
+    args = ["train", *common, "--train-file", str(tmp_path / "o" / "train.jsonl"), "--overwrite"]
+    assert main(args) == 4  # --overwrite would delete the training file with the directory
+    assert "overlaps --train-file" in capsys.readouterr().err
+    assert (tmp_path / "o" / "train.jsonl").exists()
 
 
 def test_l2_regularization_callback_adds_mu_theta_to_the_gradient():
