@@ -91,6 +91,7 @@ class UnlearningCallback(TrainerCallback):
                 "UnlearningCallback cannot be used with packing=True: packed sequences mix training rows, so "
                 "rows cannot be taken out one by one. Train with packing=False."
             )
+        self.l2.on_train_begin(args, state, control)  # clips ∇R + μθ itself: takes over max_grad_norm
         if self.capture is not None:
             self.capture.on_train_begin(args, state, control, model=model, **kwargs)
 
@@ -101,6 +102,7 @@ class UnlearningCallback(TrainerCallback):
 
         if model is None:
             raise ConfigurationError("UnlearningCallback got no model from the Trainer.")
+        self.l2.on_train_end(args, state, control)  # gives max_grad_norm back
         if self.capture is not None:
             self.capture.on_train_end(args, state, control)
         model = extract_model_from_parallel(model)

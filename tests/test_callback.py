@@ -173,3 +173,29 @@ def test_callback_trains_the_objectives_l2_term():
     data_grad = model.weight.grad.clone()
     callback.on_pre_optimizer_step(None, None, None, model=model)
     assert torch.allclose(model.weight.grad, data_grad + 0.3 * model.weight.detach())
+
+
+def test_callback_clips_the_regularised_gradient_itself_during_training(tmp_path):
+    """As `L2RegularizationCallback`: the Trainer's clipping is off while training runs (the callback clips
+    ∇R + μθ to max_grad_norm instead) and is given back before the unlearning step."""
+    from transformers import TrainerCallback
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(args.max_grad_norm)
+
+    callback = UnlearningCallback(
+        UnlearningRequest(remove=[0]), UnlearningArguments(l2_regularization=0.3, damping=1.0, progress=False)
+    )
+    args = TrainingArguments(max_steps=2, max_grad_norm=0.5, **common_args(tmp_path))
+    Trainer(
+        model=tiny_llama(seed=0, dtype=torch.float32),
+        args=args,
+        train_dataset=ROWS,
+        data_collator=CausalLMTask().collate,
+        callbacks=[callback, Probe()],
+    ).train()
+    assert seen == [0.0, 0.0] and args.max_grad_norm == 0.5
+    assert callback.result is not None and callback.result.stats["l2_regularization"] == 0.3
