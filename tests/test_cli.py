@@ -150,7 +150,12 @@ def test_an_output_dir_overlapping_an_input_is_refused_and_the_inputs_stay(works
     digest = adapter_digest(adapter)
     common = ["unlearn", "--model", workspace["base"], "--adapter", str(adapter), "--train-file", workspace["train"],
               "--request", workspace["IR"], "--damping", "1.0", "--overwrite"]  # fmt: skip
-    for out in (adapter, adapter.parent, adapter / "unlearned", workspace["root"]):  # root holds the train file
+    for out in (
+        adapter,
+        adapter.parent,
+        adapter / "unlearned",
+        workspace["root"],
+    ):  # root holds the train file
         assert main([*common, "--output-dir", str(out)]) == 4, out
     assert adapter_digest(adapter) == digest and not (adapter / "unlearned").exists()
 
