@@ -171,6 +171,11 @@ class CausalLMTask(UnlearningTask):
         return ids[:first], list(zip(ids[first:], labels[first:]))
 
     def merge(self, old, new_fields):
+        if unknown := sorted(set(new_fields) - {*TEXT_FIELDS, *TOKEN_FIELDS, "attention_mask"}):
+            raise InvalidRequestError(
+                f"A replacement gives unknown field(s) {unknown}; it gives prompt and/or response, or input_ids "
+                "and labels (and optionally attention_mask)."
+            )
         text = [k for k in TEXT_FIELDS if k in new_fields]
         tokens = [k for k in TOKEN_FIELDS if k in new_fields]
         if text and tokens:

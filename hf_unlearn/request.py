@@ -113,6 +113,11 @@ class UnlearningRequest:
             if "id" not in row:
                 raise InvalidRequestError(f"{source}: request line {line_number} has no 'id'.")
             if op == "remove":
+                if extra := sorted(set(row) - {"op", "id"}):
+                    raise InvalidRequestError(
+                        f"{source}: request line {line_number} removes row {row_id!r} but also gives {extra}; a "
+                        "remove line has only 'op' and 'id' (to change the row, use op 'replace')."
+                    )
                 remove.append(row_id)
             elif op == "replace":
                 if row_id in replace:

@@ -47,6 +47,7 @@ def test_from_jsonl(tmp_path):
         ([{"op": "delete", "id": 0}], "op 'delete'"),
         ([{"op": "remove"}], "no 'id'"),
         ([{"op": "replace", "id": 0}, {"op": "replace", "id": 0, "prompt": "x"}], "replaced twice"),
+        ([{"op": "remove", "id": 0, "response": "x"}], r"also gives \['response'\]"),
     ],
 )
 def test_bad_request_files(tmp_path, lines, message):
@@ -66,6 +67,7 @@ def test_bad_request_files(tmp_path, lines, message):
         (UnlearningRequest(replace={0: {"prompt": "x"}}), "pre-tokenised"),
         (UnlearningRequest(replace={0: {"input_ids": [1]}}), "both input_ids and labels"),
         (UnlearningRequest(replace={0: dict(ROWS[0])}), "identical"),
+        (UnlearningRequest(replace={0: {"response": "y", "promt": "x"}}), r"unknown field\(s\) \['promt'\]"),
     ],
 )
 def test_bad_requests(request_, message):
