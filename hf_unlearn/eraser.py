@@ -28,7 +28,7 @@ from .curvature.setup import (
 from .curvature.spectrum import lanczos_extremes
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes, check_curvature_supported
-from .errors import ConfigurationError, NonPositiveCurvatureError, SolverError
+from .errors import ConfigurationError, DataError, NonPositiveCurvatureError, SolverError
 from .gradients import Batches, gradient_sum, loss_sum
 from .objective import CausalLMTask, UnlearningTask, normaliser
 from .params import ParameterSpace, computation_mode
@@ -108,6 +108,11 @@ def unlearn(
         old_batches = batches(resolved.old)
         b, g_old = request_rhs(model, task, space, resolved, batches, norm, processes, M, show)
         timings["gradients_seconds"] = time.perf_counter() - t
+        if not torch.isfinite(b).all():  # a solver would spend its whole budget on it
+            raise DataError(
+                "The loss gradients of the request's rows are not finite; check that the adapter's weights are "
+                "finite and that the edited rows keep loss tokens after truncation (--max-length)."
+            )
 
         # C on the edited rows (∇²R' at θ*: a Newton step on the objective retraining minimises) or on the
         # original ones (∇²R, the paper's choice); a sample is of the training rows, then edited, and keeps

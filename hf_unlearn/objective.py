@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import IGNORE_INDEX, TEXT_FIELDS, TOKEN_FIELDS, ExampleEncoder, row_form
-from .errors import InvalidRequestError
+from .errors import DataError, InvalidRequestError
 
 
 class UnlearningTask:
@@ -211,7 +211,14 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
 def example_losses(task: UnlearningTask, model, batch, normalization: str) -> torch.Tensor:
     """ℓ for each example of the batch, (B,): `S` under 'token', `S/T` under 'example'."""
     S, T = task.loss_sums(model, batch)
-    return S if normalization == "token" else S / T
+    if normalization == "token":
+        return S
+    if (T == 0).any():
+        raise DataError(
+            "A row has no loss tokens (every label is -100, e.g. its response was truncated away), so its "
+            "per-example mean loss is undefined under loss_normalization='example'; drop or fix the row."
+        )
+    return S / T
 
 
 def normaliser(

@@ -80,3 +80,17 @@ def test_outputs_are_the_logits_at_the_loss_positions(model):
     torch.testing.assert_close(
         S, torch.stack([loop_loss_sum(model, r)[0] for r in rows]), rtol=1e-12, atol=1e-12
     )
+
+
+def test_a_row_without_loss_tokens_is_refused_under_example_normalisation(model):
+    from hf_unlearn import DataError
+
+    task = CausalLMTask()
+    batch = {  # the encoder refuses such a row; a Trainer's own collator may still produce one
+        "input_ids": torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]]),
+        "attention_mask": torch.ones(2, 4, dtype=torch.long),
+        "labels": torch.tensor([[-100, -100, 3, 4], [-100, -100, -100, -100]]),
+    }
+    assert torch.isfinite(example_losses(task, model, batch, "token")).all()  # it adds nothing to a sum
+    with pytest.raises(DataError, match="no loss tokens"):
+        example_losses(task, model, batch, "example")  # its mean would be 0/0

@@ -132,6 +132,18 @@ def test_unconverged_solve_changes_nothing(trained):
     assert torch.equal(ParameterSpace(trained).vector(), before)
 
 
+def test_non_finite_gradients_are_refused_before_any_solve():
+    from hf_unlearn import DataError
+
+    model = fit(tiny_llama(seed=0, dtype=torch.float32), CausalLMTask(), ROWS)
+    space = ParameterSpace(model)
+    space.params[0].data.fill_(float("nan"))  # e.g. an adapter saved from a run that diverged
+    before = space.vector().clone()
+    with pytest.raises(DataError, match="not finite"):
+        unlearn(model, ROWS, REQUESTS["IR"][0], UnlearningArguments(damping=0.2, progress=False))
+    assert torch.equal(space.vector().isnan(), before.isnan())  # nothing was changed
+
+
 # --- exact refitting on a problem whose loss is quadratic in the trainable parameters -----------------
 
 
