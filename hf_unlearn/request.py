@@ -194,7 +194,9 @@ def check_against_history(request: UnlearningRequest, train: TrainingSet, histor
         if train.index_of(key) is not None:
             raise DataError(
                 f"Row {key!r} was removed by an earlier unlearning run of this adapter, but the training file still "
-                "has it; give the training file as edited by the earlier runs."
+                "has it; give the training file as edited by the earlier runs. (Rows without an 'id' field are "
+                "named by line number, which shifts when a line is deleted: give every row an 'id', or leave the "
+                "removed row's line empty.)"
             )
     for key, digest in replaced.items():
         index = train.index_of(key)

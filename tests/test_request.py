@@ -83,3 +83,20 @@ def test_summary_has_digests_not_content():
     text = json.dumps(summary)
     assert "input_ids" not in text and "[5, 6, 7" not in text
     assert all(e["old_digest"].startswith("sha256:") for e in summary["edits"])
+
+
+def test_line_number_ids_survive_a_removal_when_the_removed_line_is_left_empty(tmp_path):
+    from hf_unlearn import DataError, TrainingSet
+    from hf_unlearn.request import check_against_history
+
+    history = [{"request": {"edits": [{"id": 1, "kind": "IR"}]}}]
+    rows = [json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) for i in range(3)]
+    (tmp_path / "blank.jsonl").write_text(f"{rows[0]}\n\n{rows[2]}\n")
+    (tmp_path / "deleted.jsonl").write_text(f"{rows[0]}\n{rows[2]}\n")
+    check_against_history(
+        UnlearningRequest(remove=[2]), TrainingSet.from_jsonl(tmp_path / "blank.jsonl"), history
+    )
+    with pytest.raises(DataError, match="give every row an 'id'"):  # row 2 became row 1
+        check_against_history(
+            UnlearningRequest(remove=[2]), TrainingSet.from_jsonl(tmp_path / "deleted.jsonl"), history
+        )
