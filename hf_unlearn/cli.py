@@ -38,47 +38,45 @@ class UnlearnPaths:
     )
 
 
-def unlearn_command(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
+def prepare_unlearn(paths: UnlearnPaths, encoding, args):
+    """What `hf-unlearn unlearn` (and `recipes/unlearn_adapter.py`) settle before loading a model; returns
+    `(args, train, request, history)`.
 
-    from .config import UnlearningArguments
+    Takes K-FAC factors or a Nyström sketch saved beside the adapter (`curvature_factors="auto"`) and μ from
+    its training record or manifest (`l2_regularization=None`); refuses a text encoding or loss normalisation
+    other than the recorded ones, an output directory that overlaps an input, and a request or training file
+    that disagrees with earlier unlearning runs of the adapter.
+    """
     from .curvature.kfac import KFACFactors
     from .curvature.nystrom import NystromSketch
     from .curvature.setup import needs_factors, needs_sketch
-    from .data import ExampleEncoder, TextEncoding, TrainingSet
-    from .distributed import barrier, check_curvature_supported, join_process_group
-    from .eraser import default_task, unlearn
-    from .io import (
-        adapter_digest,
-        build_manifest,
-        check_output_dir,
-        file_digest,
-        read_history,
-        recorded_l2_regularization,
-        save_unlearned_adapter,
-    )
-    from .models import (
-        adapter_dtype,
-        check_adapter_dir,
-        has_tokenizer,
-        load_adapter,
-        load_base_model,
-        load_tokenizer,
-    )
+    from .data import TrainingSet
+    from .distributed import check_curvature_supported
+    from .errors import ConfigurationError
+    from .io import check_output_dir, read_history, recorded_objective
+    from .models import check_adapter_dir
     from .request import UnlearningRequest, check_against_history
 
-    parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments), prog="hf-unlearn unlearn")
-    paths, encoding, args = parser.parse_args_into_dataclasses(argv)
     saved_beside = (needs_factors(args) and KFACFactors.exists(paths.adapter)) or (
         needs_sketch(args) and NystromSketch.exists(paths.adapter)  # left by an earlier request
     )
     if args.curvature_factors == "auto" and saved_beside:
         args = dataclasses.replace(args, curvature_factors=paths.adapter)
+    recorded = recorded_objective(paths.adapter) or {}
     if args.l2_regularization is None:  # the objective the adapter was trained on
-        args = dataclasses.replace(args, l2_regularization=recorded_l2_regularization(paths.adapter) or 0.0)
+        args = dataclasses.replace(args, l2_regularization=recorded.get("l2_regularization") or 0.0)
+    given = {**vars(encoding), "loss_normalization": args.loss_normalization}
+    expected = dict(recorded.get("text_encoding") or {})
+    if recorded.get("loss_normalization"):
+        expected["loss_normalization"] = recorded["loss_normalization"]
+    if conflicts := {k: v for k, v in expected.items() if k in given and given[k] != v}:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in conflicts.items() if v is not None)
+        raise ConfigurationError(
+            f"{paths.adapter} was trained with {conflicts} (its training record or manifest), but this run has "
+            f"{ {k: given[k] for k in conflicts} }: the update would step on another loss. Pass the recorded "
+            f"settings{' (' + flags + ')' if flags else ''}."
+        )
     check_curvature_supported(args.curvature)  # FSDP / ZeRO-3 launches fail here, before loading anything
-    processes = join_process_group()  # under torchrun / accelerate launch
-
     inputs = {"--adapter": paths.adapter, "--train-file": paths.train_file, "--request": paths.request}
     check_output_dir(paths.output_dir, paths.overwrite, inputs)
     check_adapter_dir(paths.adapter)
@@ -86,6 +84,34 @@ def unlearn_command(argv: list[str]) -> int:
     request = UnlearningRequest.from_jsonl(paths.request)
     history = read_history(paths.adapter)
     check_against_history(request, train, history)
+    return args, train, request, history
+
+
+def unlearn_command(argv: list[str]) -> int:
+    from transformers import HfArgumentParser
+
+    from .config import UnlearningArguments
+    from .data import ExampleEncoder, TextEncoding
+    from .distributed import barrier, join_process_group
+    from .eraser import default_task, unlearn
+    from .io import (
+        adapter_digest,
+        build_manifest,
+        file_digest,
+        save_unlearned_adapter,
+    )
+    from .models import (
+        adapter_dtype,
+        has_tokenizer,
+        load_adapter,
+        load_base_model,
+        load_tokenizer,
+    )
+
+    parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments), prog="hf-unlearn unlearn")
+    paths, encoding, args = parser.parse_args_into_dataclasses(argv)
+    args, train, request, history = prepare_unlearn(paths, encoding, args)
+    processes = join_process_group()  # under torchrun / accelerate launch
     input_digest = adapter_digest(paths.adapter)
     stored_dtype = adapter_dtype(paths.adapter)
 

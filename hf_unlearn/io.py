@@ -99,18 +99,26 @@ def model_card_section(manifest: dict) -> str:
     )
 
 
-def recorded_l2_regularization(adapter_dir: str | Path) -> float | None:
-    """μ of the (μ/2)‖θ‖² term in the objective of `adapter_dir`: from its training record (hf-unlearn train)
-    or, for an unlearned adapter, from its manifest; None when neither records it."""
+def recorded_objective(adapter_dir: str | Path) -> dict | None:
+    """The objective `adapter_dir` was trained on, from its training record (hf-unlearn train) or, for an
+    unlearned adapter, its manifest: {"l2_regularization": μ or None, "text_encoding": {...} or None,
+    "loss_normalization": str or None}; None when neither file is there."""
     from .training import TRAINING_RECORD
 
-    record = Path(adapter_dir) / TRAINING_RECORD
+    record, manifest = Path(adapter_dir) / TRAINING_RECORD, Path(adapter_dir) / MANIFEST_NAME
     if record.is_file():
-        return json.loads(record.read_text(encoding="utf-8"))["config"].get("l2_regularization")
-    manifest = Path(adapter_dir) / MANIFEST_NAME
-    if manifest.is_file():
-        return json.loads(manifest.read_text(encoding="utf-8"))["solver"].get("l2_regularization")
-    return None
+        r = json.loads(record.read_text(encoding="utf-8"))
+        mu, normalization = r["config"].get("l2_regularization"), r.get("loss_normalization")
+    elif manifest.is_file():
+        r = json.loads(manifest.read_text(encoding="utf-8"))
+        mu, normalization = r["solver"].get("l2_regularization"), r["arguments"].get("loss_normalization")
+    else:
+        return None
+    return {
+        "l2_regularization": mu,
+        "text_encoding": r.get("text_encoding"),
+        "loss_normalization": normalization,
+    }
 
 
 def read_history(adapter_dir: str | Path) -> list[dict]:

@@ -14,34 +14,28 @@ from __future__ import annotations
 
 from transformers import HfArgumentParser
 
-from hf_unlearn import TextEncoding, TrainingSet, UnlearningArguments, UnlearningRequest, unlearn
-from hf_unlearn.cli import UnlearnPaths
+from hf_unlearn import TextEncoding, UnlearningArguments, unlearn
+from hf_unlearn.cli import UnlearnPaths, prepare_unlearn
 from hf_unlearn.data import ExampleEncoder
-from hf_unlearn.distributed import barrier, check_curvature_supported, join_process_group
+from hf_unlearn.distributed import barrier, join_process_group
 from hf_unlearn.eraser import default_task
-from hf_unlearn.io import (
-    adapter_digest,
-    build_manifest,
-    check_output_dir,
-    file_digest,
-    save_unlearned_adapter,
-)
+from hf_unlearn.io import adapter_digest, build_manifest, file_digest, save_unlearned_adapter
 from hf_unlearn.models import adapter_dtype, has_tokenizer, load_adapter, load_base_model, load_tokenizer
 
 
 def main(argv=None):
     parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments))
     paths, encoding, args = parser.parse_args_into_dataclasses(argv)
-    check_curvature_supported(args.curvature)
+    # μ and factors saved with the adapter, output and input checks, the request against the training rows
+    # (ids: the "id" field, else the line number) and against earlier runs: as `hf-unlearn unlearn` does
+    args, train, request, history = prepare_unlearn(paths, encoding, args)
     processes = join_process_group()  # torchrun / accelerate launch; a no-op for one process
-    check_output_dir(paths.output_dir, paths.overwrite)
 
-    train = TrainingSet.from_jsonl(paths.train_file)  # ids: the "id" field, else the line number
-    request = UnlearningRequest.from_jsonl(paths.request)
     tokenizer_path = paths.tokenizer or (paths.model if has_tokenizer(paths.model) else None)
-    tokenizer = load_tokenizer(tokenizer_path)
-    stored_dtype = adapter_dtype(paths.adapter)
-    model = load_adapter(load_base_model(paths.model, args.torch_dtype), paths.adapter, is_trainable=True)
+    tokenizer = load_tokenizer(tokenizer_path, paths.trust_remote_code)
+    input_digest, stored_dtype = adapter_digest(paths.adapter), adapter_dtype(paths.adapter)
+    base = load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code)
+    model = load_adapter(base, paths.adapter, is_trainable=True)
     task = default_task(model, tokenizer)
     task.encoder = ExampleEncoder(tokenizer, encoding)
 
@@ -55,15 +49,19 @@ def main(argv=None):
             result,
             args,
             base_model=paths.model,
-            input_adapter={"path": paths.adapter, "digest": adapter_digest(paths.adapter)},
+            input_adapter={"path": paths.adapter, "digest": input_digest},
             training_data={
                 "path": paths.train_file,
                 "digest": file_digest(paths.train_file),
                 "num_rows": len(train),
             },
             text_encoding=vars(encoding),
+            history=history,
         )
-        save_unlearned_adapter(model, paths.output_dir, manifest, overwrite=paths.overwrite)
+        save_unlearned_adapter(
+            model, paths.output_dir, manifest, overwrite=paths.overwrite, card_source=paths.adapter,
+            base_model_id=paths.base_model_id, nystrom_sketch=result.nystrom_sketch,
+        )  # fmt: skip
         s = result.stats
         print(
             f"{result.request.kind_counts()} on {processes.count} process(es): {s['iterations']} {args.solver} "

@@ -156,7 +156,7 @@ def test_l2_regularization_callback_trains_to_the_regularised_minimum_when_clipp
     assert torch.allclose(theta, exact, rtol=1e-4, atol=1e-5)  # argmin R + (μ/2)‖θ‖²
 
 
-def test_train_with_l2_regularization_records_it_and_unlearn_uses_it(workspace):
+def test_train_with_l2_regularization_records_it_and_unlearn_uses_it(workspace, capsys):
     out = workspace / "adapter_l2"
     args = ["train", "--model", str(workspace / "base"), "--train-file", str(workspace / "train.jsonl"),
             "--output-dir", str(out), "--lora-r", "4", "--lora-alpha", "8", "--epochs", "60",
@@ -182,6 +182,16 @@ def test_train_with_l2_regularization_records_it_and_unlearn_uses_it(workspace):
     assert (
         manifest["arguments"]["l2_regularization"] == 0.05 and manifest["solver"]["l2_regularization"] == 0.05
     )
-    from hf_unlearn.io import recorded_l2_regularization
+    from hf_unlearn.io import recorded_objective
 
-    assert recorded_l2_regularization(unlearned) == 0.05  # a later request on the unlearned adapter keeps μ
+    assert recorded_objective(unlearned)["l2_regularization"] == 0.05  # a later request keeps μ
+    # another loss than the recorded one (encoding, normalisation) is refused before anything is loaded
+    again = ["unlearn", "--model", str(workspace / "base"), "--train-file", str(workspace / "train.jsonl"),
+             "--request", str(request), "--output-dir", str(workspace / "refused")]  # fmt: skip
+    for adapter, flags, recorded in (
+        (out, ["--max-length", "64"], "'max_length': None"),
+        (unlearned, ["--loss-normalization", "example"], "'loss_normalization': 'token'"),
+    ):
+        assert main([*again, "--adapter", str(adapter), *flags]) == 4
+        assert recorded in capsys.readouterr().err
+    assert not (workspace / "refused").exists()
