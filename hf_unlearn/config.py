@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import ConfigurationError
+from .solvers.qp import QP_OPTIMIZERS
 
 SOLVERS = ("cg", "direct", "woodbury", "lissa", "qp")
-QP_OPTIMIZERS = ("sgd", "adam")
 CURVATURES = ("hessian", "ggn", "fisher", "kfac", "ekfac")
 KFAC_CURVATURES = ("kfac", "ekfac")
 PRECONDITIONERS = ("none", *KFAC_CURVATURES, "nystrom")

@@ -54,11 +54,16 @@ class UnlearningResult:
         return math.sqrt(sum(float(d.double().pow(2).sum()) for d in self.delta.values()))
 
 
-def default_task(model, tokenizer=None) -> CausalLMTask:
+def pad_token_id(tokenizer, model) -> int:
+    """The tokenizer's pad id, else the model config's, else 0 (padding carries no loss and is masked)."""
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    return CausalLMTask(ExampleEncoder(tokenizer), pad_token_id=pad or 0)
+    return pad or 0
+
+
+def default_task(model, tokenizer=None) -> CausalLMTask:
+    return CausalLMTask(ExampleEncoder(tokenizer), pad_token_id=pad_token_id(tokenizer, model))
 
 
 def unlearn(

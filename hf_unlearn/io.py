@@ -220,18 +220,28 @@ def save_unlearned_adapter(
     `card_source` is the input adapter's directory: its README.md is kept and extended; `nystrom_sketch`
     (the edited training set's) is written beside the adapter for the next request.
     """
-    out = Path(output_dir).resolve()
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
-        staging.mkdir()
+
+    def fill(staging: Path) -> None:
         if card_source is not None and (Path(card_source) / "README.md").is_file():
             shutil.copyfile(Path(card_source) / "README.md", staging / "README.md")
         model.save_pretrained(staging, safe_serialization=True)
         write_manifest_and_card(staging, manifest, base_model_id)
         if nystrom_sketch is not None:
             nystrom_sketch.save(staging)
+
+    return write_directory(output_dir, overwrite, fill)
+
+
+def write_directory(output_dir: str | Path, overwrite: bool, fill) -> Path:
+    """Create `output_dir` with `fill(staging_dir)` so that it appears complete or not at all: `fill` writes
+    into a sibling staging directory, which then replaces `output_dir` (with `overwrite`) by renames."""
+    out = Path(output_dir).resolve()
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        staging.mkdir()
+        fill(staging)
         _replace_dir(staging, out)
     finally:
         with contextlib.suppress(FileNotFoundError):

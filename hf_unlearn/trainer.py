@@ -23,7 +23,7 @@ from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 from .config import UnlearningArguments
 from .data import TEXT_FIELDS, ExampleEncoder
 from .distributed import Processes, check_curvature_supported
-from .eraser import UnlearningResult, unlearn
+from .eraser import UnlearningResult, pad_token_id, unlearn
 from .errors import ConfigurationError, DataError
 from .io import build_manifest, write_manifest_and_card
 from .objective import CausalLMTask, UnlearningTask
@@ -86,17 +86,15 @@ def task_for_trainer(
     A collator that is an `UnlearningTask.collate` gives that task; Trainer's defaults (which cannot pad
     labels) give a `CausalLMTask` with the processing class as tokenizer; any other collator is used as is.
     """
-    pad = getattr(processing_class, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    pad = pad_token_id(processing_class, model)
     encoder = ExampleEncoder(processing_class if hasattr(processing_class, "eos_token_id") else None)
     inner = _unwrap_collator(collator)
     owner = getattr(inner, "__self__", None)
     if isinstance(owner, UnlearningTask) and getattr(inner, "__name__", "") == "collate":
         return owner
     if inner is None or inner is default_data_collator or type(inner) is DataCollatorWithPadding:
-        return CausalLMTask(encoder, pad_token_id=pad or 0)
-    return CollatorTask(collator, encoder, pad_token_id=pad or 0)
+        return CausalLMTask(encoder, pad_token_id=pad)
+    return CollatorTask(collator, encoder, pad_token_id=pad)
 
 
 def training_rows(trainer: Trainer, dataset=None):

@@ -8,6 +8,7 @@ of DESIGN §2, so the adapter written here is exactly what the unlearning assume
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -245,17 +246,9 @@ def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> 
 
 def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: bool, factors=None) -> None:
     """Write the adapter, its tokenizer, the training record (and captured K-FAC factors) to `out`, atomically."""
-    import contextlib
-    import shutil
-    import uuid
+    from .io import write_directory
 
-    from .io import _replace_dir, check_output_dir
-
-    check_output_dir(out, overwrite)
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
+    def fill(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
@@ -264,12 +257,11 @@ def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: b
         (staging / TRAINING_RECORD).write_text(
             json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8"
         )
-        _replace_dir(staging, out)
+
+    try:
+        write_directory(out, overwrite, fill)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(staging)
-        with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(_trainer_dir(out))
+        shutil.rmtree(_trainer_dir(out), ignore_errors=True)
 
 
 def train_command(argv: list[str]) -> int:

@@ -51,12 +51,13 @@ def test_bad_request_exits_with_message_and_writes_nothing(workspace, tmp_path, 
 def test_bad_arguments_and_inputs(workspace, tmp_path, capsys):  # noqa: F811
     out = tmp_path / "out"
     request = workspace["IR"]
+    (tmp_path / "empty").mkdir()
     (tmp_path / "bad.jsonl").write_text('{"input_ids": [1, 2], "labels": [-100, 2]}\n{not json\n')
     cases = [
         (base_args(workspace, request, out, "--damping", "-1"), 4, "damping"),
         (base_args(workspace, request, out, "--damping", "nan"), 4, "damping"),
         ([*base_args(workspace, request, out)[:2], "/nonexistent/base", *base_args(workspace, request, out)[3:]], 4, "not found"),
-        ([a if a != workspace["adapter"] else str(tmp_path) for a in base_args(workspace, request, out)], 4, "not a PEFT adapter"),
+        ([a if a != workspace["adapter"] else str(tmp_path / "empty") for a in base_args(workspace, request, out)], 4, "not a PEFT adapter"),
         ([a if a != workspace["train"] else str(tmp_path / "bad.jsonl") for a in base_args(workspace, request, out)], 3, "line 2"),
     ]  # fmt: skip
     for argv, code, message in cases:
