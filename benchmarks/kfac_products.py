@@ -3,11 +3,11 @@
     python benchmarks/kfac_products.py --output benchmarks/results/kfac_products.json
 
 The quick suite of `benchmarks/run.py` (config-built Llama, LoRA r=8 on q/v of 2 layers, 48 training rows,
-60 epochs) is trained twice with the same seed, once with `CurvatureCaptureCallback` and once without,
+its recipe's epochs) is trained twice with the same seed, once with `CurvatureCaptureCallback` and once without,
 to measure the capture's time overhead; a third run captures in *every* epoch, which gives the per-epoch
 overhead without the noise of timing one short epoch. At the trained θ*, in float64, for the largest IR, QM
-and RC requests of the suite, the exact GGN system `(G + λI) x = −b` (λ: the suite's `damping="auto"`, and
-λ/10) is solved by
+and RC requests of the suite, the exact GGN system `(G + λI) x = −b` (λ: the `damping="auto"` rule on G, and
+λ/10; the suite's own μI is not added, so that λ sets the conditioning) is solved by
 
 - `cg`: plain conjugate gradient, run to a relative residual of 1e-10; its last iterate is the reference;
 - `pcg-<kfac|ekfac>-<captured|sampled>`: CG preconditioned by the damped K-FAC / EK-FAC block inverse,

@@ -8,10 +8,10 @@ densely and `(C + λI) x = −b` solved exactly; λ is chosen once by `damping="
 
 `toy`: the quick benchmark's setting (`benchmarks/run.py --suite quick`): the config-built toy Llama of
 `hf_unlearn.toy`, a LoRA adapter (r=8 on q_proj/v_proj of the top 2 layers, P = 4096) trained with the HF
-Trainer on the demo data (48 rows), curvature `ggn`, `damping="auto"` on that curvature, and the IR, QM and
-RC requests of the largest quick-suite size. The exact solution is float64 CG to a relative residual of
-1e-9 (P = 4096 is too large to materialise the GGN in reasonable time). Here one training row is far stiffer
-than the rest, the case in which lissa/qp's former defaults diverged.
+Trainer on the demo data (48 rows) with the objective's L2 term μ, and for the IR, QM and RC requests of
+the largest quick-suite size the system the suite's `cg` solves: the GGN of the edited rows (normaliser M of
+the training set) plus μI plus the suite's damping λ (`"auto"`: its rule on that GGN). The exact solution is
+float64 CG to a relative residual of 1e-9 (P = 4096 is too large to materialise the GGN in reasonable time).
 
 Every solver runs on every curvature/request with the library defaults (`lissa_scale`/`qp_lr` "auto",
 `stochastic_batch_size` 8, seed `--seed`) and records
@@ -234,6 +234,7 @@ def toy(opts, budgets, results, save):
         "request_size": size,
         "curvature": settings["curvature"],
         "damping_rule": settings["damping"],
+        "l2_regularization": suite["lab"]["l2_regularization"],
         "train_seconds": train_seconds,
         "requests": {},
     }
@@ -245,19 +246,20 @@ def toy(opts, budgets, results, save):
         def batches(rows):
             return Batches(task, rows, 8, "cpu", processes)  # unlearn's default batch_size
 
-        op = CURVATURE_OPERATORS[settings["curvature"]](
-            model, task, space, batches(all_rows), "token", M, processes
-        )
         for kind in ("IR", "QM", "RC"):
             lines = data[f"request_{kind}"][:size]
             request = UnlearningRequest.from_lines(lines)
             resolved = request.resolve(train, task)
+            op = CURVATURE_OPERATORS[settings["curvature"]](  # C over the edited rows, M fixed (unlearn's)
+                model, task, space, batches(resolved.edited_rows(all_rows)), "token", M, processes
+            )
             b, _ = request_rhs(model, task, space, resolved, batches, "token", processes, M)
             damping, auto = (
                 choose_damping(op, b, opts.seed)
                 if settings["damping"] == "auto"
                 else (float(settings["damping"]), None)
             )
+            damping += setup["l2_regularization"]  # (C + μI + λI) x = −b
             t = time.perf_counter()
             exact, stats = SOLVERS["cg"](op, damping, -b, tol=1e-9, max_iter=5000)
             setup["requests"][kind] = {

@@ -178,9 +178,15 @@ class UnlearnTrainer(Trainer):
         """Apply `request` (ids = row indices of the train dataset) to the live adapter, in place.
 
         With `preconditioner="nystrom"`, the sketch the last call left (downdated to its edited training set)
-        is used for this one; the first call sketches the curvature. Pass the edited rows as `train_dataset`
-        for a request that follows another."""
+        is used for this one; the first call sketches the curvature. A request that follows another needs the
+        edited rows as `train_dataset` (refused without)."""
         check_curvature_supported(self.unlearning_args.curvature, self.model, self.accelerator)
+        if self.unlearning_results and train_dataset is None:
+            raise ConfigurationError(
+                "This trainer already served an unlearning request, so its train_dataset is no longer the data "
+                "the adapter fits: pass train_dataset= the rows as edited by the earlier request(s) (removed "
+                "rows dropped, replaced rows in their new version); the new request's ids index those rows."
+            )
         dataset, collator = training_rows(self, train_dataset)
         model = self.accelerator.unwrap_model(self.model)
         task = self.unlearning_task or task_for_trainer(collator, self.processing_class, model)

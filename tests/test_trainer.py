@@ -171,7 +171,12 @@ def test_save_model_writes_adapter_manifest_card_and_logs(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_llama_base(seed=0), str(out))
     assert reloaded(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
-    trainer.unlearn(UnlearningRequest(remove=[0]))  # a second request: the card keeps one section
+    with pytest.raises(ConfigurationError, match="already served"):  # the original rows are not R' any more
+        trainer.unlearn(UnlearningRequest(remove=[0]))
+    new_versions = {6: RC_ROW, 9: NEW[0]}
+    edited = [{**new_versions.get(i, r), "note": ""} for i, r in enumerate(ROWS) if i not in (1, 10)]
+    trainer.unlearn(UnlearningRequest(remove=[0]), train_dataset=datasets.Dataset.from_list(edited))
+    # a second request: the card keeps one section
     trainer.save_model(str(out))
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["request"]["num_edits"] == 1 and len(manifest["history"]) == 1
