@@ -9,12 +9,14 @@ Writes `out/trained` (the adapter after training, as `hf-unlearn train` would) a
 the request, with `unlearning_manifest.json` and the model card section). Training is data-parallel over
 the launched processes; the unlearning shards the rows over the same processes and equals a one-process run.
 Request ids are the training rows' `"id"` fields (else their line numbers). The training flags are those
-of `hf-unlearn train`; the unlearning flags are those of `hf-unlearn unlearn` with an `--unlearn-` prefix
-(`--unlearn-damping`, `--unlearn-dtype`, `--unlearn-batch-size`, ...).
+of `hf-unlearn train` (`--l2-regularization` and `--capture-curvature` apply to the unlearning too); the
+unlearning flags are those of `hf-unlearn unlearn` with an `--unlearn-` prefix (`--unlearn-damping`,
+`--unlearn-dtype`, `--unlearn-batch-size`, ...).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from transformers import HfArgumentParser
 
 from hf_unlearn import TextEncoding, UnlearningArguments, UnlearningRequest, UnlearnTrainer
 from hf_unlearn.distributed import barrier, check_curvature_supported
+from hf_unlearn.errors import ConfigurationError
 from hf_unlearn.io import check_output_dir
 from hf_unlearn.training import TrainConfig, prepare_training, save_trained_adapter, training_record
 
@@ -39,6 +42,18 @@ def main(argv=None):
     (unlearning_args,) = HfArgumentParser(
         UnlearningArguments, prog="--unlearn-*"
     ).parse_args_into_dataclasses(unlearning_flags)
+    # One objective for training and unlearning: μ and the curvature capture of the training flags (an
+    # --unlearn- flag that contradicts them is refused)
+    if unlearning_args.l2_regularization not in (None, config.l2_regularization):
+        raise ConfigurationError(
+            f"--unlearn-l2-regularization {unlearning_args.l2_regularization} differs from the "
+            f"--l2-regularization {config.l2_regularization} the adapter is trained with; give only the latter."
+        )
+    unlearning_args = dataclasses.replace(
+        unlearning_args,
+        l2_regularization=config.l2_regularization,
+        capture_curvature=config.capture_curvature or unlearning_args.capture_curvature,
+    )
     check_curvature_supported(unlearning_args.curvature)  # fail before training, not after
     out = Path(config.output_dir)
     check_output_dir(out, config.overwrite)
@@ -57,7 +72,9 @@ def main(argv=None):
     output = trainer.train()
     record = training_record(config, encoding, setup, output, time.perf_counter() - start)
     if setup.processes.is_main:
-        save_trained_adapter(setup.model, setup.tokenizer, record, out / "trained", config.overwrite)
+        save_trained_adapter(
+            setup.model, setup.tokenizer, record, out / "trained", config.overwrite, trainer.curvature_factors
+        )
 
     # The JSONL ids ("person-3", ...) address `setup.train_set`, the rows the Trainer trained on, in order.
     result = trainer.unlearn(request, train_dataset=setup.train_set)

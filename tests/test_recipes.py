@@ -104,6 +104,7 @@ def test_sft_then_unlearn_recipe_on_two_processes(workspace):
          "--train-file", str(workspace / "train.jsonl"), "--request", str(workspace / "request.jsonl"),
          "--output-dir", str(out), "--epochs", "20", "--learning-rate", "1e-2", "--batch-size", "4",
          "--lora-r", "2", "--lora-alpha", "4", "--logging-steps", "1000", "--dtype", "float32",
+         "--l2-regularization", "0.05",  # trained and unlearned with it, and recorded for the CLI below
          "--unlearn-damping", "20", "--unlearn-tol", "1e-10", "--unlearn-max-iter", "500", "--unlearn-no_progress"]
     )  # fmt: skip
     assert result.stdout.count("Wrote") == 1 and "on 2 process(es)" in result.stdout
@@ -111,6 +112,7 @@ def test_sft_then_unlearn_recipe_on_two_processes(workspace):
     assert record["num_processes"] == 2 and record["global_step"] == 40  # 13 rows / (2 × 4) → 2 steps/epoch
     manifest = json.loads((out / "unlearned" / MANIFEST_NAME).read_text())
     assert manifest["num_processes"] == 2 and manifest["request"]["kinds"] == {"IR": 1, "RC": 1}
+    assert manifest["solver"]["l2_regularization"] == 0.05
     assert "## Unlearning" in (out / "unlearned" / "README.md").read_text()
     # The same request on the trained adapter with the CLI, one process, float32 computation.
     cli = workspace / "sft-cli"
