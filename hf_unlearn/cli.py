@@ -87,8 +87,26 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     return args, train, request, history
 
 
-def unlearn_command(argv: list[str]) -> int:
+def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
+    """`HfArgumentParser(types).parse_args_into_dataclasses(argv)`, with an unknown flag or a malformed value
+    raised as `ConfigurationError` (exit code 4, a bad argument) instead of a traceback or argparse's exit 2."""
     from transformers import HfArgumentParser
+
+    from .errors import ConfigurationError
+
+    parser = HfArgumentParser(types, prog=prog)
+
+    def error(message):
+        raise ConfigurationError(f"{message} (see `{prog} --help`).")
+
+    parser.error = error
+    *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if rest:
+        error(f"unrecognized arguments: {' '.join(rest)}")
+    return tuple(parsed)
+
+
+def unlearn_command(argv: list[str]) -> int:
 
     from .config import UnlearningArguments
     from .data import ExampleEncoder, TextEncoding
@@ -108,8 +126,9 @@ def unlearn_command(argv: list[str]) -> int:
         load_tokenizer,
     )
 
-    parser = HfArgumentParser((UnlearnPaths, TextEncoding, UnlearningArguments), prog="hf-unlearn unlearn")
-    paths, encoding, args = parser.parse_args_into_dataclasses(argv)
+    paths, encoding, args = parse_arguments(
+        (UnlearnPaths, TextEncoding, UnlearningArguments), argv, "hf-unlearn unlearn"
+    )
     args, train, request, history = prepare_unlearn(paths, encoding, args)
     processes = join_process_group()  # under torchrun / accelerate launch
     input_digest = adapter_digest(paths.adapter)
@@ -188,7 +207,6 @@ def evaluate_command(argv: list[str]) -> int:
     import json
 
     import torch
-    from transformers import HfArgumentParser
 
     from .data import ExampleEncoder, TextEncoding, TrainingSet
     from .errors import ConfigurationError
@@ -196,8 +214,7 @@ def evaluate_command(argv: list[str]) -> int:
     from .models import has_tokenizer, load_adapter, load_base_model, load_tokenizer
     from .objective import CausalLMTask
 
-    parser = HfArgumentParser((EvaluateArguments, TextEncoding), prog="hf-unlearn evaluate")
-    args, encoding = parser.parse_args_into_dataclasses(argv)
+    args, encoding = parse_arguments((EvaluateArguments, TextEncoding), argv, "hf-unlearn evaluate")
     files = {"forget": args.forget_file, "retain": args.retain_file, "test": args.test_file}
     if not any(files.values()):
         raise ConfigurationError("Give at least one of --forget-file, --retain-file, --test-file.")
@@ -246,7 +263,6 @@ class PushArguments:
 
 
 def push_command(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
 
     from .errors import ConfigurationError
     from .io import MANIFEST_NAME
@@ -254,7 +270,7 @@ def push_command(argv: list[str]) -> int:
     # The directory is positional, as in `hf-unlearn push OUT --repo-id ...`.
     if argv and not argv[0].startswith("-"):
         argv = ["--adapter_dir", argv[0], *argv[1:]]
-    (args,) = HfArgumentParser(PushArguments, prog="hf-unlearn push").parse_args_into_dataclasses(argv)
+    (args,) = parse_arguments((PushArguments,), argv, "hf-unlearn push")
     folder = Path(args.adapter_dir)
     required = ["adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME, "README.md"]
     missing = [name for name in required if not (folder / name).is_file()]
@@ -282,11 +298,10 @@ def push_command(argv: list[str]) -> int:
 
 
 def demo_command(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
 
     from .demo import DemoArguments, run_demo
 
-    (args,) = HfArgumentParser(DemoArguments, prog="hf-unlearn demo").parse_args_into_dataclasses(argv)
+    (args,) = parse_arguments((DemoArguments,), argv, "hf-unlearn demo")
     run_demo(args)
     return 0
 

@@ -265,10 +265,9 @@ def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: b
 
 
 def train_command(argv: list[str]) -> int:
-    from transformers import HfArgumentParser
+    from .cli import parse_arguments
 
-    parser = HfArgumentParser((TrainConfig, TextEncoding), prog="hf-unlearn train")
-    config, encoding = parser.parse_args_into_dataclasses(argv)
+    config, encoding = parse_arguments((TrainConfig, TextEncoding), argv, "hf-unlearn train")
     record = train_adapter(config, encoding)
     from .distributed import Processes
 

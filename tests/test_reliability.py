@@ -56,6 +56,8 @@ def test_bad_arguments_and_inputs(workspace, tmp_path, capsys):  # noqa: F811
     cases = [
         (base_args(workspace, request, out, "--damping", "-1"), 4, "damping"),
         (base_args(workspace, request, out, "--damping", "nan"), 4, "damping"),
+        (base_args(workspace, request, out, "--dampening", "1"), 4, "unrecognized arguments: --dampening 1"),
+        (base_args(workspace, request, out, "--tol", "abc"), 4, "invalid float value: 'abc'"),
         ([*base_args(workspace, request, out)[:2], "/nonexistent/base", *base_args(workspace, request, out)[3:]], 4, "not found"),
         ([a if a != workspace["adapter"] else str(tmp_path / "empty") for a in base_args(workspace, request, out)], 4, "not a PEFT adapter"),
         ([a if a != workspace["train"] else str(tmp_path / "bad.jsonl") for a in base_args(workspace, request, out)], 3, "line 2"),
