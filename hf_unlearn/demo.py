@@ -204,6 +204,22 @@ def run_demo(args: DemoArguments) -> dict:
     from .eraser import unlearn
     from .io import adapter_digest, build_manifest, save_unlearned_adapter
 
+    # checked before any training: a bad flag fails now, not after the first fine-tuning
+    unlearning_args = UnlearningArguments(
+        solver="cg",
+        curvature=args.curvature,
+        damping=args.damping,
+        refine_steps=args.refine_steps,
+        refine_damping=args.refine_damping,
+        l2_regularization=args.l2_regularization,
+        max_iter=args.max_iter,
+        tol=1e-4,
+        batch_size=args.batch_size,
+        hessian_samples=args.hessian_samples or None,
+        seed=args.seed,
+        progress=args.progress,
+        allow_inexact=True,
+    )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train = TrainingSet.from_jsonl(DEMO_FILES / "train.jsonl")
@@ -218,21 +234,6 @@ def run_demo(args: DemoArguments) -> dict:
     print("[demo] fine-tuning the original adapter ...")
     train_seconds = lab.train(rows, original)
 
-    unlearning_args = UnlearningArguments(
-        solver="cg",
-        curvature=args.curvature,
-        damping=args.damping if args.damping == "auto" else float(args.damping),
-        refine_steps=args.refine_steps,
-        refine_damping=args.refine_damping,
-        l2_regularization=args.l2_regularization,
-        max_iter=args.max_iter,
-        tol=1e-4,
-        batch_size=args.batch_size,
-        hessian_samples=args.hessian_samples or None,
-        seed=args.seed,
-        progress=args.progress,
-        allow_inexact=True,
-    )
     results = {"model": lab.model_name, "n_train": len(train), "train_seconds": train_seconds, "kinds": {}}
     for kind in ("IR", "QM", "RC"):
         request = UnlearningRequest.from_jsonl(DEMO_FILES / f"request_{kind}.jsonl")

@@ -68,3 +68,10 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
     lab.drop(model)
     assert abs(scores["nll"] - expected["loss"]) < 1e-5
     assert scores["exact_match"] == expected["exact_match"]
+
+
+def test_demo_refuses_bad_unlearning_flags_before_training(tmp_path, capsys):
+    for flags, message in ((["--damping", "-1"], "damping"), (["--refine-damping", "foo"], "refine_damping")):
+        assert main(["demo", "--output-dir", str(tmp_path / "demo"), *flags]) == 4
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()  # nothing was trained or written
