@@ -141,12 +141,13 @@ class UnlearningArguments:
             "per adapter; CG then converges as if the top nystrom_rank eigenvalues were flattened."
         },
     )
-    kfac_targets: str = field(
-        default="empirical",
+    kfac_targets: str | None = field(
+        default=None,
         metadata={
             "help": "Output gradients of the K-FAC pass: 'empirical' (the data's labels: a factor of the "
             "empirical Fisher; what capture during training records) or 'sampled' (labels drawn from the "
-            "model, one per position: a factor of the Gauss–Newton matrix / true Fisher).",
+            "model, one per position: a factor of the Gauss–Newton matrix / true Fisher). Default: those of "
+            "saved or captured factors, else 'empirical'; factors with other targets are refused.",
             "choices": list(KFAC_TARGETS),
         },
     )
@@ -235,7 +236,8 @@ class UnlearningArguments:
                 "solver 'woodbury' is the exact solve of the empirical Fisher: use it with curvature 'fisher'."
             )
         _choice("preconditioner", self.preconditioner, PRECONDITIONERS)
-        _choice("kfac_targets", self.kfac_targets, KFAC_TARGETS)
+        if self.kfac_targets is not None:
+            _choice("kfac_targets", self.kfac_targets, KFAC_TARGETS)
         if self.preconditioner != "none" and self.solver != "cg":
             raise ConfigurationError(
                 f"preconditioner {self.preconditioner!r} preconditions conjugate gradient: use it with solver "

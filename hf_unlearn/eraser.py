@@ -252,7 +252,10 @@ def unlearn(
         "l2_regularization": mu,
         **extra_stats,
     }
-    result = UnlearningResult(delta_dict, stats_dict, resolved, timings, sketch)
+    # the sketch is handed on (saved beside the output, reused by the next request) only once it is the
+    # edited training set's: downdated, which happens when C is over the edited rows
+    handed_on = sketch if args.curvature_on_edited else None
+    result = UnlearningResult(delta_dict, stats_dict, resolved, timings, handed_on)
     result.stats["delta_norm"] = result.delta_norm
     return result
 

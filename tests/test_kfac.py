@@ -670,6 +670,9 @@ def test_cli_kfac_computes_or_reads_the_factors_beside_the_adapter(tmp_path):
     )
     assert relative_error(delta(tmp_path / "out-file"), expected_delta(saved, 0.05)) < 2e-5
     assert relative_error(delta(tmp_path / "out-file"), delta(tmp_path / "out-pass")) > 1e-3
+    # ... unless other targets are asked for: refused, not silently ignored
+    assert run(tmp_path / "with-factors", tmp_path / "out-other", "--kfac-targets", "empirical") == 4
+    assert not (tmp_path / "out-other").exists()
 
     # (c) --curvature-factors pass overrides them; factors of another adapter are refused with advice.
     assert run(tmp_path / "with-factors", tmp_path / "out-forced", "--curvature-factors", "pass") == 0

@@ -244,3 +244,14 @@ def test_a_request_after_a_removal_curves_on_the_rows_of_the_sampled_sketch():
             fresh_model(), ROWS, UnlearningRequest(remove=[0]), UnlearningArguments(**args),
             nystrom_sketch=second.nystrom_sketch,
         )  # fmt: skip
+
+
+def test_a_sketch_of_the_original_rows_is_not_handed_on_as_the_edited_sets():
+    """With `curvature_data="original"` the sketch is not downdated, so it does not describe the edited
+    training set the next request sees: it is not handed on (nor saved beside the output)."""
+    args = UnlearningArguments(
+        preconditioner="nystrom", curvature="ggn", curvature_data="original", damping=0.05, dtype="float64",
+        progress=False,
+    )  # fmt: skip
+    result = unlearn(fresh_model(), ROWS, REQUEST, args)
+    assert result.stats["nystrom_sketch"]["origin"] == "pass" and result.nystrom_sketch is None

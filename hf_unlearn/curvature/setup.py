@@ -97,9 +97,14 @@ def obtain_factors(args, model, task, space, rows, batches, processes, given: KF
         sample = sample_rows(rows, args.curvature_samples, args.seed)
         factors = fit_kfac_factors(
             model, task, space, batches(sample), norm, normaliser(task, sample, norm, args.batch_size),
-            processes, targets=args.kfac_targets, seed=args.seed, source="pass",
+            processes, targets=args.kfac_targets or "empirical", seed=args.seed, source="pass",
         )  # fmt: skip
         origin, passes = "pass", 1
+    if args.kfac_targets not in (None, factors.targets):
+        raise ConfigurationError(
+            f"the K-FAC factors ({origin}) were computed with {factors.targets!r} targets, but this run asks for "
+            f"--kfac-targets {args.kfac_targets}: use --curvature-factors pass to compute them, or drop the flag."
+        )
     wants_eigen = "ekfac" in (args.curvature, args.preconditioner)
     if wants_eigen and not factors.has_eigenvalues:
         sample = sample_rows(rows, args.curvature_samples, args.seed)
