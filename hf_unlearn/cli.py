@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,10 @@ class UnlearnPaths:
     request: str = field(metadata={"help": "JSON-lines unlearning request (remove/replace rows)."})
     output_dir: str = field(metadata={"help": "Where to write the unlearned adapter."})
     tokenizer: str | None = field(
-        default=None, metadata={"help": "Tokenizer for text rows (default: the base model's, if it has one)."}
+        default=None,
+        metadata={
+            "help": "Tokenizer for text rows (default: the adapter directory's, else the base model's)."
+        },
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace a non-empty output directory."})
     base_model_id: str | None = field(
@@ -36,6 +40,26 @@ class UnlearnPaths:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the model dir."}
     )
+
+
+def check_recorded_settings(
+    adapter: str, recorded: dict, encoding: dict, loss_normalization: str | None
+) -> None:
+    """Refuse a text encoding (or loss normalisation) other than the one `adapter` was trained or unlearned
+    with (`recorded`: `io.recorded_objective`): the rows would be another loss than the one it fits."""
+    from .errors import ConfigurationError
+
+    given = {**encoding, "loss_normalization": loss_normalization}
+    expected = dict(recorded.get("text_encoding") or {})
+    if recorded.get("loss_normalization") and loss_normalization is not None:
+        expected["loss_normalization"] = recorded["loss_normalization"]
+    if conflicts := {k: v for k, v in expected.items() if k in given and given[k] != v}:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in conflicts.items() if v is not None)
+        raise ConfigurationError(
+            f"{adapter} was trained with {conflicts} (its training record or manifest), but this run has "
+            f"{ {k: given[k] for k in conflicts} }: the rows would be another loss than the one it fits. Pass "
+            f"the recorded settings{' (' + flags + ')' if flags else ''}."
+        )
 
 
 def prepare_unlearn(paths: UnlearnPaths, encoding, args):
@@ -52,7 +76,6 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     from .curvature.setup import needs_factors, needs_sketch
     from .data import TrainingSet
     from .distributed import check_curvature_supported
-    from .errors import ConfigurationError
     from .io import check_output_dir, read_history, recorded_objective
     from .models import check_adapter_dir
     from .request import UnlearningRequest, check_against_history
@@ -65,17 +88,7 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     recorded = recorded_objective(paths.adapter) or {}
     if args.l2_regularization is None:  # the objective the adapter was trained on
         args = dataclasses.replace(args, l2_regularization=recorded.get("l2_regularization") or 0.0)
-    given = {**vars(encoding), "loss_normalization": args.loss_normalization}
-    expected = dict(recorded.get("text_encoding") or {})
-    if recorded.get("loss_normalization"):
-        expected["loss_normalization"] = recorded["loss_normalization"]
-    if conflicts := {k: v for k, v in expected.items() if k in given and given[k] != v}:
-        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in conflicts.items() if v is not None)
-        raise ConfigurationError(
-            f"{paths.adapter} was trained with {conflicts} (its training record or manifest), but this run has "
-            f"{ {k: given[k] for k in conflicts} }: the update would step on another loss. Pass the recorded "
-            f"settings{' (' + flags + ')' if flags else ''}."
-        )
+    check_recorded_settings(paths.adapter, recorded, vars(encoding), args.loss_normalization)
     check_curvature_supported(args.curvature)  # FSDP / ZeRO-3 launches fail here, before loading anything
     inputs = {"--adapter": paths.adapter, "--train-file": paths.train_file, "--request": paths.request}
     check_output_dir(paths.output_dir, paths.overwrite, inputs)
@@ -118,13 +131,7 @@ def unlearn_command(argv: list[str]) -> int:
         file_digest,
         save_unlearned_adapter,
     )
-    from .models import (
-        adapter_dtype,
-        has_tokenizer,
-        load_adapter,
-        load_base_model,
-        load_tokenizer,
-    )
+    from .models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
 
     paths, encoding, args = parse_arguments(
         (UnlearnPaths, TextEncoding, UnlearningArguments), argv, "hf-unlearn unlearn"
@@ -134,7 +141,7 @@ def unlearn_command(argv: list[str]) -> int:
     input_digest = adapter_digest(paths.adapter)
     stored_dtype = adapter_dtype(paths.adapter)
 
-    tokenizer_path = paths.tokenizer or (paths.model if has_tokenizer(paths.model) else None)
+    tokenizer_path = tokenizer_source(paths.tokenizer, paths.adapter, paths.model)
     tokenizer = load_tokenizer(tokenizer_path, paths.trust_remote_code)
     model = load_adapter(
         load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code), paths.adapter
@@ -195,12 +202,23 @@ class EvaluateArguments:
         default=None, metadata={"help": "Adapter to compare with (e.g. retrained): KL(reference ‖ adapter)."}
     )
     tokenizer: str | None = field(
-        default=None, metadata={"help": "Tokenizer for text rows (default: the model's)."}
+        default=None,
+        metadata={
+            "help": "Tokenizer for text rows (default: the adapter directory's, else the base model's)."
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "Rows per forward pass."})
     output_file: str | None = field(
         default=None, metadata={"help": "Also write the report to this JSON file."}
     )
+
+    def __post_init__(self):
+        from .errors import ConfigurationError
+
+        if self.batch_size < 1:
+            raise ConfigurationError(f"--batch-size must be ≥ 1, got {self.batch_size}.")
+        if self.output_file and not Path(self.output_file).resolve().parent.is_dir():
+            raise ConfigurationError(f"--output-file {self.output_file!r}: its directory does not exist.")
 
 
 def evaluate_command(argv: list[str]) -> int:
@@ -208,18 +226,20 @@ def evaluate_command(argv: list[str]) -> int:
 
     import torch
 
-    from .data import ExampleEncoder, TextEncoding, TrainingSet
+    from .data import ExampleEncoder, TextEncoding, read_jsonl
     from .errors import ConfigurationError
     from .evaluation import evaluate_adapter
-    from .models import has_tokenizer, load_adapter, load_base_model, load_tokenizer
+    from .io import recorded_objective
+    from .models import load_adapter, load_base_model, load_tokenizer, tokenizer_source
     from .objective import CausalLMTask
 
     args, encoding = parse_arguments((EvaluateArguments, TextEncoding), argv, "hf-unlearn evaluate")
     files = {"forget": args.forget_file, "retain": args.retain_file, "test": args.test_file}
     if not any(files.values()):
         raise ConfigurationError("Give at least one of --forget-file, --retain-file, --test-file.")
-    splits = {name: list(TrainingSet.from_jsonl(path).rows) for name, path in files.items() if path}
-    tokenizer = load_tokenizer(args.tokenizer or (args.model if has_tokenizer(args.model) else None))
+    check_recorded_settings(args.adapter, recorded_objective(args.adapter) or {}, vars(encoding), None)
+    splits = {name: read_jsonl(path, what=f"--{name}-file") for name, path in files.items() if path}
+    tokenizer = load_tokenizer(tokenizer_source(args.tokenizer, args.adapter, args.model))
     model = load_adapter(load_base_model(args.model, torch.float32), args.adapter, is_trainable=False)
     reference = None
     if args.reference_adapter:
@@ -243,8 +263,10 @@ def evaluate_command(argv: list[str]) -> int:
         print(
             f"membership-inference AUC (forget vs test, 0.5 = indistinguishable): {report['membership_auc']:.3f}"
         )
-    if args.output_file:
-        Path(args.output_file).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if args.output_file:  # written whole or not at all
+        staging = Path(args.output_file).with_name(f".{Path(args.output_file).name}.partial")
+        staging.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        os.replace(staging, args.output_file)
     return 0
 
 

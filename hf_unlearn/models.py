@@ -82,6 +82,12 @@ def load_tokenizer(path: str | None, trust_remote_code: bool = False):
         raise ConfigurationError(f"Cannot load a tokenizer from {path!r}: {e}") from None
 
 
+def tokenizer_source(tokenizer: str | None, adapter: str, model: str) -> str | None:
+    """Where text rows' tokenizer comes from: `tokenizer` if given, else the adapter's directory (where
+    `hf-unlearn train` and the Trainer save the one the adapter was trained with), else the base model's."""
+    return tokenizer or next((p for p in (adapter, model) if has_tokenizer(p)), None)
+
+
 def has_tokenizer(path: str) -> bool:
     p = Path(path)
     return (

@@ -20,7 +20,7 @@ from hf_unlearn.data import ExampleEncoder
 from hf_unlearn.distributed import barrier, join_process_group
 from hf_unlearn.eraser import default_task
 from hf_unlearn.io import adapter_digest, build_manifest, file_digest, save_unlearned_adapter
-from hf_unlearn.models import adapter_dtype, has_tokenizer, load_adapter, load_base_model, load_tokenizer
+from hf_unlearn.models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
 
 
 def main(argv=None):
@@ -31,7 +31,7 @@ def main(argv=None):
     args, train, request, history = prepare_unlearn(paths, encoding, args)
     processes = join_process_group()  # torchrun / accelerate launch; a no-op for one process
 
-    tokenizer_path = paths.tokenizer or (paths.model if has_tokenizer(paths.model) else None)
+    tokenizer_path = tokenizer_source(paths.tokenizer, paths.adapter, paths.model)
     tokenizer = load_tokenizer(tokenizer_path, paths.trust_remote_code)
     input_digest, stored_dtype = adapter_digest(paths.adapter), adapter_dtype(paths.adapter)
     base = load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code)

@@ -81,3 +81,13 @@ def test_evaluate_command(workspace, tmp_path, capsys):  # noqa: F811
     assert set(report) == {"forget", "test", "membership_auc"}
     assert report["forget"]["kl_to_reference"] == pytest.approx(0, abs=1e-9)
     assert "membership-inference AUC" in capsys.readouterr().out
+    # bad inputs fail before any model is loaded, naming what is wrong, and write nothing
+    common = ["evaluate", "--model", workspace["base"], "--adapter", workspace["adapter"]]
+    for flags, message in (
+        (["--forget-file", str(tmp_path / "missing.jsonl")], "--forget-file"),
+        (["--forget-file", forget, "--batch-size", "0"], "--batch-size"),
+        (["--forget-file", forget, "--output-file", str(tmp_path / "no" / "r.json")], "--output-file"),
+    ):
+        assert main([*common, *flags]) in (3, 4)
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
