@@ -2,7 +2,7 @@
 
 import evaluate
 from hf_unlearn.metrics import METRICS
-evaluate.load(METRICS["exact_match"])
+evaluate.load(METRICS["sequence_exact_match"])
 """
 
 from pathlib import Path
