@@ -30,26 +30,32 @@ def per_example(
     """Per-row token-mean loss, exact-match inputs and (with `reference`) token KL(reference ‖ model)."""
     was_training = model.training
     model.eval()
-    out = {"loss": [], "tokens": [], "predicted": [], "target": [], "kl": []}
-    device = next(model.parameters()).device
-    for i in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in task.collate(rows[i : i + batch_size]).items()}
-        logits = _logits(model, batch)  # (B, L-1, V)
-        targets = batch["labels"][:, 1:]  # (B, L-1)
-        mask = targets != IGNORE_INDEX
-        nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
-        counts = mask.sum(1)
-        out["loss"] += (nll.sum(1) / counts).tolist()
-        out["tokens"] += counts.tolist()
-        argmax = logits.argmax(-1)
-        for b in range(len(targets)):
-            out["predicted"].append(argmax[b][mask[b]].tolist())
-            out["target"].append(targets[b][mask[b]].tolist())
-        if reference is not None:
-            ref = _logits(reference, batch).log_softmax(-1)
-            kl = F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="none")  # (B, L-1, V)
-            out["kl"] += ((kl.sum(-1) * mask).sum(1) / counts).tolist()  # KL(reference ‖ model), token mean
-    model.train(was_training)
+    try:
+        out = {"loss": [], "tokens": [], "predicted": [], "target": [], "kl": []}
+        device = next(model.parameters()).device
+        for i in range(0, len(rows), batch_size):
+            batch = {k: v.to(device) for k, v in task.collate(rows[i : i + batch_size]).items()}
+            logits = _logits(model, batch)  # (B, L-1, V)
+            targets = batch["labels"][:, 1:]  # (B, L-1)
+            mask = targets != IGNORE_INDEX
+            nll = F.cross_entropy(
+                logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            counts = mask.sum(1)
+            out["loss"] += (nll.sum(1) / counts).tolist()
+            out["tokens"] += counts.tolist()
+            argmax = logits.argmax(-1)
+            for b in range(len(targets)):
+                out["predicted"].append(argmax[b][mask[b]].tolist())
+                out["target"].append(targets[b][mask[b]].tolist())
+            if reference is not None:
+                ref = _logits(reference, batch).log_softmax(-1)
+                kl = F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="none")  # (B, L-1, V)
+                out["kl"] += (
+                    (kl.sum(-1) * mask).sum(1) / counts
+                ).tolist()  # KL(reference ‖ model), token mean
+    finally:
+        model.train(was_training)
     return out
 
 
