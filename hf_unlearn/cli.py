@@ -230,7 +230,7 @@ def evaluate_command(argv: list[str]) -> int:
     from .errors import ConfigurationError
     from .evaluation import evaluate_adapter
     from .io import recorded_objective
-    from .models import load_adapter, load_base_model, load_tokenizer, tokenizer_source
+    from .models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, tokenizer_source
     from .objective import CausalLMTask
 
     args, encoding = parse_arguments((EvaluateArguments, TextEncoding), argv, "hf-unlearn evaluate")
@@ -242,11 +242,10 @@ def evaluate_command(argv: list[str]) -> int:
     tokenizer = load_tokenizer(tokenizer_source(args.tokenizer, args.adapter, args.model))
     model = load_adapter(load_base_model(args.model, torch.float32), args.adapter, is_trainable=False)
     reference = None
-    if args.reference_adapter:
-        reference = load_adapter(
-            load_base_model(args.model, torch.float32), args.reference_adapter, is_trainable=False
-        )
-        reference.eval()
+    if args.reference_adapter:  # on the same base model, switched to for its logits
+        check_adapter_dir(args.reference_adapter)
+        reference = "reference"
+        model.load_adapter(args.reference_adapter, adapter_name=reference, is_trainable=False)
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     task = CausalLMTask(ExampleEncoder(tokenizer, encoding), pad_token_id=pad)
     report = evaluate_adapter(model, task, splits, reference=reference, batch_size=args.batch_size)

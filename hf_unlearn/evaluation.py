@@ -23,11 +23,25 @@ def _logits(model, batch) -> torch.Tensor:
     return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
+def _reference_logits(model, reference, batch) -> torch.Tensor:
+    if not isinstance(reference, str):
+        return _logits(reference, batch)
+    active = model.active_adapter
+    model.set_adapter(reference)
+    try:
+        return _logits(model, batch)
+    finally:
+        model.set_adapter(active)
+
+
 @torch.no_grad()
 def per_example(
     model, task: CausalLMTask, rows: Sequence[Mapping], batch_size: int = 8, reference=None
 ) -> dict:
-    """Per-row token-mean loss, exact-match inputs and (with `reference`) token KL(reference ‖ model)."""
+    """Per-row token-mean loss, exact-match inputs and (with `reference`) token KL(reference ‖ model).
+
+    `reference` is a model, or the name of another adapter loaded on the PEFT `model` (`model.load_adapter(
+    path, adapter_name=...)`), which is switched to for its logits: one copy of the base model in memory."""
     was_training = model.training
     model.eval()
     try:
@@ -49,7 +63,7 @@ def per_example(
                 out["predicted"].append(argmax[b][mask[b]].tolist())
                 out["target"].append(targets[b][mask[b]].tolist())
             if reference is not None:
-                ref = _logits(reference, batch).log_softmax(-1)
+                ref = _reference_logits(model, reference, batch).log_softmax(-1)
                 kl = F.kl_div(logits.log_softmax(-1), ref, log_target=True, reduction="none")  # (B, L-1, V)
                 out["kl"] += (
                     (kl.sum(-1) * mask).sum(1) / counts

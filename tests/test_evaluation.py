@@ -91,3 +91,33 @@ def test_evaluate_command(workspace, tmp_path, capsys):  # noqa: F811
         assert main([*common, *flags]) in (3, 4)
         assert message in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
+
+
+def test_kl_to_a_reference_adapter_on_the_same_base_equals_two_models(workspace, tmp_path):  # noqa: F811
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    def load(adapter):
+        return PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(workspace["base"]), adapter
+        ).eval()
+
+    other = load(workspace["adapter"])
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "lora_B" in name:
+                p.mul_(1.5)
+    other.save_pretrained(tmp_path / "other")
+    task = CausalLMTask()
+    two_models = evaluate_adapter(
+        load(workspace["adapter"]), task, {"test": ROWS[:4]}, reference=load(tmp_path / "other")
+    )
+    model = load(workspace["adapter"])
+    model.load_adapter(str(tmp_path / "other"), adapter_name="reference")
+    one_model = evaluate_adapter(model, task, {"test": ROWS[:4]}, reference="reference")
+    assert two_models["test"]["kl_to_reference"] > 1e-4
+    assert one_model["test"]["kl_to_reference"] == pytest.approx(
+        two_models["test"]["kl_to_reference"], rel=1e-6
+    )
+    assert one_model["test"]["loss"] == pytest.approx(two_models["test"]["loss"], rel=1e-9)
+    assert model.active_adapter == "default"
