@@ -312,7 +312,10 @@ def push_command(argv: list[str]) -> int:
     api = HfApi()
     api.create_repo(args.repo_id, private=args.private, exist_ok=True)
     info = api.upload_folder(
-        repo_id=args.repo_id, folder_path=str(folder), commit_message="Upload unlearned adapter (hf_unlearn)"
+        repo_id=args.repo_id,
+        folder_path=str(folder),
+        allow_patterns=[str(p.relative_to(folder)) for p in files],  # exactly what --dry-run lists
+        commit_message="Upload unlearned adapter (hf_unlearn)",
     )
     print(f"Uploaded {len(files)} files to {info}")
     return 0

@@ -180,16 +180,20 @@ def test_callback_clips_the_regularised_gradient_itself_during_training(tmp_path
     ∇R + μθ to max_grad_norm instead) and is given back before the unlearning step."""
     from transformers import TrainerCallback
 
-    seen = []
+    seen, norms = [], []
 
-    class Probe(TrainerCallback):
+    class Probe(TrainerCallback):  # runs after UnlearningCallback: sees the gradient the optimiser steps with
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+            norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
         def on_step_end(self, args, state, control, **kwargs):
             seen.append(args.max_grad_norm)
 
     callback = UnlearningCallback(
         UnlearningRequest(remove=[0]), UnlearningArguments(l2_regularization=0.3, damping=1.0, progress=False)
     )
-    args = TrainingArguments(max_steps=2, max_grad_norm=0.5, **common_args(tmp_path))
+    args = TrainingArguments(max_steps=2, max_grad_norm=1e-3, **common_args(tmp_path))  # binds at every step
     Trainer(
         model=tiny_llama(seed=0, dtype=torch.float32),
         args=args,
@@ -197,5 +201,6 @@ def test_callback_clips_the_regularised_gradient_itself_during_training(tmp_path
         data_collator=CausalLMTask().collate,
         callbacks=[callback, Probe()],
     ).train()
-    assert seen == [0.0, 0.0] and args.max_grad_norm == 0.5
+    assert seen == [0.0, 0.0] and args.max_grad_norm == 1e-3
+    assert norms == pytest.approx([1e-3, 1e-3], rel=1e-5)  # ∇R + μθ clipped to max_grad_norm by the callback
     assert callback.result is not None and callback.result.stats["l2_regularization"] == 0.3

@@ -214,7 +214,7 @@ def test_only_safetensors_are_loaded(workspace, tmp_path, capsys):  # noqa: F811
     assert "only safetensors" in capsys.readouterr().err
 
 
-def test_hub_ready_card_and_push_dry_run(workspace, tmp_path, capsys):  # noqa: F811
+def test_hub_ready_card_and_push_dry_run(workspace, tmp_path, capsys, monkeypatch):  # noqa: F811
     out = tmp_path / "out"
     assert main([*base_args(workspace, workspace["IR"], out), "--base-model-id", "my-org/tiny-llama"]) == 0
     card = ModelCard.load(out / "README.md")
@@ -226,6 +226,34 @@ def test_hub_ready_card_and_push_dry_run(workspace, tmp_path, capsys):  # noqa: 
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
     assert listed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME])
     assert main(["push", workspace["adapter"], "--repo-id", "me/x", "--dry-run"]) == 4
+
+    # The upload itself (the Hub client replaced by a recorder): the same files, hidden ones left out
+    import huggingface_hub
+
+    (out / ".scratch").write_text("not for the Hub")
+    calls = []
+
+    class Recorder:
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+            return "https://hub/me/tiny-unlearned"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    assert main(["push", str(out), "--repo-id", "me/tiny-unlearned", "--private"]) == 0
+    assert calls[0] == ("create_repo", "me/tiny-unlearned", {"private": True, "exist_ok": True})
+    upload = calls[1][1]
+    assert upload["folder_path"] == str(out) and sorted(upload["allow_patterns"]) == listed
+
+
+def test_top_level_usage_and_unknown_command(capsys):
+    assert main([]) == 0 and main(["--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(f"\n  {command} " in usage for command in ("unlearn", "train", "evaluate", "demo", "push"))
+    assert main(["forget"]) == 2
+    assert "unknown command 'forget'" in capsys.readouterr().err
 
 
 def test_remote_code_is_not_run_unless_asked(workspace, tmp_path, capsys):  # noqa: F811
