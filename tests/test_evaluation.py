@@ -68,19 +68,62 @@ def test_membership_auc_sees_memorised_rows(trained):
     assert membership_auc(model, CausalLMTask(), rows, token_rows(8, seed=99)) > 0.8
 
 
+def scaled_adapter(files, out):
+    """The workspace adapter with lora_B × 1.5: a reference that differs from it."""
+    other = load_adapter_model(files, files["adapter"])
+    with torch.no_grad():
+        for name, p in other.named_parameters():
+            if "lora_B" in name:
+                p.mul_(1.5)
+    other.save_pretrained(out)
+    return out
+
+
+def load_adapter_model(files, adapter, dtype=torch.float32):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(files["base"], dtype=dtype)
+    return PeftModel.from_pretrained(base, str(adapter)).eval()
+
+
 def test_evaluate_command(workspace, tmp_path, capsys):  # noqa: F811
     from test_cli import write_jsonl
 
-    forget = write_jsonl(tmp_path / "forget.jsonl", ROWS[:3])
-    test = write_jsonl(tmp_path / "test.jsonl", token_rows(4, seed=123))
+    forget_rows, test_rows = ROWS[:3], token_rows(4, seed=123)  # responses of different lengths
+    forget = write_jsonl(tmp_path / "forget.jsonl", forget_rows)
+    test = write_jsonl(tmp_path / "test.jsonl", test_rows)
+    reference = scaled_adapter(workspace, tmp_path / "reference")
     out = tmp_path / "report.json"
     argv = ["evaluate", "--model", workspace["base"], "--adapter", workspace["adapter"], "--forget-file", forget,
-            "--test-file", test, "--reference-adapter", workspace["adapter"], "--output-file", str(out)]  # fmt: skip
+            "--test-file", test, "--reference-adapter", str(reference), "--output-file", str(out)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"forget", "test", "membership_auc"}
-    assert report["forget"]["kl_to_reference"] == pytest.approx(0, abs=1e-9)
     assert "membership-inference AUC" in capsys.readouterr().out
+    # against loops in float64: token-weighted loss and KL over each split, and the attack's AUC as the
+    # Mann–Whitney count over (forget, test) pairs
+    model = load_adapter_model(workspace, workspace["adapter"], torch.float64)
+    ref = load_adapter_model(workspace, reference, torch.float64)
+    with torch.no_grad():
+        for split, rows in (("forget", forget_rows), ("test", test_rows)):
+            sums = [loop_loss_sum(model, r) for r in rows]
+            tokens = sum(T for _, T in sums)
+            assert report[split]["loss"] == pytest.approx(sum(S.item() for S, _ in sums) / tokens, rel=1e-5)
+            kl = 0.0
+            for r in rows:
+                ids = torch.tensor([r["input_ids"]])
+                p, q = (m(input_ids=ids).logits[0, :-1].log_softmax(-1) for m in (ref, model))
+                mask = torch.tensor(r["labels"][1:]) != -100
+                kl += (p.exp() * (p - q)).sum(-1)[mask].sum().item()
+            assert report[split]["kl_to_reference"] == pytest.approx(kl / tokens, rel=1e-4)
+            assert report[split]["kl_to_reference"] > 1e-4
+        losses = {
+            split: [(lambda S, T: S.item() / T)(*loop_loss_sum(model, r)) for r in rows]
+            for split, rows in (("forget", forget_rows), ("test", test_rows))
+        }
+    pairs = [(f < t) + 0.5 * (f == t) for f in losses["forget"] for t in losses["test"]]  # member: lower loss
+    assert report["membership_auc"] == pytest.approx(sum(pairs) / len(pairs))
     # bad inputs fail before any model is loaded, naming what is wrong, and write nothing
     common = ["evaluate", "--model", workspace["base"], "--adapter", workspace["adapter"]]
     for flags, message in (
@@ -94,26 +137,14 @@ def test_evaluate_command(workspace, tmp_path, capsys):  # noqa: F811
 
 
 def test_kl_to_a_reference_adapter_on_the_same_base_equals_two_models(workspace, tmp_path):  # noqa: F811
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     def load(adapter):
-        return PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(workspace["base"]), adapter
-        ).eval()
+        return load_adapter_model(workspace, adapter)
 
-    other = load(workspace["adapter"])
-    with torch.no_grad():
-        for name, p in other.named_parameters():
-            if "lora_B" in name:
-                p.mul_(1.5)
-    other.save_pretrained(tmp_path / "other")
+    other = scaled_adapter(workspace, tmp_path / "other")
     task = CausalLMTask()
-    two_models = evaluate_adapter(
-        load(workspace["adapter"]), task, {"test": ROWS[:4]}, reference=load(tmp_path / "other")
-    )
+    two_models = evaluate_adapter(load(workspace["adapter"]), task, {"test": ROWS[:4]}, reference=load(other))
     model = load(workspace["adapter"])
-    model.load_adapter(str(tmp_path / "other"), adapter_name="reference")
+    model.load_adapter(str(other), adapter_name="reference")
     one_model = evaluate_adapter(model, task, {"test": ROWS[:4]}, reference="reference")
     assert two_models["test"]["kl_to_reference"] > 1e-4
     assert one_model["test"]["kl_to_reference"] == pytest.approx(
