@@ -223,8 +223,17 @@ def test_l2_regularization_trains_and_unlearns_the_same_objective(trained, tmp_p
     trainer.train()  # same seed, data and recipe as `trained`, plus (μ/2)‖θ‖² in the objective
     norm = ParameterSpace(trainer.model).vector().norm()
     assert norm < 0.9 * ParameterSpace(plain.model).vector().norm()
+    # the step solves with the Hessian of R' plus μI (the objective trained) on top of λ: the dense reference
+    ref = DenseReference(copy.deepcopy(trainer.model).double(), "token")
+    expected = ref.update(ROWS, OLD, NEW_ROWS, 0.1, mu=0.5)
+    without_mu = ref.update(ROWS, OLD, NEW_ROWS, 0.1)
+    trainer.unlearning_args = UnlearningArguments(
+        dtype="float64", l2_regularization=0.5, damping=0.1, tol=1e-10, max_iter=500, progress=False
+    )
     result = trainer.unlearn(REQUEST)
     assert result.stats["l2_regularization"] == 0.5 and result.stats["converged"]
+    assert relative_error(flat_delta(result, trainer.model), expected) < 1e-8
+    assert relative_error(without_mu, expected) > 1e-2  # μ matters here: the check above can fail
 
 
 def test_unlearn_hands_the_nystrom_sketch_on_to_the_next_request(tmp_path):

@@ -159,9 +159,10 @@ def test_l2_regularization_callback_trains_to_the_regularised_minimum_when_clipp
 def test_train_with_l2_regularization_records_it_and_unlearn_uses_it(workspace, capsys):
     out = workspace / "adapter_l2"
     args = ["train", "--model", str(workspace / "base"), "--train-file", str(workspace / "train.jsonl"),
-            "--output-dir", str(out), "--lora-r", "4", "--lora-alpha", "8", "--epochs", "60",
-            "--learning-rate", "1e-2", "--batch-size", "6", "--logging-steps", "1000", "--l2-regularization", "0.05"]  # fmt: skip
-    assert main(args) == 0
+            "--lora-r", "4", "--lora-alpha", "8", "--epochs", "60", "--learning-rate", "1e-2", "--batch-size", "6",
+            "--logging-steps", "1000"]  # fmt: skip
+    assert main([*args, "--output-dir", str(out), "--l2-regularization", "0.05"]) == 0
+    assert main([*args, "--output-dir", str(workspace / "adapter_no_l2")]) == 0  # the same recipe without it
     assert json.loads((out / TRAINING_RECORD).read_text())["config"]["l2_regularization"] == 0.05
     from safetensors.torch import load_file
 
@@ -170,8 +171,7 @@ def test_train_with_l2_regularization_records_it_and_unlearn_uses_it(workspace, 
             sum(t.double().norm() ** 2 for t in load_file(path / "adapter_model.safetensors").values()) ** 0.5
         )
 
-    if (workspace / "adapter").is_dir():  # same recipe without the term (the test above)
-        assert norm(out) < 0.9 * norm(workspace / "adapter")
+    assert norm(out) < 0.9 * norm(workspace / "adapter_no_l2")
     request = workspace / "request_l2.jsonl"
     request.write_text(json.dumps({"op": "remove", "id": "p3"}) + "\n")
     unlearned = workspace / "unlearned_l2"
