@@ -63,6 +63,9 @@ def test_chat_template_wraps_prompt(tokenizer):
     n_chat = chat["labels"].count(-100)
     assert n_chat > n_plain
     assert chat["input_ids"][n_chat:] == plain["input_ids"][n_plain:]
+    # the prompt part is exactly the rendered template with its generation prompt, and carries no loss
+    rendered = "<s>class</s><s>"
+    assert chat["input_ids"][:n_chat] == tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
 
 def test_text_row_without_tokenizer_says_what_to_do():
