@@ -49,6 +49,11 @@ def test_loss_excludes_prompt_tokens(model):
     S2, T2 = task.loss_sums(model, task.collate([{**row, "labels": [-100, 4, 5, 6, 7]}]))
     assert T2.item() == 4 and S2.item() > S.item()
     assert max(row["input_ids"]) < VOCAB
+    # exactly the response tokens' NLL: S = −Σ_{t ≥ 2} log p(y_t | y_<t), and S2 adds token 1's term
+    logp = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].log_softmax(-1)  # (L, V)
+    nll = [-logp[t - 1, row["input_ids"][t]] for t in range(1, 5)]
+    torch.testing.assert_close(S[0], sum(nll[1:]), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S2[0], sum(nll), rtol=1e-12, atol=1e-12)
 
 
 class _NoLogitsToKeep(torch.nn.Module):
