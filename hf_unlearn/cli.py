@@ -120,7 +120,6 @@ def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
 
 
 def unlearn_command(argv: list[str]) -> int:
-
     from .config import UnlearningArguments
     from .data import ExampleEncoder, TextEncoding
     from .distributed import barrier, join_process_group
@@ -284,7 +283,6 @@ class PushArguments:
 
 
 def push_command(argv: list[str]) -> int:
-
     from .errors import ConfigurationError
     from .io import MANIFEST_NAME
 
@@ -322,7 +320,6 @@ def push_command(argv: list[str]) -> int:
 
 
 def demo_command(argv: list[str]) -> int:
-
     from .demo import DemoArguments, run_demo
 
     (args,) = parse_arguments((DemoArguments,), argv, "hf-unlearn demo")
