@@ -78,27 +78,8 @@ class CaptureEveryEpoch(CurvatureCaptureCallback):
 
 
 def train(lab, rows, out: Path, callbacks) -> float:
-    """`Lab.train` with extra callbacks (the same recipe and seed)."""
-    from peft import get_peft_model
-    from transformers import Trainer, TrainingArguments, set_seed
-
-    start = time.perf_counter()
-    set_seed(lab.args.seed)
-    model = get_peft_model(lab.base, lab.lora_config())
-    training = TrainingArguments(
-        output_dir=str(out / "trainer"), num_train_epochs=lab.args.epochs,
-        per_device_train_batch_size=lab.args.batch_size, learning_rate=lab.args.learning_rate,
-        lr_scheduler_type="constant", logging_steps=10_000, save_strategy="no", report_to=[],
-        remove_unused_columns=False, seed=lab.args.seed, data_seed=lab.args.seed, disable_tqdm=True,
-    )  # fmt: skip
-    trainer = Trainer(
-        model=model, args=training, train_dataset=rows, data_collator=lab.task.collate, callbacks=callbacks
-    )
-    trainer.train()
-    seconds = time.perf_counter() - start
-    model.save_pretrained(out)
-    lab.base = model.unload()
-    return seconds
+    """`Lab.train` (the suite's recipe and seed) with extra callbacks."""
+    return lab.train(rows, out, callbacks=callbacks)
 
 
 def capture_overhead(lab, rows, workdir: Path, repeats: int) -> tuple[dict, KFACFactors]:
@@ -232,11 +213,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if (args.hidden_size, args.layers) == (64, 2):
-            lab = make_lab(suite, data, workdir, None)
+            lab = make_lab(suite, data, workdir, None, progress=False)
         else:
             model_dir = workdir / "toy_model"
             build_toy_model(data["train"] + data["triggered_test"], model_dir, args.hidden_size, args.layers)
-            lab = make_lab(suite, data, workdir, str(model_dir), lora_layers=args.layers)
+            lab = make_lab(suite, data, workdir, str(model_dir), lora_layers=args.layers, progress=False)
         rows = [{k: r[k] for k in ("prompt", "response")} for r in data["train"]]
         report["capture"], captured = capture_overhead(lab, rows, workdir, args.repeats)
         print(json.dumps(report["capture"], indent=1), flush=True)

@@ -120,9 +120,10 @@ class Lab:
             task_type="CAUSAL_LM",
         )
 
-    def train(self, rows: list[dict], out: Path, capture_curvature: bool = False) -> float:
+    def train(self, rows: list[dict], out: Path, capture_curvature: bool = False, callbacks=()) -> float:
         """Fine-tune a fresh LoRA adapter on `rows` with the HF Trainer; returns seconds. With
-        `capture_curvature`, K-FAC factors of the last epoch are saved beside the adapter."""
+        `capture_curvature`, K-FAC factors of the last epoch are saved beside the adapter; `callbacks` are
+        added to the Trainer's (e.g. to time or capture)."""
         from peft import get_peft_model
         from transformers import Trainer, TrainingArguments, set_seed
 
@@ -153,7 +154,8 @@ class Lab:
             train_dataset=rows,
             data_collator=self.task.collate,
             callbacks=[L2RegularizationCallback(self.args.l2_regularization)]
-            + ([CurvatureCaptureCallback(output_dir=str(out))] if capture_curvature else []),
+            + ([CurvatureCaptureCallback(output_dir=str(out))] if capture_curvature else [])
+            + list(callbacks),
         ).train()
         model.save_pretrained(out)
         self.base = model.unload()
