@@ -220,6 +220,10 @@ def solver_method(solver: str, settings: dict):
         model.save_pretrained(out)
         lab.drop(model)
         row = {k: result.stats.get(k) for k in ("iterations", "curvature_products")}
+        # the rest of the solve's curvature work: mini-batch products (lissa, qp) and refinement solves
+        row |= {k: result.stats[k] for k in ("sample_products", "scale_row_products") if k in result.stats}
+        if "refine" in result.stats:
+            row["refine_products"] = sum(s.get("curvature_products") or 0 for s in result.stats["refine"])
         if "nystrom_sketch" in result.stats:  # the downdate's products, each over the request rows only
             sketch = result.stats["nystrom_sketch"]
             row["downdate_products"] = sketch["rank"] if sketch["downdate_rows"] else 0
@@ -268,7 +272,7 @@ def gradient_ascent(
     train: TrainingSet,
     request: UnlearningRequest,
     out: Path,
-    budget=10.0,
+    budget: float,
     lr=1e-3,
     **_,
 ):
@@ -383,7 +387,7 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                 with PeakRSS() as rss:
                     start = time.perf_counter()
                     extras[method] = METHODS[method](suite)(
-                        lab, original, train, request, out, budget=runs.get("cg", (10.0,))[0]
+                        lab, original, train, request, out, budget=runs["cg"][0] if "cg" in runs else None
                     )
                     runs[method] = (time.perf_counter() - start, rss.peak)
             before, after = lab.scores(original, eval_rows), lab.scores(workdir / "retrain", eval_rows)
@@ -563,14 +567,19 @@ def _exact_match(row: dict) -> str:
 
 
 def _products(row: dict) -> str:
-    """Curvature products of a solve; for cg+nystrom `PCG + downdate`, the downdate's products (each over
-    the request rows only) counted in products over the solve's curvature rows."""
+    """Curvature products of a solve: for cg+nystrom `PCG + downdate`, the downdate's products (each over
+    the request rows only) counted in products over the solve's curvature rows; then the refinement solves'
+    products and the mini-batch products of lissa/qp, where a run recorded them."""
     if row.get("curvature_products") is None:
         return "—"
-    if "downdate_products" not in row:
-        return str(row["curvature_products"])
-    equivalent = row["downdate_products"] * row["downdate_rows"] / row["curvature_rows"]
-    return f"{row['curvature_products']} + {equivalent:.0f}"
+    text = str(row["curvature_products"])
+    if "downdate_products" in row:
+        text += f" + {row['downdate_products'] * row['downdate_rows'] / row['curvature_rows']:.0f}"
+    if row.get("refine_products"):
+        text += f" + {row['refine_products']} (refine)"
+    if row.get("sample_products"):
+        text += f" + {row['sample_products']} mini-batch"
+    return text
 
 
 # the gap panel's range; bars beyond it are cut and labelled with their value
@@ -681,6 +690,8 @@ def ordered_methods(suite: dict, requested: list[str] | None) -> list[str]:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}")
+    if "gradient-ascent" in methods and "cg" not in methods:
+        raise ValueError("gradient-ascent gets cg's wall time: run it with cg")
     if not suite.get("capture_curvature") and set(methods) & set(CAPTURED_METHODS):
         raise ValueError(
             f"{sorted(set(methods) & set(CAPTURED_METHODS))} need factors captured in training: --suite scale"
