@@ -262,9 +262,9 @@ def test_pcg_reaches_the_cg_and_dense_solution_on_the_tiny_llama(model):
         before = ggn.num_products
         x, stats = conjugate_gradient(ggn, damping, rhs, tol=1e-10, max_iter=500, preconditioner=pre)
         assert stats.converged and relative_error(x, expected) < 1e-8
-        assert (
-            stats.curvature_products == stats.iterations == ggn.num_products - before
-        )  # exact products only
+        # exact products only: one per iteration and one for the true residual
+        assert stats.curvature_products == stats.iterations + 1 == ggn.num_products - before
+        assert stats.extra["true_relative_residual"] < 1e-9
         assert stats.extra.get("preconditioner") == (None if pre is None else name)
         results[name] = stats.iterations
     assert all(n > 1 for n in results.values())
@@ -349,7 +349,7 @@ def test_unlearn_with_a_kfac_preconditioner_gives_the_cg_update(preconditioner):
     d0, d1 = ParameterSpace(plain).vector() - theta, ParameterSpace(pre).vector() - theta
     assert relative_error(d1, d0) < 1e-8
     assert r1.stats["preconditioner"] == preconditioner and "preconditioner" not in r0.stats
-    assert r1.stats["curvature_products"] == r1.stats["iterations"]
+    assert r1.stats["curvature_products"] == r1.stats["iterations"] + 1  # + the true-residual product
     assert r1.stats["curvature_factors"]["passes_in_unlearning"] == (1 if preconditioner == "kfac" else 2)
 
 

@@ -45,6 +45,18 @@ def test_cg_reports_non_convergence():
     assert not stats.converged and stats.iterations == 3 and stats.relative_residual > 1e-12
 
 
+def test_cg_measures_the_true_residual_that_float32_drifts_from():
+    """In float32 the recursively updated residual drifts below the true one near the precision's floor:
+    the stats carry the true ‖rhs − (C+λI)x‖/‖rhs‖, measured with one more product."""
+    rhs = torch.randn(200, generator=torch.Generator().manual_seed(2)).float()
+    C = spd(200, condition=1e5, seed=1).float()
+    x, stats = conjugate_gradient(Dense(C), 0.0, rhs, tol=1e-5, max_iter=2000)
+    true_residual = ((rhs - C @ x).norm() / rhs.norm()).item()
+    assert stats.extra["true_relative_residual"] == pytest.approx(true_residual, rel=1e-2)
+    assert true_residual > 10 * stats.relative_residual  # the drift the recursive value hides
+    assert stats.curvature_products == stats.iterations + 1
+
+
 def test_cg_stops_on_negative_curvature_and_names_a_damping():
     C = torch.diag(torch.tensor([1.0, 2.0, -0.5], dtype=torch.float64))
     with pytest.raises(NonPositiveCurvatureError, match="--damping") as info:
