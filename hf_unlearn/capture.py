@@ -63,8 +63,10 @@ class CurvatureCaptureCallback(TrainerCallback):
             ) from None
         steps_per_epoch = -(-batches_per_epoch // args.gradient_accumulation_steps)
         self.first_step = max(0, state.max_steps - (self.steps or steps_per_epoch))
+        if self.capture is not None and self.capture.running:  # a run that raised left its hooks on
+            self.capture.stop()
         self.capture = TrainingCapture(extract_model_from_parallel(model), self.loss_normalization)
-        self.factors = None
+        self.factors, self._started_at = None, None
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.capture is not None and not self.capture.running and state.global_step >= self.first_step:

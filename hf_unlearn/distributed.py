@@ -29,7 +29,12 @@ class Processes:
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.count > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            if tensor.device.type == "cpu" and dist.get_backend() == "nccl":  # NCCL reduces GPU tensors only
+                reduced = tensor.cuda()
+                dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+                tensor.copy_(reduced.cpu())
+            else:
+                dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
 

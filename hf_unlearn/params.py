@@ -58,12 +58,12 @@ def computation_mode(model: torch.nn.Module, dtype: torch.dtype):
     """
     was_training = model.training
     originals = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if t.is_floating_point() and t.dtype != dtype:
-            originals[name] = (t, t.dtype)
-            t.data = t.data.to(dtype)
-    model.eval()
-    try:
+    try:  # a conversion that fails part-way (out of memory) is undone too
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and t.dtype != dtype:
+                originals[name] = (t, t.dtype)
+                t.data = t.data.to(dtype)
+        model.eval()
         # CPU SDPA has no double backward: force the math kernel (DESIGN §6).
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
             yield

@@ -36,12 +36,19 @@ class L2RegularizationCallback(TrainerCallback):
         self.max_grad_norm = None  # the clipping norm taken over from the Trainer for this run
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if not (self.mu and args.max_grad_norm and args.max_grad_norm > 0):
+        if not self.mu:
             return
-        if args.deepspeed or args.fsdp:
+        if args.deepspeed:  # the engine steps inside backward(), before on_pre_optimizer_step could add μθ
+            raise ConfigurationError(
+                "L2RegularizationCallback cannot add μθ under DeepSpeed, whose engine takes the optimiser step "
+                "inside backward(); train without DeepSpeed (DDP works), or without the L2 term."
+            )
+        if not (args.max_grad_norm and args.max_grad_norm > 0):
+            return
+        if args.fsdp:
             raise ConfigurationError(
                 "L2RegularizationCallback clips the regularised gradient itself, which it cannot do under "
-                "DeepSpeed or FSDP; set max_grad_norm=0 (no clipping) to use it there."
+                "FSDP; set max_grad_norm=0 (no clipping) to use it there."
             )
         self.max_grad_norm, args.max_grad_norm = args.max_grad_norm, 0.0
 

@@ -816,3 +816,27 @@ def test_refine_steps_recompute_kfac_factors_at_each_step():
     assert (
         relative_error(frozen - ref.theta, theta - ref.theta) > 1e-4
     )  # the refit at each θ is what is checked
+
+
+def test_a_capture_left_running_by_a_run_that_raised_is_stopped_when_the_next_run_begins():
+    from types import SimpleNamespace
+
+    from hf_unlearn import CurvatureCaptureCallback
+
+    model = lora_model()
+
+    def hooks():
+        return sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
+
+    args = SimpleNamespace(label_smoothing_factor=0.0, gradient_accumulation_steps=1)
+    state = SimpleNamespace(max_steps=4, global_step=3)
+    callback = CurvatureCaptureCallback()
+    callback.on_train_begin(args, state, None, model=model, train_dataloader=[0, 1])
+    callback.on_step_begin(args, state, None)  # capturing: hooks on the LoRA modules
+    capturing = hooks()
+    assert capturing > 0
+    # the run raises here (no on_train_end); a new run with the same callback begins and starts capturing
+    callback.on_train_begin(args, state, None, model=model, train_dataloader=[0, 1])
+    assert hooks() == 0  # the old capture's hooks are gone
+    callback.on_step_begin(args, state, None)
+    assert hooks() == capturing  # only the new capture's

@@ -99,3 +99,21 @@ def test_a_row_without_loss_tokens_is_refused_under_example_normalisation(model)
     assert torch.isfinite(example_losses(task, model, batch, "token")).all()  # it adds nothing to a sum
     with pytest.raises(DataError, match="no loss tokens"):
         example_losses(task, model, batch, "example")  # its mean would be 0/0
+
+
+def test_computation_mode_undoes_a_conversion_that_fails_part_way(monkeypatch):
+    from hf_unlearn.params import computation_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)).float().train()
+    original_to, calls = torch.Tensor.to, []
+
+    def to(self, *args, **kwargs):  # out of memory on the third conversion to float64
+        calls.append(args)
+        if args and args[0] is torch.float64 and len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return original_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    with pytest.raises(RuntimeError, match="out of memory"), computation_mode(model, torch.float64):
+        pass
+    assert all(p.dtype == torch.float32 for p in model.parameters()) and model.training

@@ -166,3 +166,32 @@ def test_lanczos_extremes_match_eigvalsh():
     )
     low, high, _ = lanczos_extremes(lambda v: C @ v, 60, 60, dtype=torch.float64, device="cpu")
     assert abs(low - ev[0].item()) < 1e-8 and abs(high - ev[-1].item()) < 1e-8
+
+
+class _GradientRows:
+    """A Fisher operator given by its per-example gradients G (n × P): F = GᵀG/M."""
+
+    def __init__(self, G, M):
+        self.G, self.normaliser, self.size = G, M, G.shape[1]
+        self.space = type("S", (), {"params": [G]})()
+
+    def gradient_matrix(self):
+        return self.G
+
+    def matvec(self, v):
+        return self.G.T @ (self.G @ v) / self.normaliser
+
+
+def test_woodbury_in_float32_is_accurate_and_reports_its_residual():
+    from hf_unlearn.solvers import woodbury_solve
+
+    g = torch.Generator().manual_seed(0)
+    G = (torch.randn(64, 4, generator=g) @ torch.randn(4, 4000, generator=g)).float()  # near rank 4
+    rhs = torch.randn(4000, generator=g).float()
+    for damping in (1e-2, 1e-5):
+        x, stats = woodbury_solve(_GradientRows(G, 1000.0), damping, rhs, tol=1e-4)
+        exact = (rhs.double() - G.double().T @ torch.linalg.solve(
+            G.double() @ G.double().T + 1000.0 * damping * torch.eye(64, dtype=torch.float64), G.double() @ rhs.double()
+        )) / damping  # fmt: skip
+        assert ((x.double() - exact).norm() / exact.norm()).item() < 1e-4
+        assert stats.converged == (stats.relative_residual <= 1e-4)

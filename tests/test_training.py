@@ -118,6 +118,14 @@ def test_l2_regularization_callback_adds_mu_theta_to_the_gradient():
     assert model.bias.grad is None  # frozen parameters are not regularised
     with pytest.raises(ConfigurationError, match="l2_regularization"):
         L2RegularizationCallback(-1.0)
+    # under DeepSpeed the engine steps inside backward(), before μθ could be added: refused, clipping or not
+    from types import SimpleNamespace
+
+    for clip in (0.0, 1.0):
+        args = SimpleNamespace(deepspeed="ds.json", fsdp="", max_grad_norm=clip)
+        with pytest.raises(ConfigurationError, match="DeepSpeed"):
+            L2RegularizationCallback(0.1).on_train_begin(args, None, None)
+    L2RegularizationCallback(0.0).on_train_begin(args, None, None)  # no term: nothing to refuse
 
 
 class _LeastSquares(torch.nn.Module):

@@ -10,7 +10,7 @@ from .base import SolverStats
 MAX_WOODBURY_ROWS = 8192
 
 
-def woodbury_solve(curvature, damping: float, rhs: torch.Tensor, **_):
+def woodbury_solve(curvature, damping: float, rhs: torch.Tensor, tol: float = 1e-6, **_):
     """Exact solve of `(F + λI) x = rhs` for the empirical Fisher `F = GᵀG/M` (G: n × P per-example gradients).
 
     Woodbury: `(λI + GᵀG/M)⁻¹ = (1/λ)[I − Gᵀ(MλI_n + GGᵀ)⁻¹G]`, one n × n Cholesky instead of a P × P one, so it
@@ -36,9 +36,18 @@ def woodbury_solve(curvature, damping: float, rhs: torch.Tensor, **_):
             "Use --hessian-samples to subsample or --solver cg."
         )
     M = curvature.normaliser
-    K = G @ G.T + M * damping * torch.eye(n, dtype=G.dtype, device=G.device)
-    L = torch.linalg.cholesky(K)
-    x = (rhs - G.T @ torch.cholesky_solve((G @ rhs).unsqueeze(1), L).squeeze(1)) / damping
+    G64 = G.double()  # the n × n system in float64: in float32 GGᵀ + MλI loses λ against GGᵀ
+    K = G64 @ G64.T + M * damping * torch.eye(n, dtype=torch.float64, device=G.device)
+    L, info = torch.linalg.cholesky_ex(K)
+    if info.item() != 0:
+        raise ConfigurationError(
+            f"solver 'woodbury': GGᵀ + MλI is not numerically positive definite at damping {damping:g}; "
+            "raise --damping or use --solver cg."
+        )
+    r64 = rhs.double()
+    x = ((r64 - G64.T @ torch.cholesky_solve((G64 @ r64).unsqueeze(1), L).squeeze(1)) / damping).to(rhs.dtype)
     Ax = G.T @ (G @ x) / M + damping * x
     residual = ((Ax - rhs).norm() / rhs.norm().clamp_min(torch.finfo(rhs.dtype).tiny)).item()
-    return x, SolverStats("woodbury", 1, residual, True, time.perf_counter() - start, 0, {"fisher_rows": n})
+    stats = SolverStats("woodbury", 1, residual, residual <= tol, time.perf_counter() - start, 0)
+    stats.extra["fisher_rows"] = n
+    return x, stats
