@@ -323,7 +323,7 @@ def plot(results: dict, out: Path) -> int:
     axes.flat[0].legend(handles=handles, fontsize=8)
     fig.suptitle(
         f"mini-batch steps {', '.join(map(str, results['budgets']))}; float64; dotted line: 10 % "
-        "(tiny: 2-layer Llama + LoRA r=2; toy: quick-suite Llama + LoRA r=8, ggn, damping auto)"
+        "(tiny: 2-layer Llama + LoRA r=2; toy: quick-suite Llama + LoRA r=8, GGN of the edited rows + μI)"
     )
     fig.tight_layout()
     fig.savefig(out / "solvers.png", dpi=110)
