@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +227,7 @@ def evaluate_command(argv: list[str]) -> int:
     from .data import ExampleEncoder, TextEncoding, read_jsonl
     from .errors import ConfigurationError
     from .evaluation import evaluate_adapter
-    from .io import recorded_objective
+    from .io import recorded_objective, write_text_atomically
     from .models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, tokenizer_source
     from .objective import CausalLMTask
 
@@ -261,10 +260,8 @@ def evaluate_command(argv: list[str]) -> int:
         print(
             f"membership-inference AUC (forget vs test, 0.5 = indistinguishable): {report['membership_auc']:.3f}"
         )
-    if args.output_file:  # written whole or not at all
-        staging = Path(args.output_file).with_name(f".{Path(args.output_file).name}.partial")
-        staging.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        os.replace(staging, args.output_file)
+    if args.output_file:
+        write_text_atomically(Path(args.output_file), json.dumps(report, indent=2) + "\n")
     return 0
 
 

@@ -172,15 +172,12 @@ class Lab:
     def scores(self, adapter: Path, rows: list[dict]) -> dict:
         """`adapter` on `rows`: {"nll": NLL per response token, "exact_match": fraction of rows whose response
         greedy decoding reproduces}."""
-        from .evaluation import per_example
+        from .evaluation import split_metrics
 
         model = self.load(adapter)
-        stats = per_example(model, self.task, rows, self.args.batch_size)
+        metrics = split_metrics(model, self.task, rows, self.args.batch_size)
         self.drop(model)
-        return {
-            "nll": sum(x * n for x, n in zip(stats["loss"], stats["tokens"])) / sum(stats["tokens"]),
-            "exact_match": sum(p == t for p, t in zip(stats["predicted"], stats["target"])) / len(rows),
-        }
+        return {"nll": metrics["loss"], "exact_match": metrics["exact_match"]}
 
     def nll(self, adapter: Path, rows: list[dict]) -> float:
         return self.scores(adapter, rows)["nll"]

@@ -185,10 +185,11 @@ def write_model_card(directory: Path, manifest: dict, base_model_id: str | None 
         tags = [t for t in (card.data.tags or []) if not t.startswith("base_model:")]
         card.data.tags = tags + [f"base_model:adapter:{base_model_id}"]
     card.data.tags = list(dict.fromkeys((card.data.tags or []) + CARD_TAGS))
-    _write_text_atomically(directory / "README.md", str(card))
+    write_text_atomically(directory / "README.md", str(card))
 
 
-def _write_text_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` by a rename: readers see the old file or the new one, never part of it."""
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         tmp.write_text(text, encoding="utf-8")
@@ -202,7 +203,7 @@ def write_manifest_and_card(directory: str | Path, manifest: dict, base_model_id
     """Add `unlearning_manifest.json` and the model card's "Unlearning" section to an adapter directory
     (each file replaced atomically)."""
     directory = Path(directory)
-    _write_text_atomically(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str) + "\n")
+    write_text_atomically(directory / MANIFEST_NAME, json.dumps(manifest, indent=2, default=str) + "\n")
     write_model_card(directory, manifest, base_model_id)
 
 
