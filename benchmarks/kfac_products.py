@@ -47,10 +47,11 @@ from hf_unlearn.curvature.kfac import EKFACOperator, KFACFactors, KFACOperator  
 from hf_unlearn.curvature.kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors  # noqa: E402
 from hf_unlearn.demo_data import generate  # noqa: E402
 from hf_unlearn.distributed import Processes  # noqa: E402
-from hf_unlearn.eraser import choose_damping, request_rhs  # noqa: E402
+from hf_unlearn.eraser import request_rhs  # noqa: E402
 from hf_unlearn.gradients import Batches  # noqa: E402
 from hf_unlearn.objective import normaliser  # noqa: E402
 from hf_unlearn.params import ParameterSpace, computation_mode  # noqa: E402
+from hf_unlearn.refinement import choose_damping  # noqa: E402
 from hf_unlearn.solvers import conjugate_gradient  # noqa: E402
 from hf_unlearn.toy import build_toy_model  # noqa: E402
 

@@ -44,10 +44,11 @@ from reference import fit, tiny_llama, token_rows  # noqa: E402
 from hf_unlearn import CausalLMTask, TrainingSet, UnlearningRequest  # noqa: E402
 from hf_unlearn.curvature import CURVATURE_OPERATORS  # noqa: E402
 from hf_unlearn.distributed import Processes  # noqa: E402
-from hf_unlearn.eraser import choose_damping, request_rhs  # noqa: E402
+from hf_unlearn.eraser import request_rhs  # noqa: E402
 from hf_unlearn.gradients import Batches, gradient_sum  # noqa: E402
 from hf_unlearn.objective import normaliser  # noqa: E402
 from hf_unlearn.params import ParameterSpace, computation_mode  # noqa: E402
+from hf_unlearn.refinement import choose_damping  # noqa: E402
 from hf_unlearn.solvers import SOLVERS, dense_matrix  # noqa: E402
 
 STAT_KEYS = (

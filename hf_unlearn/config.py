@@ -18,6 +18,7 @@ KFAC_TARGETS = ("empirical", "sampled")
 LOSS_NORMALIZATIONS = ("token", "example")
 CURVATURE_DATA = ("auto", "edited", "original")
 REFINE_DAMPINGS = ("fixed", "adaptive", "line_search")
+OBJECTIVE_ESTIMATES = ("full", "sample")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -102,6 +103,17 @@ class UnlearningArguments:
             "help": "Estimate the curvature on a seeded random subset of this many training rows (default: all), "
             "with the request applied to it when the curvature is of the edited rows: the same rows for every "
             "request, and those of a Nyström sketch with as many --curvature-samples."
+        },
+    )
+    objective_estimate: str = field(
+        default="full",
+        metadata={
+            "help": "How the edited objective's kept rows enter the curvature and the refinement steps: 'full' "
+            "(every kept training row, exact; each refinement step passes over the whole training set) or "
+            "'sample' (the kept rows of the --hessian-samples sample, rescaled to all of them, as a control "
+            "variate around θ* — exact at θ* — while the request's new versions enter exactly: nothing passes "
+            "over the training set, so a request costs the same at any training-set size).",
+            "choices": list(OBJECTIVE_ESTIMATES),
         },
     )
     preconditioner: str = field(
@@ -262,6 +274,18 @@ class UnlearningArguments:
             raise ConfigurationError(
                 f"l2_regularization must be a finite number ≥ 0, got {self.l2_regularization!r}."
             )
+        _choice("objective_estimate", self.objective_estimate, OBJECTIVE_ESTIMATES)
+        if self.objective_estimate == "sample":
+            if self.curvature in KFAC_CURVATURES or not self.curvature_on_edited:
+                raise ConfigurationError(
+                    "objective_estimate 'sample' estimates the edited objective's exact curvature on a sample: use "
+                    "curvature hessian, ggn or fisher with curvature_data 'edited' or 'auto'."
+                )
+            if self.solver not in ("cg", "direct"):
+                raise ConfigurationError(
+                    f"objective_estimate 'sample' solves with cg or direct; solver {self.solver!r} draws its own "
+                    "mini-batches of the curvature rows."
+                )
         _choice("dtype", self.dtype, DTYPES)
         _choice("qp_optimizer", self.qp_optimizer, QP_OPTIMIZERS)
         self.damping = _number_or_auto("damping", self.damping, minimum_inclusive=True)

@@ -24,14 +24,15 @@ from .curvature.setup import (
     needs_sketch,
     obtain_factors,
     obtain_sketch,
+    sample_indices,
 )
-from .curvature.spectrum import lanczos_extremes
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes, check_curvature_supported
 from .errors import ConfigurationError, DataError, NonPositiveCurvatureError, SolverError
 from .gradients import Batches, gradient_sum, loss_sum
 from .objective import CausalLMTask, UnlearningTask, normaliser
 from .params import ParameterSpace, computation_mode
+from .refinement import FullTilted, KeptSample, SampledTilted, choose_damping, refine
 from .request import ResolvedRequest, UnlearningRequest
 from .solvers import SOLVERS
 from .solvers.base import SolverStats
@@ -156,13 +157,35 @@ def unlearn(
             timings["nystrom_sketch_seconds"] = time.perf_counter() - t
         elif nystrom_sketch is not None:
             extra_stats["nystrom_sketch_unused"] = "no nystrom preconditioner was asked for"
-        curvature_rows, curvature_M = curvature_sample(
-            task, all_rows, resolved, args.curvature_on_edited, args, M, picked
-        )
-        curvature, preconditioner = build_operators(
-            args, model, task, space, curvature_rows, batches, processes, factors, curvature_M, sketch
-        )
         mu = args.l2
+        if args.objective_estimate == "sample":  # kept rows on a sample of them, the request's rows exact
+            picked = (
+                picked
+                if picked is not None
+                else sample_indices(len(all_rows), args.hessian_samples, args.seed)
+            )
+            kept_sample = KeptSample(task, all_rows, resolved, picked, M, args)
+            tilted = SampledTilted(model, task, space, kept_sample, M, mu, g_old, args, batches, processes)
+            curvature = tilted.curvature()
+            preconditioner = build_operators(
+                args, model, task, space, [], batches, processes, factors, M, sketch
+            )[1]
+            num_curvature_rows = len(kept_sample.kept) + len(kept_sample.new)
+            extra_stats["objective_estimate"] = {
+                "sampled_rows": kept_sample.num_sampled,
+                "kept_sample_rows": len(kept_sample.kept),
+                "new_rows": len(kept_sample.new),
+                "kept_sample_normaliser": kept_sample.M_kept_sample,
+            }
+        else:
+            tilted = None
+            curvature_rows, curvature_M = curvature_sample(
+                task, all_rows, resolved, args.curvature_on_edited, args, M, picked
+            )
+            curvature, preconditioner = build_operators(
+                args, model, task, space, curvature_rows, batches, processes, factors, curvature_M, sketch
+            )
+            num_curvature_rows = len(curvature_rows)
 
         damping = args.damping
         if damping == "auto":
@@ -199,21 +222,26 @@ def unlearn(
 
         if args.refine_steps or args.refine_damping != "fixed":
             t = time.perf_counter()
+            if tilted is None:
+                edited = resolved.edited_rows(all_rows)
+                tilted = FullTilted(
+                    model, task, space, all_rows, edited, M, mu, norm, batches, processes, show
+                )  # fmt: skip
+                build_curvature = _full_curvature(
+                    args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked
+                )
+            else:
+                build_curvature = tilted.curvature
             delta, extra_stats["refine"] = refine(
-                model,
-                task,
+                tilted,
                 space,
-                all_rows,
-                resolved,
                 (delta, curvature, b),
                 damping,
-                M,
                 args,
-                batches,
-                processes,
+                solve,
+                _check,
+                build_curvature,
                 solver_options,
-                factors,
-                picked,
             )
             timings["refine_seconds"] = time.perf_counter() - t
             if not delta.any():
@@ -245,7 +273,7 @@ def unlearn(
         "num_params": space.numel,
         "normaliser": M,
         "num_train": len(train),
-        "num_curvature_rows": len(curvature_rows),
+        "num_curvature_rows": num_curvature_rows,
         "b_norm": b_norm,
         "num_processes": processes.count,
         "damping": damping,
@@ -327,195 +355,31 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
     return problems
 
 
-AUTO_DAMPING_STEPS = 30
-
-
-def choose_damping(curvature, b: torch.Tensor, seed: int) -> tuple[float, dict]:
-    """`damping="auto"`: λ = max(0, −2·λ_min) + 0.01·λ_max from Lanczos estimates of C's extreme eigenvalues.
-
-    Ritz values lie inside the spectrum, so the estimated λ_min is an upper bound on the true one; the factor
-    2 covers that under-estimate of the negative part, and `0.01·λ_max` bounds the condition number of
-    `C + λI` by about 100 where C is (near) positive semi-definite.
-    """
-    low, high, steps = lanczos_extremes(
-        curvature.matvec, curvature.size, AUTO_DAMPING_STEPS, dtype=b.dtype, device=b.device, seed=seed
-    )
-    if not high > 0:
-        raise SolverError(
-            f"damping 'auto': the curvature has no positive eigenvalue (Lanczos estimate λ_max = {high:.3g}); "
-            "check the model and data, or give --damping explicitly."
-        )
-    damping = max(0.0, -2.0 * low) + 0.01 * high
-    return damping, {
-        "lanczos_steps": steps,
-        "eig_min_estimate": low,
-        "eig_max_estimate": high,
-        "damping": damping,
-    }
-
-
-def raised(lam: float, curvature, grad: torch.Tensor, suggestion: float | None = None) -> float:
-    """Levenberg–Marquardt's λ after a rejected trial: 3λ; from λ = 0, where tripling would retry the same
-    step, the damping CG suggested after meeting non-positive curvature, else the `damping="auto"` value."""
-    if lam > 0:
-        return 3 * lam
-    return suggestion if suggestion is not None else choose_damping(curvature, grad, seed=0)[0]
-
-
-ARMIJO = 1e-4  # sufficient decrease: R̃(θ + t·d) ≤ R̃(θ) + ARMIJO·t·∇R̃ᵀd
-MAX_HALVINGS = 8  # shortest trial step 2⁻⁸ of the Newton step
-
-
-def backtrack(tilted, space, start, step, value, slope):
-    """Backtracking line search along `step` from θ = `start`: the first t in 1, ½, ¼, … with
-    R̃(θ + t·step) ≤ R̃(θ) + ARMIJO·t·slope (`slope` = ∇R̃(θ)ᵀstep, negative for a descent direction).
-
-    Returns `(t, R̃ at the new θ)` and leaves the parameters there; `(0.0, value)` at `start` when no length
-    is accepted (or `step` is not a descent direction)."""
-    length = 1.0
-    for _ in range(MAX_HALVINGS + 1 if slope < 0 else 0):
-        space.set_(start + length * step)
-        new_value = tilted()
-        if new_value <= value + ARMIJO * length * slope:
-            return length, new_value
-        length /= 2
-    space.set_(start)
-    return 0.0, value
-
-
-def refine(
-    model, task, space, all_rows, resolved, first_step, damping, M, args, batches, processes, solver_options,
-    factors=None, picked=None,
-):  # fmt: skip
-    """`refine_steps` damped Newton steps on the tilted edited objective (DESIGN §2 "Beyond one step").
-
-    From θ₁ = θ* + Δθ: `θ ← θ − (C'(θ) + (μ + λ)I)⁻¹ (∇R'(θ) − ∇R(θ*))`, where R' and its curvature C' (the
-    chosen `curvature`) are over the edited training set — the kept rows plus the new versions — with the
-    normaliser M of the original set kept fixed, R and R' include the objective's (μ/2)‖θ‖² term, and the
-    solver is the first step's; with `hessian_samples`, C' is taken on the first step's edited sample
-    (`curvature_sample` of the same training rows: the seeded sample, or `picked`). With
-    `curvature="kfac"|"ekfac"` the factors are recomputed at every θ by one pass over the edited rows
-    (`curvature_samples` of them); a K-FAC *preconditioner* keeps the θ* factors (it only changes the speed
-    of the solve). `first_step` is `(Δθ, C, b)` of the one-step update. With `refine_damping="fixed"` every step uses
-    λ = `damping`; with `"adaptive"` (Levenberg–Marquardt) the one-step update itself is the first trial, and
-    a step is kept only if it lowers `R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩`, after which λ ← max(λ/3, damping),
-    and a rejected step (or a solve that meets non-positive curvature, the first one included) leaves θ and sets
-    λ ← 3λ — from λ = 0, the damping CG suggested, else the 'auto' damping of the current curvature; it makes
-    `refine_steps + 1` trials. With `"line_search"` (damped Newton) every step, the one-step update first, keeps
-    λ = `damping` and is shortened by halves until R̃ drops by the Armijo condition (`backtrack`); the
-    iteration stops early when no length does. Returns the total θ − θ* and per-step stats; the parameters
-    are left at θ* (the caller applies the total), also when a step fails.
-    """
-    norm, show = args.loss_normalization, args.progress
-    adaptive = args.refine_damping == "adaptive"
-    line_search = args.refine_damping == "line_search"
+def _full_curvature(args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked):
+    """`build_curvature()` for `FullTilted`: C'(θ) on the first step's rows (the edited set with M fixed, or
+    the same edited sample). With `curvature="kfac"|"ekfac"` the factors are recomputed at every θ by one pass
+    over the edited rows (`curvature_samples` of them); a K-FAC *preconditioner* keeps the θ* factors (it only
+    changes the speed of the solve)."""
     edited = resolved.edited_rows(all_rows)
-    theta_star = space.vector().clone()
-    mu = args.l2  # R carries (μ/2)‖θ‖²: μθ in every gradient, μI in every curvature
-    solve = SOLVERS[args.solver]
-    steps = []
-    try:
-        grad_star = (
-            gradient_sum(
-                model, task, space, batches(all_rows), norm, processes, "gradient ∇R(θ*)" if show else None
-            )
-            / M
-            + mu * theta_star
-        )
-        edited_batches = batches(edited)
-        # C'(θ) on the first step's rows: the edited set with M fixed, or the same edited sample
-        curvature_rows, curvature_M = curvature_sample(task, all_rows, resolved, True, args, M, picked)
+    curvature_rows, curvature_M = curvature_sample(task, all_rows, resolved, True, args, M, picked)
+    norm = args.loss_normalization
 
-        def tilted() -> float:  # R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩
-            theta = space.vector()
-            value = (
-                loss_sum(model, task, edited_batches, norm, processes) / M + mu / 2 * theta.dot(theta).item()
+    def build():
+        step_factors = factors
+        if args.curvature in KFAC_CURVATURES:
+            step_factors, _ = obtain_factors(
+                dataclasses.replace(args, curvature_factors="pass"),
+                model,
+                task,
+                space,
+                edited,
+                batches,
+                processes,
             )
-            return value - grad_star.dot(theta - theta_star).item()
+            # The factors are normalised by their rows' own M; R' keeps the original M.
+            step_factors.info["normaliser"] *= M / normaliser(task, edited, norm, args.batch_size)
+        return build_operators(
+            args, model, task, space, curvature_rows, batches, processes, step_factors, M=curvature_M
+        )[0]
 
-        first_delta, first_curvature, b = first_step
-        lam, grad = damping, None
-        if adaptive or line_search:  # the LLMEraser step is the first trial, kept only if it lowers R̃
-            value, trials, first_pending = tilted(), args.refine_steps + 1, True
-        else:
-            space.add_(first_delta)
-            trials, first_pending = args.refine_steps, False
-        for k in range(trials):
-            if first_pending:  # at θ*, ∇R̃(θ*) = ∇R'(θ*) − ∇R(θ*) = b, and C(θ*) is the first step's
-                grad, curvature = b, first_curvature
-            elif grad is None:  # a rejected step keeps θ, so its gradient is reused
-                grad = (
-                    gradient_sum(
-                        model,
-                        task,
-                        space,
-                        edited_batches,
-                        norm,
-                        processes,
-                        f"refine {k + 1}: gradient" if show else None,
-                    )
-                    / M
-                    + mu * space.vector()
-                    - grad_star
-                )  # ∇R̃(θ) = ∇R'(θ) − ∇R(θ*)
-            if not first_pending:
-                step_factors = factors
-                if args.curvature in ("kfac", "ekfac"):
-                    step_factors, _ = obtain_factors(
-                        dataclasses.replace(args, curvature_factors="pass"),
-                        model, task, space, edited, batches, processes,
-                    )  # fmt: skip
-                    # The factors are normalised by their rows' own M; R' keeps the original M (DESIGN §2).
-                    step_factors.info["normaliser"] *= M / normaliser(task, edited, norm, args.batch_size)
-                curvature, _ = build_operators(
-                    args, model, task, space, curvature_rows, batches, processes, step_factors, M=curvature_M
-                )
-            try:
-                if first_pending and lam == damping:
-                    if isinstance(first_delta, NonPositiveCurvatureError):
-                        raise first_delta  # the caller's solve of this trial failed
-                    step, stats = first_delta, None  # already solved by the caller
-                else:
-                    step, stats = solve(curvature, lam + mu, -grad, **solver_options)
-            except NonPositiveCurvatureError as e:
-                if not adaptive:
-                    raise
-                # The damped model is not convex here: reject the step and raise λ, as for a failed step.
-                steps.append({"damping": lam, "accepted": False, "rejected_because": str(e)})
-                lam = raised(lam, curvature, grad, suggestion=e.suggested_damping - mu)
-                continue
-            if stats is not None:
-                _check(step, stats, args)
-            record = (stats.to_dict() if stats is not None else {}) | {
-                "first_step": first_pending,
-                "damping": lam,
-                "tilted_gradient_norm": grad.norm().item(),
-                "step_norm": step.norm().item(),
-            }
-            before = space.vector().clone()
-            if line_search:
-                record["tilted_objective_before"] = value
-                length, value = backtrack(tilted, space, before, step, value, grad.dot(step).item())
-                record |= {"step_length": length, "tilted_objective_after": value, "accepted": length > 0}
-                steps.append(record)
-                if not length:  # no length lowers R̃ enough along this direction: stop here
-                    break
-                grad, first_pending = None, False
-                continue
-            space.add_(step)
-            if adaptive:
-                new_value = tilted()
-                record |= {"tilted_objective_before": value, "tilted_objective_after": new_value}
-                record["accepted"] = new_value < value
-                if record["accepted"]:
-                    value, lam, grad, first_pending = new_value, max(lam / 3, damping), None, False
-                else:
-                    space.set_(before)
-                    lam = raised(lam, curvature, grad)
-            else:
-                grad = None
-            steps.append(record)
-        total = space.vector() - theta_star
-    finally:
-        space.set_(theta_star)
-    return total, steps
+    return build

@@ -538,6 +538,66 @@ def test_line_search_refine_matches_dense_damped_newton(trained):
     )
 
 
+def dense_refine_sampled(model, old, new, damping, steps, picked):
+    """The one-step update and `steps` Newton steps on the *sampled* tilted objective, densely:
+
+        R̃_K(θ) = R_K(θ) + (1/M) Σ_new ℓ(θ) − ⟨∇R_K(θ*) + (1/M) Σ_old ∇ℓ(θ*), θ − θ*⟩,
+
+    R_K = (1/M_K) Σ_K ℓ over the sampled rows K the request does not touch, M_K = M·M(K)/M(kept rows).
+    Returns θ − θ*."""
+    ref = DenseReference(model, "token")
+    M = ref.normaliser(ROWS)
+    kept = [ROWS[i] for i in picked if i not in old]
+    old_rows = [ROWS[i] for i in old]
+    M_K = M * ref.normaliser(kept) / (M - ref.normaliser(old_rows))
+    linear = torch.func.grad(ref.objective(kept, M_K))(ref.theta) + ref.grad_sum(old_rows) / M
+
+    def estimate(theta):
+        return ref.objective(kept, M_K)(theta) + ref.objective(new, M)(theta) - linear.dot(theta - ref.theta)
+
+    theta, eye = ref.theta, torch.eye(len(ref.theta), dtype=ref.theta.dtype)
+    for _ in range(steps + 1):  # the first is the one-step update: ∇R̃_K(θ*) = b
+        H = torch.func.hessian(estimate)(theta)
+        theta = theta - torch.linalg.solve(H + damping * eye, torch.func.grad(estimate)(theta))
+    return theta - ref.theta
+
+
+def test_sampled_objective_refine_matches_dense_newton_steps_on_the_estimate():
+    trained = fit(tiny_llama(seed=0), CausalLMTask(), ROWS)
+    request, old, new = REQUESTS["mixed"]
+    damping = damping_for(trained, "token", old, new) + 0.1
+    # hessian_samples=6, seed 0: the training rows 0, 3, 4, 6, 7, 11; the request touches 0, 4, 6 of them
+    expected = dense_refine_sampled(trained, old, new, damping, steps=2, picked=(0, 3, 4, 6, 7, 11))
+    full = dense_refine(trained, old, new, damping, steps=2)
+    assert relative_error(full, expected) > 1e-3  # the sample changes the result: the check can fail
+    result, delta = run(
+        trained, request, damping=damping, tol=1e-12, max_iter=500, refine_steps=2, hessian_samples=6,
+        objective_estimate="sample",
+    )  # fmt: skip
+    assert relative_error(delta, expected) < 1e-8
+    assert result.stats["objective_estimate"]["kept_sample_rows"] == 3
+    assert [s["gradient_rows"] for s in result.stats["refine"]] == [3 + len(new)] * 2  # never the whole set
+
+
+@pytest.mark.parametrize("refine_damping", ["fixed", "line_search"])
+def test_sampled_objective_on_every_row_is_the_full_refinement(trained, refine_damping):
+    """With the sample being the whole training set, the control variate is exact: the same steps as 'full'."""
+    request, old, new = REQUESTS["mixed"]
+    damping = damping_for(trained, "token", old, new) + 0.1
+    common = {
+        "damping": damping,
+        "tol": 1e-12,
+        "max_iter": 500,
+        "refine_steps": 3,
+        "refine_damping": refine_damping,
+    }
+    _, full = run(trained, request, **common)
+    _, sampled = run(trained, request, objective_estimate="sample", **common)
+    one_step = DenseReference(trained, "token").update(ROWS, [ROWS[i] for i in old], new, damping)
+    assert relative_error(one_step, full) > 1e-4
+    assert relative_error(sampled, full) < 1e-9
+
+
 @pytest.mark.parametrize("normalization", ["token", "example"])
 def test_one_refine_step_reaches_the_exact_refit_after_removal(regression, normalization):
     """On a quadratic the tilted edited objective is minimised by the exact refit; one Newton step gets there."""

@@ -1,0 +1,304 @@
+"""Beyond one step: damped Newton steps on the tilted edited objective (docs/method.md, "Refinement").
+
+The edited objective is the one retraining minimises, `R'(θ) = (1/M)[Σ_kept ℓ + Σ_new ℓ] + (μ/2)‖θ‖²` with the
+normaliser M of the original training set kept fixed. Refinement minimises its tilted form
+
+    R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩,      ∇R̃(θ*) = b,
+
+whose minimiser is where retraining lands when θ* was an exact minimiser of R (the tilt removes what the
+training run left of the gradient). Two estimates of R̃ are available, as strategies:
+
+- `FullTilted` passes over every kept training row for each gradient and value (exact; cost ∝ n);
+- `SampledTilted` estimates the kept rows' *change* since θ* on a sample K of them, rescaled — a control
+  variate, exact at θ* and equal to `FullTilted` when K is every kept row — and keeps the request's own rows
+  exact. Nothing it does passes over the training set, so a request costs the same at any n.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .curvature import CURVATURE_OPERATORS
+from .curvature.spectrum import lanczos_extremes
+from .errors import ConfigurationError, NonPositiveCurvatureError, SolverError
+from .gradients import gradient_sum, loss_sum
+from .objective import normaliser
+
+AUTO_DAMPING_STEPS = 30
+
+
+def choose_damping(curvature, b: torch.Tensor, seed: int) -> tuple[float, dict]:
+    """`damping="auto"`: λ = max(0, −2·λ_min) + 0.01·λ_max from Lanczos estimates of C's extreme eigenvalues.
+
+    Ritz values lie inside the spectrum, so the estimated λ_min is an upper bound on the true one; the factor
+    2 covers that under-estimate of the negative part, and `0.01·λ_max` bounds the condition number of
+    `C + λI` by about 100 where C is (near) positive semi-definite.
+    """
+    low, high, steps = lanczos_extremes(
+        curvature.matvec, curvature.size, AUTO_DAMPING_STEPS, dtype=b.dtype, device=b.device, seed=seed
+    )
+    if not high > 0:
+        raise SolverError(
+            f"damping 'auto': the curvature has no positive eigenvalue (Lanczos estimate λ_max = {high:.3g}); "
+            "check the model and data, or give --damping explicitly."
+        )
+    damping = max(0.0, -2.0 * low) + 0.01 * high
+    return damping, {
+        "lanczos_steps": steps,
+        "eig_min_estimate": low,
+        "eig_max_estimate": high,
+        "damping": damping,
+    }
+
+
+def raised(lam: float, curvature, grad: torch.Tensor, suggestion: float | None = None) -> float:
+    """Levenberg–Marquardt's λ after a rejected trial: 3λ; from λ = 0, where tripling would retry the same
+    step, the damping CG suggested after meeting non-positive curvature, else the `damping="auto"` value."""
+    if lam > 0:
+        return 3 * lam
+    return suggestion if suggestion is not None else choose_damping(curvature, grad, seed=0)[0]
+
+
+ARMIJO = 1e-4  # sufficient decrease: R̃(θ + t·d) ≤ R̃(θ) + ARMIJO·t·∇R̃ᵀd
+MAX_HALVINGS = 8  # shortest trial step 2⁻⁸ of the Newton step
+
+
+def backtrack(tilted, space, start, step, value, slope):
+    """Backtracking line search along `step` from θ = `start`: the first t in 1, ½, ¼, … with
+    R̃(θ + t·step) ≤ R̃(θ) + ARMIJO·t·slope (`slope` = ∇R̃(θ)ᵀstep, negative for a descent direction).
+
+    `tilted()` is R̃ at the model's current θ. Returns `(t, R̃ at the new θ)` and leaves the parameters there;
+    `(0.0, value)` at `start` when no length is accepted (or `step` is not a descent direction)."""
+    length = 1.0
+    for _ in range(MAX_HALVINGS + 1 if slope < 0 else 0):
+        space.set_(start + length * step)
+        new_value = tilted()
+        if new_value <= value + ARMIJO * length * slope:
+            return length, new_value
+        length /= 2
+    space.set_(start)
+    return 0.0, value
+
+
+class SumOperator:
+    """`C v = Σ_k C_k v` of curvature operators over disjoint row sets (each with its own normaliser)."""
+
+    def __init__(self, parts):
+        self.parts = [p for p in parts if p is not None]
+        first = self.parts[0]
+        self.name, self.space, self.processes = first.name, first.space, first.processes
+        self.num_products = 0
+
+    @property
+    def size(self) -> int:
+        return self.space.numel
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.num_products += 1
+        return sum(part.matvec(v) for part in self.parts)
+
+
+class FullTilted:
+    """R̃ and ∇R̃ over every edited training row (kept rows plus new versions): exact, cost ∝ n per call."""
+
+    def __init__(self, model, task, space, all_rows, edited_rows, M, mu, norm, batches, processes, show):
+        self.model, self.task, self.space, self.M, self.mu = model, task, space, M, mu
+        self.norm, self.processes, self.show = norm, processes, show
+        self.theta_star = space.vector().clone()
+        # ∇R(θ*) = (1/M) Σ_all ∇ℓ(θ*) + μθ*
+        self.grad_star = (
+            gradient_sum(
+                model, task, space, batches(all_rows), norm, processes, "gradient ∇R(θ*)" if show else None
+            )
+            / M
+            + mu * self.theta_star
+        )
+        self.edited = batches(edited_rows)
+        self.rows_per_gradient = len(edited_rows)
+
+    def value(self) -> float:  # R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩
+        theta = self.space.vector()
+        value = loss_sum(self.model, self.task, self.edited, self.norm, self.processes) / self.M
+        value += self.mu / 2 * theta.dot(theta).item()
+        return value - self.grad_star.dot(theta - self.theta_star).item()
+
+    def gradient(self, label: str) -> torch.Tensor:  # ∇R̃(θ) = ∇R'(θ) − ∇R(θ*)
+        desc = label if self.show else None
+        g = gradient_sum(self.model, self.task, self.space, self.edited, self.norm, self.processes, desc)
+        return g / self.M + self.mu * self.space.vector() - self.grad_star
+
+
+class SampledTilted:
+    """R̃ and ∇R̃ with the kept rows estimated on a sample K of them, around θ* (a control variate):
+
+        ∇R̃(θ) ≈ (1/M_K) Σ_K (∇ℓ(θ) − ∇ℓ(θ*)) + (1/M) [Σ_new ∇ℓ(θ) − Σ_old ∇ℓ(θ*)] + μ(θ − θ*)
+        R̃(θ) ≈ (1/M_K) Σ_K (ℓ(θ) − ⟨∇ℓ(θ*), θ − θ*⟩) + (1/M) [Σ_new ℓ(θ) − ⟨Σ_old ∇ℓ(θ*), θ − θ*⟩]
+                + (μ/2)‖θ − θ*‖² + const,
+
+    with `M_K = M · M(K) / M(kept)` (K's units rescaled to all kept rows: `Σ_kept ≈ (M(kept)/M(K)) Σ_K`). At θ*
+    the estimate of ∇R̃ is exactly b; with K = every kept row it is `FullTilted`'s (up to a constant in R̃).
+    Its curvature, `C_K + C_new` (`curvature`), is what the one-step update and every refinement step use.
+    """
+
+    def __init__(self, model, task, space, sample, M, mu, g_old, args, batches, processes):
+        self.model, self.task, self.space, self.M, self.mu = model, task, space, M, mu
+        self.norm, self.processes, self.show = args.loss_normalization, processes, args.progress
+        self.args, self.batches_of = args, batches
+        self.theta_star = space.vector().clone()
+        self.kept, self.M_kept_sample = batches(sample.kept), sample.M_kept_sample
+        self.new = batches(sample.new) if sample.new else None
+        self.rows_per_gradient = len(sample.kept) + len(sample.new)
+        self.g_old, self._linear = g_old, None
+
+    @property
+    def linear(self) -> torch.Tensor:
+        """(1/M_K) Σ_K ∇ℓ(θ*) + (1/M) Σ_old ∇ℓ(θ*): the tilt's linear term (one pass over K, at θ*)."""
+        if self._linear is None:
+            current = self.space.vector().clone()
+            self.space.set_(self.theta_star)
+            desc = "gradient of the sample at θ*" if self.show else None
+            kept_star = gradient_sum(
+                self.model, self.task, self.space, self.kept, self.norm, self.processes, desc
+            )
+            self.space.set_(current)
+            self._linear = kept_star / self.M_kept_sample + self.g_old / self.M
+        return self._linear
+
+    def value(self) -> float:
+        delta = self.space.vector() - self.theta_star
+        value = loss_sum(self.model, self.task, self.kept, self.norm, self.processes) / self.M_kept_sample
+        if self.new is not None:
+            value += loss_sum(self.model, self.task, self.new, self.norm, self.processes) / self.M
+        return value - self.linear.dot(delta).item() + self.mu / 2 * delta.dot(delta).item()
+
+    def gradient(self, label: str) -> torch.Tensor:
+        desc = label if self.show else None
+        g = gradient_sum(self.model, self.task, self.space, self.kept, self.norm, self.processes, desc)
+        g = g / self.M_kept_sample
+        if self.new is not None:
+            g += gradient_sum(self.model, self.task, self.space, self.new, self.norm, self.processes) / self.M
+        return g - self.linear + self.mu * (self.space.vector() - self.theta_star)
+
+    def curvature(self):
+        """`C_K + C_new` at the current θ: the sample's curvature rescaled to every kept row, plus the request's
+        new versions exactly (their curvature is what teaches a corrected answer)."""
+        make = CURVATURE_OPERATORS[self.args.curvature]
+        common = (self.norm,)
+        kept = make(self.model, self.task, self.space, self.kept, *common, self.M_kept_sample, self.processes)
+        new = (
+            make(self.model, self.task, self.space, self.new, *common, self.M, self.processes)
+            if self.new is not None
+            else None
+        )
+        return SumOperator([kept, new])
+
+
+class KeptSample:
+    """The rows `SampledTilted` estimates the kept rows on: the sampled training rows the request does not touch
+    (`kept`), the request's new versions (`new`, all of them), and `M_kept_sample = M · M(kept) / M(all kept)`."""
+
+    def __init__(self, task, rows, resolved, picked, M, args):
+        touched = set(resolved.indices)
+        self.kept = [rows[i] for i in picked if i not in touched]
+        if not self.kept:
+            raise ConfigurationError(
+                "objective_estimate 'sample': every sampled row is in the request, so the kept rows have no "
+                "estimate; raise --hessian-samples."
+            )
+        self.new = list(resolved.new)
+        norm = args.loss_normalization
+        M_old = normaliser(task, resolved.old, norm, args.batch_size)
+        M_all_kept = M - M_old
+        self.M_kept_sample = M * normaliser(task, self.kept, norm, args.batch_size) / M_all_kept
+        self.num_sampled = len(picked)
+
+
+def refine(tilted, space, first_step, damping, args, solve, check, build_curvature, solver_options):
+    """`refine_steps` damped Newton steps on the tilted edited objective R̃ (see the module docstring).
+
+    `tilted` is a `FullTilted` or `SampledTilted` (R̃'s value and gradient at the model's θ, which starts at
+    θ*); `first_step = (Δθ, C, b)` is the one-step update (Δθ may be the `NonPositiveCurvatureError` its solve
+    raised); `build_curvature()` makes C at the current θ; `solve` and `check` are the first step's solver and
+    its result check. Each step solves `(C(θ) + (μ + λ)I) d = −∇R̃(θ)`:
+
+    - `refine_damping="fixed"`: from θ₁ = θ* + Δθ, `refine_steps` full steps with λ = `damping`;
+    - `"adaptive"` (Levenberg–Marquardt): the one-step update is the first trial; a step is kept only if it
+      lowers R̃, after which λ ← max(λ/3, damping); a rejected step (or a solve that meets non-positive
+      curvature) leaves θ and sets λ ← 3λ (from λ = 0: CG's suggested damping, else the 'auto' one);
+      `refine_steps + 1` trials;
+    - `"line_search"` (damped Newton): every step, the one-step update first, keeps λ = `damping` and is
+      shortened by halves until R̃ drops by the Armijo condition (`backtrack`); stops early when no length does.
+
+    Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the caller applies the total),
+    also when a step fails.
+    """
+    adaptive = args.refine_damping == "adaptive"
+    line_search = args.refine_damping == "line_search"
+    theta_star = space.vector().clone()
+    mu = args.l2
+    steps = []
+    try:
+        first_delta, first_curvature, b = first_step
+        lam, grad = damping, None
+        if adaptive or line_search:  # the LLMEraser step is the first trial, kept only if it lowers R̃
+            value, trials, first_pending = tilted.value(), args.refine_steps + 1, True
+        else:
+            space.add_(first_delta)
+            trials, first_pending = args.refine_steps, False
+        for k in range(trials):
+            if first_pending:  # at θ*, ∇R̃(θ*) = b, and C(θ*) is the first step's
+                grad, curvature = b, first_curvature
+            else:
+                if grad is None:  # a rejected step keeps θ, so its gradient is reused
+                    grad = tilted.gradient(f"refine {k + 1}: gradient")
+                curvature = build_curvature()
+            try:
+                if first_pending and lam == damping:
+                    if isinstance(first_delta, NonPositiveCurvatureError):
+                        raise first_delta  # the caller's solve of this trial failed
+                    step, stats = first_delta, None  # already solved by the caller
+                else:
+                    step, stats = solve(curvature, lam + mu, -grad, **solver_options)
+            except NonPositiveCurvatureError as e:
+                if not adaptive:
+                    raise
+                # The damped model is not convex here: reject the step and raise λ, as for a failed step.
+                steps.append({"damping": lam, "accepted": False, "rejected_because": str(e)})
+                lam = raised(lam, curvature, grad, suggestion=e.suggested_damping - mu)
+                continue
+            if stats is not None:
+                check(step, stats, args)
+            record = (stats.to_dict() if stats is not None else {}) | {
+                "first_step": first_pending,
+                "damping": lam,
+                "tilted_gradient_norm": grad.norm().item(),
+                "step_norm": step.norm().item(),
+                "gradient_rows": 0 if first_pending else tilted.rows_per_gradient,
+            }
+            before = space.vector().clone()
+            if line_search:
+                record["tilted_objective_before"] = value
+                length, value = backtrack(tilted.value, space, before, step, value, grad.dot(step).item())
+                record |= {"step_length": length, "tilted_objective_after": value, "accepted": length > 0}
+                steps.append(record)
+                if not length:  # no length lowers R̃ enough along this direction: stop here
+                    break
+                grad, first_pending = None, False
+                continue
+            space.add_(step)
+            if adaptive:
+                new_value = tilted.value()
+                record |= {"tilted_objective_before": value, "tilted_objective_after": new_value}
+                record["accepted"] = new_value < value
+                if record["accepted"]:
+                    value, lam, grad, first_pending = new_value, max(lam / 3, damping), None, False
+                else:
+                    space.set_(before)
+                    lam = raised(lam, curvature, grad)
+            else:
+                grad = None
+            steps.append(record)
+        total = space.vector() - theta_star
+    finally:
+        space.set_(theta_star)
+    return total, steps
