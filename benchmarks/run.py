@@ -508,6 +508,19 @@ METHODS = {
     # cg followed by five more Newton steps on the tilted edited objective, each shortened until it drops
     # (measured on the quick toy: closer to retraining on every task than three Levenberg–Marquardt trials)
     "cg+refine": _solver_factory("cg", "cg+refine", refine_steps=5, refine_damping="line_search"),
+    # the same, with the kept rows estimated on a --hessian-samples sample (a control variate around θ*) and
+    # the request's rows exact: no pass over the training set (the suite's per_method sets the sample size)
+    "sample+refine": _solver_factory(
+        "cg", "sample+refine", objective_estimate="sample", refine_steps=5, refine_damping="line_search"
+    ),
+    # the same with the rows the request interacts with most (a gradient sketch of every row) in the sample
+    "sample+interacting+refine": _solver_factory(
+        "cg",
+        "sample+interacting+refine",
+        objective_estimate="sample",
+        refine_steps=5,
+        refine_damping="line_search",
+    ),
     # block-inverse solves from K-FAC / EK-FAC factors of one pass over the training rows (no CG)
     "kfac": _solver_factory("direct", curvature="kfac"),
     "ekfac": _solver_factory("direct", curvature="ekfac"),

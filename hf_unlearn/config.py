@@ -116,6 +116,15 @@ class UnlearningArguments:
             "choices": list(OBJECTIVE_ESTIMATES),
         },
     )
+    interacting_rows: int = field(
+        default=0,
+        metadata={
+            "help": "objective_estimate 'sample': also take, with certainty, the this many training rows the "
+            "request interacts with most — the largest |⟨∇ℓ_i(θ*), b⟩| by a count sketch of every row's gradient "
+            "(computed once per adapter, one pass) — so that the memorised rows sharing the request's directions "
+            "hold the update back as they would in retraining."
+        },
+    )
     preconditioner: str = field(
         default="none",
         metadata={
@@ -275,6 +284,12 @@ class UnlearningArguments:
                 f"l2_regularization must be a finite number ≥ 0, got {self.l2_regularization!r}."
             )
         _choice("objective_estimate", self.objective_estimate, OBJECTIVE_ESTIMATES)
+        if int(self.interacting_rows) < 0:
+            raise ConfigurationError(f"interacting_rows must be ≥ 0, got {self.interacting_rows!r}.")
+        if self.interacting_rows and self.objective_estimate != "sample":
+            raise ConfigurationError(
+                "interacting_rows adds rows to the sample of objective_estimate 'sample'."
+            )
         if self.objective_estimate == "sample":
             if self.curvature in KFAC_CURVATURES or not self.curvature_on_edited:
                 raise ConfigurationError(

@@ -16,6 +16,7 @@ import torch
 from .config import KFAC_CURVATURES, UnlearningArguments
 from .curvature.kfac import KFACFactors
 from .curvature.nystrom import NystromSketch
+from .curvature.rows import RowGradientSketch
 from .curvature.setup import (
     build_operators,
     compute_sketch,
@@ -77,6 +78,7 @@ def unlearn(
     tokenizer=None,
     curvature_factors: KFACFactors | None = None,
     nystrom_sketch: NystromSketch | None = None,
+    row_gradient_sketch: RowGradientSketch | None = None,
 ) -> UnlearningResult:
     """Apply the LLMEraser update `Δθ = −(C + (μ + λ)I)⁻¹ b` for `request` to the trainable parameters of
     `model`, in place (C over the edited rows unless `args.curvature_data` says otherwise; μ =
@@ -164,18 +166,31 @@ def unlearn(
                 if picked is not None
                 else sample_indices(len(all_rows), args.hessian_samples, args.seed)
             )
-            kept_sample = KeptSample(task, all_rows, resolved, picked, M, args)
+            include = []
+            if args.interacting_rows:
+                t = time.perf_counter()
+                row_sketch = row_gradient_sketch or RowGradientSketch.compute(
+                    model, task, space, all_rows, norm, seed=args.seed, progress=show and processes.is_main
+                )
+                include = row_sketch.interacting(b, args.interacting_rows, set(resolved.indices))
+                timings["row_sketch_seconds"] = time.perf_counter() - t
+                extra_stats["row_gradient_sketch"] = {
+                    "origin": "given" if row_gradient_sketch is not None else "pass",
+                    "rows": len(row_sketch.vectors),
+                }
+            kept_sample = KeptSample(task, all_rows, resolved, picked, M, args, include)
             tilted = SampledTilted(model, task, space, kept_sample, M, mu, g_old, args, batches, processes)
             curvature = tilted.curvature()
             preconditioner = build_operators(
                 args, model, task, space, [], batches, processes, factors, M, sketch
             )[1]
-            num_curvature_rows = len(kept_sample.kept) + len(kept_sample.new)
+            num_curvature_rows = kept_sample.num_rows
             extra_stats["objective_estimate"] = {
                 "sampled_rows": kept_sample.num_sampled,
                 "kept_sample_rows": len(kept_sample.kept),
+                "interacting_rows": kept_sample.num_included,
+                "interacting_row_indices": sorted(set(include) - set(resolved.indices)),
                 "new_rows": len(kept_sample.new),
-                "kept_sample_normaliser": kept_sample.M_kept_sample,
             }
         else:
             tilted = None

@@ -129,88 +129,107 @@ class FullTilted:
 
 
 class SampledTilted:
-    """R̃ and ∇R̃ with the kept rows estimated on a sample K of them, around θ* (a control variate):
+    """R̃ and ∇R̃ with the kept rows estimated on samples of them, around θ* (a control variate):
 
-        ∇R̃(θ) ≈ (1/M_K) Σ_K (∇ℓ(θ) − ∇ℓ(θ*)) + (1/M) [Σ_new ∇ℓ(θ) − Σ_old ∇ℓ(θ*)] + μ(θ − θ*)
-        R̃(θ) ≈ (1/M_K) Σ_K (ℓ(θ) − ⟨∇ℓ(θ*), θ − θ*⟩) + (1/M) [Σ_new ℓ(θ) − ⟨Σ_old ∇ℓ(θ*), θ − θ*⟩]
+        ∇R̃(θ) ≈ Σ_s (1/M_s) Σ_{K_s} (∇ℓ(θ) − ∇ℓ(θ*)) + (1/M) [Σ_new ∇ℓ(θ) − Σ_old ∇ℓ(θ*)] + μ(θ − θ*)
+        R̃(θ) ≈ Σ_s (1/M_s) Σ_{K_s} (ℓ(θ) − ⟨∇ℓ(θ*), θ − θ*⟩) + (1/M) [Σ_new ℓ(θ) − ⟨Σ_old ∇ℓ(θ*), θ − θ*⟩]
                 + (μ/2)‖θ − θ*‖² + const,
 
-    with `M_K = M · M(K) / M(kept)` (K's units rescaled to all kept rows: `Σ_kept ≈ (M(kept)/M(K)) Σ_K`). At θ*
-    the estimate of ∇R̃ is exactly b; with K = every kept row it is `FullTilted`'s (up to a constant in R̃).
-    Its curvature, `C_K + C_new` (`curvature`), is what the one-step update and every refinement step use.
+    over the strata K_s of `KeptSample` (rows taken with certainty, `M_s = M`; a random sample of the rest,
+    rescaled to all of them). At θ* the estimate of ∇R̃ is exactly b; with every kept row in the sample it is
+    `FullTilted`'s (up to a constant in R̃). Its curvature, `Σ_s C_{K_s} + C_new` (`curvature`), is what the
+    one-step update and every refinement step use.
     """
 
     def __init__(self, model, task, space, sample, M, mu, g_old, args, batches, processes):
         self.model, self.task, self.space, self.M, self.mu = model, task, space, M, mu
         self.norm, self.processes, self.show = args.loss_normalization, processes, args.progress
-        self.args, self.batches_of = args, batches
+        self.args = args
         self.theta_star = space.vector().clone()
-        self.kept, self.M_kept_sample = batches(sample.kept), sample.M_kept_sample
+        self.strata = [(batches(rows), M_s) for rows, M_s in sample.strata]
         self.new = batches(sample.new) if sample.new else None
-        self.rows_per_gradient = len(sample.kept) + len(sample.new)
+        self.rows_per_gradient = sample.num_rows
         self.g_old, self._linear = g_old, None
 
     @property
     def linear(self) -> torch.Tensor:
-        """(1/M_K) Σ_K ∇ℓ(θ*) + (1/M) Σ_old ∇ℓ(θ*): the tilt's linear term (one pass over K, at θ*)."""
+        """Σ_s (1/M_s) Σ_{K_s} ∇ℓ(θ*) + (1/M) Σ_old ∇ℓ(θ*): the tilt's linear term (one pass over K, at θ*)."""
         if self._linear is None:
             current = self.space.vector().clone()
             self.space.set_(self.theta_star)
-            desc = "gradient of the sample at θ*" if self.show else None
-            kept_star = gradient_sum(
-                self.model, self.task, self.space, self.kept, self.norm, self.processes, desc
-            )
+            self._linear = self._kept_gradient("gradient of the sample at θ*") + self.g_old / self.M
             self.space.set_(current)
-            self._linear = kept_star / self.M_kept_sample + self.g_old / self.M
         return self._linear
+
+    def _kept_gradient(self, label: str) -> torch.Tensor:
+        desc = label if self.show else None
+        total = torch.zeros_like(self.theta_star)
+        for batches, M_s in self.strata:
+            total += (
+                gradient_sum(self.model, self.task, self.space, batches, self.norm, self.processes, desc)
+                / M_s
+            )
+        return total
 
     def value(self) -> float:
         delta = self.space.vector() - self.theta_star
-        value = loss_sum(self.model, self.task, self.kept, self.norm, self.processes) / self.M_kept_sample
+        value = sum(
+            loss_sum(self.model, self.task, batches, self.norm, self.processes) / M_s
+            for batches, M_s in self.strata
+        )
         if self.new is not None:
             value += loss_sum(self.model, self.task, self.new, self.norm, self.processes) / self.M
         return value - self.linear.dot(delta).item() + self.mu / 2 * delta.dot(delta).item()
 
     def gradient(self, label: str) -> torch.Tensor:
-        desc = label if self.show else None
-        g = gradient_sum(self.model, self.task, self.space, self.kept, self.norm, self.processes, desc)
-        g = g / self.M_kept_sample
+        g = self._kept_gradient(label)
         if self.new is not None:
             g += gradient_sum(self.model, self.task, self.space, self.new, self.norm, self.processes) / self.M
         return g - self.linear + self.mu * (self.space.vector() - self.theta_star)
 
     def curvature(self):
-        """`C_K + C_new` at the current θ: the sample's curvature rescaled to every kept row, plus the request's
-        new versions exactly (their curvature is what teaches a corrected answer)."""
+        """`Σ_s C_{K_s} + C_new` at the current θ: the samples' curvature rescaled to every kept row, plus the
+        request's new versions exactly (their curvature is what teaches a corrected answer)."""
         make = CURVATURE_OPERATORS[self.args.curvature]
-        common = (self.norm,)
-        kept = make(self.model, self.task, self.space, self.kept, *common, self.M_kept_sample, self.processes)
-        new = (
-            make(self.model, self.task, self.space, self.new, *common, self.M, self.processes)
-            if self.new is not None
-            else None
-        )
-        return SumOperator([kept, new])
+        parts = [
+            make(self.model, self.task, self.space, batches, self.norm, M_s, self.processes)
+            for batches, M_s in self.strata
+        ]
+        if self.new is not None:
+            parts.append(make(self.model, self.task, self.space, self.new, self.norm, self.M, self.processes))
+        return SumOperator(parts)
 
 
 class KeptSample:
-    """The rows `SampledTilted` estimates the kept rows on: the sampled training rows the request does not touch
-    (`kept`), the request's new versions (`new`, all of them), and `M_kept_sample = M · M(kept) / M(all kept)`."""
+    """The rows `SampledTilted` estimates the kept rows on, as strata `[(rows, M_s)]`: the training rows
+    `include` (e.g. those the request interacts with) with certainty (`M_s = M`), and the sampled training rows
+    `picked` among the rest, rescaled to all of them (`M_s = M · M(sample) / M(rest)`); the request's rows are
+    in neither. `new` are the request's new versions (all of them, exact)."""
 
-    def __init__(self, task, rows, resolved, picked, M, args):
+    def __init__(self, task, rows, resolved, picked, M, args, include=()):
         touched = set(resolved.indices)
-        self.kept = [rows[i] for i in picked if i not in touched]
-        if not self.kept:
+        included = sorted(set(include) - touched)
+        certain = [rows[i] for i in included]
+        drawn = [rows[i] for i in picked if i not in touched and i not in set(included)]
+        if not drawn:
             raise ConfigurationError(
-                "objective_estimate 'sample': every sampled row is in the request, so the kept rows have no "
-                "estimate; raise --hessian-samples."
+                "objective_estimate 'sample': every sampled row is in the request or taken with certainty, so the "
+                "other kept rows have no estimate; raise --hessian-samples."
             )
-        self.new = list(resolved.new)
         norm = args.loss_normalization
-        M_old = normaliser(task, resolved.old, norm, args.batch_size)
-        M_all_kept = M - M_old
-        self.M_kept_sample = M * normaliser(task, self.kept, norm, args.batch_size) / M_all_kept
-        self.num_sampled = len(picked)
+
+        def units(rows_):
+            return normaliser(task, rows_, norm, args.batch_size) if rows_ else 0.0
+
+        rest = M - units(resolved.old) - units(certain)  # the kept rows the random sample stands for
+        self.strata = ([(certain, M)] if certain else []) + [(drawn, M * units(drawn) / rest)]
+        self.new = list(resolved.new)
+        self.num_sampled, self.num_included = len(picked), len(certain)
+        self.num_rows = len(certain) + len(drawn) + len(self.new)
+
+    @property
+    def kept(self) -> list:
+        return [row for rows, _ in self.strata for row in rows]
 
 
 def refine(tilted, space, first_step, damping, args, solve, check, build_curvature, solver_options):

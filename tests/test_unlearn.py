@@ -538,7 +538,7 @@ def test_line_search_refine_matches_dense_damped_newton(trained):
     )
 
 
-def dense_refine_sampled(model, old, new, damping, steps, picked):
+def dense_refine_sampled(model, old, new, damping, steps, picked, include=()):
     """The one-step update and `steps` Newton steps on the *sampled* tilted objective, densely:
 
         R̃_K(θ) = R_K(θ) + (1/M) Σ_new ℓ(θ) − ⟨∇R_K(θ*) + (1/M) Σ_old ∇ℓ(θ*), θ − θ*⟩,
@@ -547,13 +547,19 @@ def dense_refine_sampled(model, old, new, damping, steps, picked):
     Returns θ − θ*."""
     ref = DenseReference(model, "token")
     M = ref.normaliser(ROWS)
-    kept = [ROWS[i] for i in picked if i not in old]
+    certain = [ROWS[i] for i in include if i not in old]
+    kept = [ROWS[i] for i in picked if i not in old and i not in include]
     old_rows = [ROWS[i] for i in old]
-    M_K = M * ref.normaliser(kept) / (M - ref.normaliser(old_rows))
-    linear = torch.func.grad(ref.objective(kept, M_K))(ref.theta) + ref.grad_sum(old_rows) / M
+    rest = M - ref.normaliser(old_rows) - (ref.normaliser(certain) if certain else 0.0)
+    M_K = M * ref.normaliser(kept) / rest
+
+    def kept_objective(theta):
+        return ref.objective(kept, M_K)(theta) + (ref.objective(certain, M)(theta) if certain else 0.0)
+
+    linear = torch.func.grad(kept_objective)(ref.theta) + ref.grad_sum(old_rows) / M
 
     def estimate(theta):
-        return ref.objective(kept, M_K)(theta) + ref.objective(new, M)(theta) - linear.dot(theta - ref.theta)
+        return kept_objective(theta) + ref.objective(new, M)(theta) - linear.dot(theta - ref.theta)
 
     theta, eye = ref.theta, torch.eye(len(ref.theta), dtype=ref.theta.dtype)
     for _ in range(steps + 1):  # the first is the one-step update: ∇R̃_K(θ*) = b
@@ -577,6 +583,45 @@ def test_sampled_objective_refine_matches_dense_newton_steps_on_the_estimate():
     assert relative_error(delta, expected) < 1e-8
     assert result.stats["objective_estimate"]["kept_sample_rows"] == 3
     assert [s["gradient_rows"] for s in result.stats["refine"]] == [3 + len(new)] * 2  # never the whole set
+
+
+def test_sampled_objective_with_interacting_rows_matches_dense_newton_steps():
+    """Rows taken with certainty enter with weight 1, the random sample stands for the other kept rows."""
+    trained = fit(tiny_llama(seed=0), CausalLMTask(), ROWS)
+    request, old, new = REQUESTS["mixed"]
+    damping = damping_for(trained, "token", old, new) + 0.1
+    result, delta = run(
+        trained, request, damping=damping, tol=1e-12, max_iter=500, refine_steps=2, hessian_samples=6,
+        objective_estimate="sample", interacting_rows=2,
+    )  # fmt: skip
+    include = result.stats["objective_estimate"]["interacting_row_indices"]
+    assert len(include) == 2 and not set(include) & set(old)
+    expected = dense_refine_sampled(
+        trained, old, new, damping, steps=2, picked=(0, 3, 4, 6, 7, 11), include=include
+    )
+    without = dense_refine_sampled(trained, old, new, damping, steps=2, picked=(0, 3, 4, 6, 7, 11))
+    assert relative_error(without, expected) > 1e-3
+    assert relative_error(delta, expected) < 1e-8
+
+
+def test_row_gradient_sketch_is_a_count_sketch_of_every_row_gradient(trained):
+    """Each row's sketch is Σ_j sign_j g_ij in bucket(j), from the float64 per-row gradient, and the interacting
+    rows are those with the largest |⟨S g_i, S b⟩|."""
+    from hf_unlearn.curvature.rows import RowGradientSketch
+
+    model = trained  # float64
+    assert ParameterSpace(model).params[0].dtype == torch.float64
+    space, ref = ParameterSpace(model), DenseReference(model, "token")
+    sketch = RowGradientSketch.compute(model, CausalLMTask(), space, ROWS, "token", buckets=16, seed=3)
+    assert sketch.vectors.shape == (len(ROWS), 16)
+    for i in (0, 5, 11):
+        g = ref.grad_sum([ROWS[i]]).float()
+        expected = torch.zeros(16).index_add_(0, sketch.buckets, sketch.signs.float() * g)
+        assert torch.allclose(sketch.vectors[i], expected, rtol=1e-5, atol=1e-7)
+    b = ref.grad_sum([ROWS[1]])
+    scores = (sketch.vectors @ sketch.project(b)).abs()
+    scores[[1, 3]] = -1
+    assert sketch.interacting(b, 3, {1, 3}) == sorted(torch.topk(scores, 3).indices.tolist())
 
 
 @pytest.mark.parametrize("refine_damping", ["fixed", "line_search"])
