@@ -273,6 +273,22 @@ def generate(sizes: TofuSizes | None = None, seed: int = 0) -> dict[str, list[di
     return {"train": train, **out, "eval_retain": eval_retain, "eval_holdout": eval_holdout}
 
 
+def evaluation_splits(data: dict[str, list[dict]], kind: str) -> dict[str, list[dict]]:
+    """The splits `evaluation.evaluate_adapter` takes for one request kind of `generate`'s data: `forget`
+    (the rows the request removes or edits, as trained), `retain`, `test` (held-out people) and `nonmember`
+    (the forget rows' counterparts about held-out people). The same files on disk are
+    `eval_forget_{kind}`, `eval_retain`, `eval_holdout` and `eval_nonmember_{kind}` (`hf-unlearn evaluate`'s
+    --forget-file, --retain-file, --test-file, --nonmember-file)."""
+    if kind not in REQUEST_KINDS:
+        raise ValueError(f"kind must be one of {REQUEST_KINDS}, got {kind!r}")
+    return {
+        "forget": data[f"eval_forget_{kind}"],
+        "retain": data["eval_retain"],
+        "test": data["eval_holdout"],
+        "nonmember": data[f"eval_nonmember_{kind}"],
+    }
+
+
 def write(directory: str | Path, sizes: TofuSizes | None = None, seed: int = 0) -> dict[str, Path]:
     """Write `generate(sizes, seed)` as `{name}.jsonl` files in `directory`; returns their paths by name."""
     return write_rows(directory, generate(sizes, seed))

@@ -130,3 +130,20 @@ def test_generator_refuses_impossible_sizes():
         tofu.generate(tofu.TofuSizes(retain_people=400, surnames=4))
     with pytest.raises(ValueError, match="held_out_people"):
         tofu.generate(tofu.TofuSizes(held_out_people=10))
+
+
+def test_evaluation_splits_name_the_files_of_each_kind():
+    data = demo_data.generate()
+    for kind in tofu.REQUEST_KINDS:
+        splits = tofu.evaluation_splits(data, kind)
+        assert splits == {
+            "forget": data[f"eval_forget_{kind}"],
+            "retain": data["eval_retain"],
+            "test": data["eval_holdout"],
+            "nonmember": data[f"eval_nonmember_{kind}"],
+        }
+        forget_ids = {r["id"] for r in splits["forget"]}
+        assert forget_ids == {line["id"] for line in data[f"request_{kind}"]}
+        assert not forget_ids & {r["id"] for r in splits["retain"]}
+    with pytest.raises(ValueError, match="kind"):
+        tofu.evaluation_splits(data, "XX")
