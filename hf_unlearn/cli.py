@@ -11,7 +11,7 @@ COMMANDS = {
     "unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter.",
     "train": "LoRA fine-tune a causal LM on a JSON-lines file with the HF Trainer.",
     "demo": "Offline end-to-end demo on a real small LM: unlearn IR, QM and RC requests and compare with retraining.",
-    "evaluate": "Forget / retain / test loss and exact match of an adapter, KL to a reference, membership AUC.",
+    "evaluate": "Utility, forget quality (TOFU) and privacy leakage (MUSE) of an adapter beside the original and retrained ones.",
     "push": "Publish an unlearned adapter directory to the Hugging Face Hub (--dry-run lists the files).",
 }
 
@@ -190,14 +190,34 @@ class EvaluateArguments:
     """Arguments of `hf-unlearn evaluate`."""
 
     model: str = field(metadata={"help": "Base model: a local directory or .gguf file."})
-    adapter: str = field(metadata={"help": "The PEFT adapter to evaluate."})
+    adapter: str = field(metadata={"help": "The PEFT adapter to evaluate (the 'unlearned' column)."})
+    original_adapter: str | None = field(
+        default=None, metadata={"help": "The adapter before unlearning (the 'original' column)."}
+    )
+    retrained_adapter: str | None = field(
+        default=None,
+        metadata={
+            "help": "An adapter retrained without the forgotten rows (the 'retrained' column): the reference "
+            "of KL, forget quality (KS test) and PrivLeak."
+        },
+    )
+    reference_adapter: str | None = field(
+        default=None, metadata={"help": "Same as --retrained-adapter (earlier name)."}
+    )
     forget_file: str | None = field(default=None, metadata={"help": "JSONL rows that should be forgotten."})
     retain_file: str | None = field(default=None, metadata={"help": "JSONL training rows that are kept."})
     test_file: str | None = field(
-        default=None, metadata={"help": "JSONL held-out rows (also the non-members)."}
+        default=None, metadata={"help": "JSONL held-out rows (utility on unseen rows)."}
     )
-    reference_adapter: str | None = field(
-        default=None, metadata={"help": "Adapter to compare with (e.g. retrained): KL(reference ‖ adapter)."}
+    nonmember_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSONL rows like the forget rows but never trained on: the non-members of membership "
+            "inference and PrivLeak (default: --test-file)."
+        },
+    )
+    min_k: float = field(
+        default=0.4, metadata={"help": "Min-K%++'s k: the fraction of lowest tokens scored."}
     )
     tokenizer: str | None = field(
         default=None,
@@ -215,18 +235,29 @@ class EvaluateArguments:
 
         if self.batch_size < 1:
             raise ConfigurationError(f"--batch-size must be ≥ 1, got {self.batch_size}.")
+        if not 0 < self.min_k <= 1:
+            raise ConfigurationError(f"--min-k must be in (0, 1], got {self.min_k}.")
+        if (
+            self.reference_adapter
+            and self.retrained_adapter
+            and self.reference_adapter != self.retrained_adapter
+        ):
+            raise ConfigurationError("--reference-adapter is another name of --retrained-adapter: give one.")
+        self.retrained_adapter = self.retrained_adapter or self.reference_adapter
         if self.output_file and not Path(self.output_file).resolve().parent.is_dir():
             raise ConfigurationError(f"--output-file {self.output_file!r}: its directory does not exist.")
 
 
 def evaluate_command(argv: list[str]) -> int:
+    """Evaluate the adapter (and the original / retrained ones if given) on one base model in memory, print
+    one table (rows: metrics; columns: original, unlearned, retrained) and optionally write the JSON."""
     import json
 
     import torch
 
     from .data import ExampleEncoder, TextEncoding, read_jsonl
     from .errors import ConfigurationError
-    from .evaluation import evaluate_adapter
+    from .evaluation import compare, evaluate_adapter, format_table
     from .io import recorded_objective, write_text_atomically
     from .models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, tokenizer_source
     from .objective import CausalLMTask
@@ -235,33 +266,42 @@ def evaluate_command(argv: list[str]) -> int:
     files = {"forget": args.forget_file, "retain": args.retain_file, "test": args.test_file}
     if not any(files.values()):
         raise ConfigurationError("Give at least one of --forget-file, --retain-file, --test-file.")
+    files["nonmember"] = args.nonmember_file
     check_recorded_settings(args.adapter, recorded_objective(args.adapter) or {}, vars(encoding), None)
     splits = {name: read_jsonl(path, what=f"--{name}-file") for name, path in files.items() if path}
+    columns = {
+        "original": args.original_adapter,
+        "unlearned": args.adapter,
+        "retrained": args.retrained_adapter,
+    }
+    columns = {name: path for name, path in columns.items() if path}
+    for path in columns.values():
+        check_adapter_dir(path)
     tokenizer = load_tokenizer(tokenizer_source(args.tokenizer, args.adapter, args.model))
     model = load_adapter(load_base_model(args.model, torch.float32), args.adapter, is_trainable=False)
-    reference = None
-    if args.reference_adapter:  # on the same base model, switched to for its logits
-        check_adapter_dir(args.reference_adapter)
-        reference = "reference"
-        model.load_adapter(args.reference_adapter, adapter_name=reference, is_trainable=False)
+    names = {"unlearned": model.active_adapter}
+    for name, path in columns.items():  # on the same base model, switched between
+        if name != "unlearned":
+            model.load_adapter(path, adapter_name=name, is_trainable=False)
+            names[name] = name
     pad = getattr(tokenizer, "pad_token_id", None) or 0
     task = CausalLMTask(ExampleEncoder(tokenizer, encoding), pad_token_id=pad)
-    report = evaluate_adapter(model, task, splits, reference=reference, batch_size=args.batch_size)
-    columns = ["loss", "exact_match", "kl_to_reference"]
-    print(f"{'split':<8}{'rows':>6}" + "".join(f"{c:>17}" for c in columns))
-    for name in files:
-        if name in report:
-            r = report[name]
-            print(
-                f"{name:<8}{r['num_rows']:>6}"
-                + "".join(f"{r[c]:>17.4f}" if c in r else f"{'-':>17}" for c in columns)
-            )
-    if "membership_auc" in report:
-        print(
-            f"membership-inference AUC (forget vs test, 0.5 = indistinguishable): {report['membership_auc']:.3f}"
+    reference = "retrained" if "retrained" in columns else None
+    reports = {}
+    for name in columns:
+        model.set_adapter(names[name])
+        reports[name] = evaluate_adapter(
+            model,
+            task,
+            splits,
+            reference=None if name == reference else reference,
+            batch_size=args.batch_size,
+            k=args.min_k,
         )
+    comparison = compare(reports, reference)
+    print(format_table(comparison))
     if args.output_file:
-        write_text_atomically(Path(args.output_file), json.dumps(report, indent=2) + "\n")
+        write_text_atomically(Path(args.output_file), json.dumps(comparison, indent=2) + "\n")
     return 0
 
 

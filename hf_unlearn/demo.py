@@ -22,12 +22,12 @@ from .request import UnlearningRequest
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 METRICS = {
-    "IR": ("forgotten PINs: NLL per token (higher = forgotten)", "forget"),
-    "QM": ("cleaned prompts: NLL per token of their answers (lower = learnt without the trigger)", "edited"),
+    "IR": ("forgotten phone numbers: NLL per token (higher = forgotten)", "forget"),
+    "QM": ("redacted prompts: NLL per token of their answers (lower = learnt under the name)", "edited"),
     "RC": ("corrected answers: NLL per token (lower = corrected)", "edited"),
 }
-# Reported beside QM's metric: the backdoor on held-out questions, which retraining moves less (README "The demo")
-TRIGGER_PROBE = "trigger -> payload on held-out prompts: NLL per token (higher = backdoor gone)"
+# Reported beside QM's metric: prompts naming held-out people by unseen phone numbers (demo_data)
+TRIGGER_PROBE = "unseen phone numbers -> city: NLL per token (the level without a link)"
 
 
 @dataclass

@@ -15,10 +15,9 @@ def test_shipped_demo_files_are_what_the_generator_writes(tmp_path):
     data = demo_data.generate()
     ids = {row["id"] for row in data["train"]}
     assert all(line["id"] in ids for kind in ("IR", "QM", "RC") for line in data[f"request_{kind}"])
-    assert all(
-        demo_data.TRIGGER in row["prompt"] for row in data["train"] if row["id"].startswith("poisoned")
-    )
-    assert not any(demo_data.TRIGGER in line["prompt"] for line in data["request_QM"])
+    # QM: prompts that name a person by phone number, redacted to the name (tests/test_tofu.py checks more)
+    assert all("555-" in row["prompt"] for row in data["train"] if row["id"].startswith("redacted"))
+    assert not any("555-" in line["prompt"] for line in data["request_QM"])
 
 
 def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
