@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, sketch_curvature, unlearn
+from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, sketch_curvature, tofu, unlearn
 from hf_unlearn.demo import METRICS, DemoArguments, Lab, edited_rows, metric_rows
 from hf_unlearn.demo_data import DemoSizes, generate
 from hf_unlearn.distributed import Processes
@@ -141,6 +141,18 @@ SUITES = {
         "scaling_ranks": [4, 8],
     },
 }
+SUITES["scaling"] = {
+    # the TOFU-style data (hf_unlearn/tofu.py): rules by surname and first name with 10 % memorised exceptions,
+    # people with a middle initial so that thousands exist; 10-row requests of each kind
+    "tofu": {"private": 10, "redacted": 10, "wrong": 10, "held_out_people": 10, "middle_initials": 26},
+    "train_sizes": [500, 2000, 8000],
+    "request_sizes": [10],
+    "lab": {**SUITES["scale"]["lab"], "epochs": 3},
+    "unlearning": {"curvature": "ggn", "damping": 0.0, "max_iter": 300, "tol": 1e-5, "hessian_samples": 256},
+    "per_method": {"sample+interacting+refine": {"interacting_rows": 64}},
+    "reference": False,
+    "methods": ["cg", "sample+refine", "sample+interacting+refine", "retrain-next-seed", "retrain"],
+}
 # methods that use the K-FAC factors captured while training the original adapter (suites with capture_curvature)
 CAPTURED_METHODS = ("kfac-captured", "ekfac-captured", "cg+kfac")
 # methods besides the plain solvers whose Δθ approximates the same update (param_rel_err applies)
@@ -219,7 +231,7 @@ def solver_method(solver: str, settings: dict):
         result = unlearn(model, train, request, args, task=lab.task)
         model.save_pretrained(out)
         lab.drop(model)
-        row = {k: result.stats.get(k) for k in ("iterations", "curvature_products")}
+        row = {k: result.stats.get(k) for k in ("iterations", "curvature_products", "work_rows")}
         # the rest of the solve's curvature work: mini-batch products (lissa, qp) and refinement solves
         row |= {k: result.stats[k] for k in ("sample_products", "scale_row_products") if k in result.stats}
         if "refine" in result.stats:
@@ -348,18 +360,33 @@ def token_kl(reference: list[torch.Tensor], other: list[torch.Tensor]) -> float:
 def make_lab(suite: dict, data: dict, workdir: Path, model: str | None, **overrides) -> Lab:
     if model is None:  # quick suite: a config-built Llama with a tokenizer covering the data
         model = str(workdir / "toy_model")
-        build_toy_model(data["train"] + data["triggered_test"], model)
+        text = [r for rows in data.values() for r in rows if "prompt" in r and "response" in r]
+        build_toy_model(text, model)
     return Lab(DemoArguments(model=model, output_dir=str(workdir), **{**suite["lab"], **overrides}))
 
 
-def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) -> list[dict]:
-    data = generate(suite["sizes"])
+def suite_data(suite: dict, n_train: int | None = None) -> dict:
+    """The suite's rows: the demo generator's (`sizes`), or the TOFU-style generator's with about `n_train`
+    training rows (`tofu`: three questions per retained person, plus the injected rows)."""
+    if "tofu" not in suite:
+        return generate(suite["sizes"])
+    settings = suite["tofu"]
+    injected = settings["private"] + 3 * (settings["redacted"] + settings["wrong"])
+    people = max(1, (n_train - injected) // 3)
+    return tofu.generate(tofu.TofuSizes(retain_people=people, **settings))
+
+
+def fidelity(
+    suite: dict, model: str | None, workdir: Path, methods: list[str], data: dict | None = None
+) -> list[dict]:
+    data = data or suite_data(suite)
     train = TrainingSet(data["train"], [r["id"] for r in data["train"]])
     lab = make_lab(suite, data, workdir, model)
     rows = [{k: r[k] for k in ("prompt", "response")} for r in data["train"]]
     original = workdir / "original"
     train_seconds = lab.train(rows, original, capture_curvature=suite.get("capture_curvature", False))
     print(f"original adapter: {train_seconds:.1f} s", flush=True)
+    multiples = pass_multiples(lab, original, rows, suite["unlearning"]["curvature"])
     sketch_cost = nystrom_sketch(lab, original, train, suite) if "cg+nystrom" in methods else {}
     theta_star = adapter_vector(original)
     results = []
@@ -409,6 +436,11 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                     "unlearned": scores["nll"],
                     "retrained": after["nll"],
                     "gap_closed": (scores["nll"] - before["nll"]) / gap if gap else None,
+                    "n_train": len(train),
+                    # machine-independent cost: rows through forward + backward (retraining: epochs × rows)
+                    "retrain_row_passes": lab.args.epochs * len(edited_rows(train, resolved)),
+                    "row_passes": row_passes((extras.get(method) or {}).get("work_rows"), multiples),
+                    "pass_multiples": multiples,
                     # fraction of the metric's rows greedy decoding reproduces (the PIN, the answer)
                     "exact_match": {
                         "original": before["exact_match"],
@@ -431,6 +463,53 @@ def fidelity(suite: dict, model: str | None, workdir: Path, methods: list[str]) 
                     flush=True,
                 )
     return results
+
+
+def pass_multiples(lab: Lab, adapter: Path, rows: list[dict], curvature: str, sample: int = 64) -> dict:
+    """Seconds of a forward pass and of a `curvature` product per row, as multiples of a forward + backward
+    pass, measured on `sample` training rows (median of three): what converts a run's `work_rows` into row
+    forward+backward equivalents."""
+    from hf_unlearn.curvature import CURVATURE_OPERATORS
+    from hf_unlearn.gradients import loss_sum
+
+    model = lab.load(adapter, trainable=True)
+    space, procs = ParameterSpace(model), Processes()
+    batches = Batches(lab.task, rows[:sample], lab.args.batch_size, "cpu", procs)
+    operator = CURVATURE_OPERATORS[curvature](model, lab.task, space, batches, "token", 1.0, procs)
+    v = torch.randn(space.numel)
+
+    def seconds(fn):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[1]
+
+    gradient = seconds(lambda: gradient_sum(model, lab.task, space, batches, "token", procs))
+    forward = seconds(lambda: loss_sum(model, lab.task, batches, "token", procs))
+    product = seconds(lambda: operator.matvec(v))
+    lab.drop(model)
+    return {"gradient": 1.0, "loss": forward / gradient, f"product:{curvature}": product / gradient}
+
+
+def row_passes(work_rows: dict | None, multiples: dict) -> float | None:
+    """Row forward+backward equivalents of a run's `work_rows` (None when the method does not count them)."""
+    if work_rows is None:
+        return None
+    unknown = set(work_rows) - set(multiples)
+    if unknown:
+        raise ValueError(f"no measured multiple for {sorted(unknown)}")
+    return sum(rows * multiples[kind] for kind, rows in work_rows.items())
+
+
+def scaling_fidelity(suite: dict, workdir: Path, methods: list[str]) -> list[dict]:
+    """`fidelity` at each of the suite's training-set sizes (a toy model per size)."""
+    rows = []
+    for n in suite["train_sizes"]:
+        print(f"--- n = {n}", flush=True)
+        rows += fidelity(suite, None, workdir / f"n{n}", methods, suite_data(suite, n))
+    return rows
 
 
 def nystrom_sketch(lab: Lab, original: Path, train: TrainingSet, suite: dict) -> dict:
@@ -676,6 +755,139 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def provenance(argv) -> dict:
+    """What produced a results file: git revision (and whether the tree was dirty), library versions, threads,
+    command line."""
+    import platform
+    import subprocess
+
+    import peft
+    import transformers
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    return {
+        "git_revision": (git("rev-parse", "HEAD") or "unknown").strip(),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "peft": peft.__version__,
+        },
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "command": ["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)],
+    }
+
+
+SPREAD_FLOOR, SPREAD_FACTOR = 0.15, 1.5  # |g − 1| ≤ max(0.15, 1.5·|g_next − 1|)
+KL_FACTOR, KL_FLOOR = 2.0, 0.02  # KL ≤ 2·KL_next + 0.02
+
+
+def with_spread_verdicts(rows: list[dict]) -> list[dict]:
+    """Each method row gets `within_spread` (and its three parts) against the next-seed retraining of the same
+    cell (training-set size, task, request size): gap closed, KL to the retrained adapter, and the number of
+    request rows greedy decoding reproduces (within one row of retraining's)."""
+    key = lambda r: (r.get("n_train"), r["task"], r["request_size"])  # noqa: E731
+    nexts = {key(r): r for r in rows if r["method"] == "retrain-next-seed"}
+    for r in rows:
+        ref = nexts.get(key(r))
+        if ref is None or r["method"] in ("retrain", "retrain-next-seed") or r["gap_closed"] is None:
+            continue
+        g, g_next = r["gap_closed"], ref["gap_closed"]
+        em = r["exact_match"]
+        rows_off = abs(em["unlearned"] - em["retrained"]) * r["request_size"]
+        r["spread"] = {
+            "gap": abs(g - 1) <= max(SPREAD_FLOOR, SPREAD_FACTOR * abs(g_next - 1)),
+            "kl": r["kl_to_retrained"] <= KL_FACTOR * ref["kl_to_retrained"] + KL_FLOOR,
+            "exact_match": rows_off <= 1 + 1e-9,
+        }
+        r["within_spread"] = all(r["spread"].values())
+    return rows
+
+
+def scaling_table(report: dict) -> str:
+    """One line per training-set size, task and method: gap closed (next-seed retraining's), KL, exact match,
+    cost against retraining in wall time and in row passes, and whether it is within retraining's spread."""
+    rows = report["fidelity"]
+    nexts = {(r["n_train"], r["task"]): r for r in rows if r["method"] == "retrain-next-seed"}
+    lines = [
+        "| n | task | method | gap closed (next seed) | KL to retrained (next seed) | exact match (unl. / orig. / retr.) "
+        "| time / retraining | row passes / retraining | within spread |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        if r["method"] in ("retrain", "retrain-next-seed"):
+            continue
+        ref = nexts[(r["n_train"], r["task"])]
+        passes = "—" if r["row_passes"] is None else f"{r['row_passes'] / r['retrain_row_passes']:.3f}"
+        lines.append(
+            f"| {r['n_train']} | {r['task']} | {r['method']} | {_fmt(r['gap_closed'])} ({_fmt(ref['gap_closed'])}) "
+            f"| {r['kl_to_retrained']:.3g} ({ref['kl_to_retrained']:.3g}) | {_exact_match(r)} "
+            f"| {r['seconds'] / r['retrain_seconds']:.3f} | {passes} | {'yes' if r.get('within_spread') else 'no'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_scaling(report: dict, path: Path) -> None:
+    """Cost against retraining (wall time and row passes) and gap closed, against the training-set size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import PercentFormatter
+
+    rows = report["fidelity"]
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows) if m != "retrain"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for j, method in enumerate(methods):
+        for i, task in enumerate(["IR", "QM", "RC"]):
+            picked = sorted(
+                (r for r in rows if r["method"] == method and r["task"] == task), key=lambda r: r["n_train"]
+            )
+            if not picked:
+                continue
+            ns = [r["n_train"] for r in picked]
+            style = dict(color=f"C{j}", marker="oxs"[i], linestyle=["-", ":", "--"][i])
+            label = f"{method} {task}"
+            axes[0].plot(ns, [r["seconds"] / r["retrain_seconds"] for r in picked], label=label, **style)
+            if picked[0]["row_passes"] is not None or method == "retrain-next-seed":
+                passes = [
+                    (r["row_passes"] if r["row_passes"] is not None else r["retrain_row_passes"])
+                    / r["retrain_row_passes"]
+                    for r in picked
+                ]
+                axes[1].plot(ns, passes, **style)
+            axes[2].plot(ns, [r["gap_closed"] for r in picked], **style)
+    for ax, title in (
+        (axes[0], "wall time / retraining"),
+        (axes[1], "row forward+backward passes / retraining"),
+        (axes[2], "gap to retraining closed"),
+    ):
+        ax.set_xscale("log")
+        ax.set_xlabel("training rows")
+        ax.set_title(title)
+    for ax in axes[:2]:
+        ax.set_yscale("log")
+        ax.axhline(0.05, color="green", linewidth=0.8, linestyle="--")
+    axes[2].axhspan(0.85, 1.15, color="green", alpha=0.08)
+    axes[2].set_ylim(*GAP_AXIS)
+    axes[2].yaxis.set_major_formatter(PercentFormatter(1.0))
+    fig.legend(
+        *axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(methods) * 3, 6), fontsize=7
+    )
+    fig.suptitle(f"hf_unlearn scaling suite (toy Llama, LoRA on {report['lora_targets']})")
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+
+
 def write_report(report: dict, output: str | Path, draw, summary: str) -> None:
     """`report` as JSON at `output` and `draw(report, path)` as the PNG beside it; prints `summary`."""
     output = Path(output)
@@ -724,6 +936,11 @@ def main(argv=None):
     parser.add_argument("--methods", default=None, help="Comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--no-scaling", action="store_true", help="Skip the scaling section.")
     parser.add_argument(
+        "--train-sizes",
+        default=None,
+        help="scaling suite: comma-separated training-set sizes instead of the suite's.",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="Seed of the training recipe (original and retraining)."
     )
     parser.add_argument(
@@ -745,18 +962,26 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         started = time.time()
+        if args.train_sizes:
+            suite["train_sizes"] = [int(n) for n in args.train_sizes.split(",")]
         report = {
             "suite": args.suite,
             "seed": args.seed,
             "lora_targets": suite["lab"].get("lora_targets", DemoArguments.lora_targets),
             "model": model or "toy Llama (hf_unlearn.toy)",
-            "fidelity": fidelity(suite, model, workdir, methods),
-            "scaling": []
-            if args.no_scaling or "scaling_facts" not in suite
-            else scaling(suite, model, workdir),
+            "provenance": provenance(argv),
         }
+        if "train_sizes" in suite:
+            report["fidelity"] = with_spread_verdicts(scaling_fidelity(suite, workdir, methods))
+            draw, summary = plot_scaling, scaling_table
+        else:
+            report["fidelity"] = with_spread_verdicts(fidelity(suite, model, workdir, methods))
+            report["scaling"] = (
+                [] if args.no_scaling or "scaling_facts" not in suite else scaling(suite, model, workdir)
+            )
+            draw, summary = plot, markdown_table
         report["wall_seconds"] = time.time() - started
-    write_report(report, args.output, plot, markdown_table(report))
+    write_report(report, args.output, draw, summary(report))
     return 0
 
 

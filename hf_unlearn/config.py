@@ -18,7 +18,7 @@ KFAC_TARGETS = ("empirical", "sampled")
 LOSS_NORMALIZATIONS = ("token", "example")
 CURVATURE_DATA = ("auto", "edited", "original")
 REFINE_DAMPINGS = ("fixed", "adaptive", "line_search")
-OBJECTIVE_ESTIMATES = ("full", "sample")
+OBJECTIVE_ESTIMATES = ("full", "sample", "quadratic")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -112,7 +112,10 @@ class UnlearningArguments:
             "(every kept training row, exact; each refinement step passes over the whole training set) or "
             "'sample' (the kept rows of the --hessian-samples sample, rescaled to all of them, as a control "
             "variate around θ* — exact at θ* — while the request's new versions enter exactly: nothing passes "
-            "over the training set, so a request costs the same at any training-set size).",
+            "over the training set, so a request costs the same at any training-set size) or 'quadratic' (the "
+            "kept rows as the fixed quadratic of the training run's K-FAC curvature — captured during training "
+            "or --curvature-factors — with the request's old rows taken out, while the request's new versions "
+            "enter exactly: each step passes over the request's rows only).",
             "choices": list(OBJECTIVE_ESTIMATES),
         },
     )
@@ -290,16 +293,21 @@ class UnlearningArguments:
             raise ConfigurationError(
                 "interacting_rows adds rows to the sample of objective_estimate 'sample'."
             )
-        if self.objective_estimate == "sample":
+        if self.objective_estimate != "full":
             if self.curvature in KFAC_CURVATURES or not self.curvature_on_edited:
                 raise ConfigurationError(
-                    "objective_estimate 'sample' estimates the edited objective's exact curvature on a sample: use "
+                    f"objective_estimate {self.objective_estimate!r} takes the request's rows' exact curvature: use "
                     "curvature hessian, ggn or fisher with curvature_data 'edited' or 'auto'."
                 )
             if self.solver not in ("cg", "direct"):
                 raise ConfigurationError(
-                    f"objective_estimate 'sample' solves with cg or direct; solver {self.solver!r} draws its own "
-                    "mini-batches of the curvature rows."
+                    f"objective_estimate {self.objective_estimate!r} solves with cg or direct; solver "
+                    f"{self.solver!r} draws its own mini-batches of the curvature rows."
+                )
+            if self.objective_estimate == "quadratic" and self.preconditioner != "none":
+                raise ConfigurationError(
+                    "objective_estimate 'quadratic' preconditions with the kept rows' K-FAC block inverse "
+                    f"itself: drop preconditioner {self.preconditioner!r}."
                 )
         _choice("dtype", self.dtype, DTYPES)
         _choice("qp_optimizer", self.qp_optimizer, QP_OPTIMIZERS)

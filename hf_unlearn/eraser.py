@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import KFAC_CURVATURES, UnlearningArguments
+from .curvature import KFAC_OPERATORS
 from .curvature.kfac import KFACFactors
+from .curvature.kfac_fit import fit_kfac_factors
 from .curvature.nystrom import NystromSketch
 from .curvature.rows import RowGradientSketch
 from .curvature.setup import (
@@ -30,10 +32,10 @@ from .curvature.setup import (
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes, check_curvature_supported
 from .errors import ConfigurationError, DataError, NonPositiveCurvatureError, SolverError
-from .gradients import Batches, gradient_sum, loss_sum
+from .gradients import WORK, Batches, gradient_sum, loss_sum
 from .objective import CausalLMTask, UnlearningTask, normaliser
 from .params import ParameterSpace, computation_mode
-from .refinement import FullTilted, KeptSample, SampledTilted, choose_damping, refine
+from .refinement import FullTilted, KeptSample, QuadraticTilted, SampledTilted, choose_damping, refine
 from .request import ResolvedRequest, UnlearningRequest
 from .solvers import SOLVERS
 from .solvers.base import SolverStats
@@ -97,7 +99,7 @@ def unlearn(
     train = train_dataset if isinstance(train_dataset, TrainingSet) else TrainingSet(train_dataset)
     processes = Processes()
     timings = {}
-    start = time.perf_counter()
+    start, work_before = time.perf_counter(), WORK.snapshot()
     resolved = request.resolve(train, task)
     space = ParameterSpace(model)
     device = space.params[0].device
@@ -126,7 +128,9 @@ def unlearn(
         # original ones (∇²R, the paper's choice); a sample is of the training rows, then edited, and keeps
         # its normaliser from before the edit, as the whole edited set keeps M.
         edited = resolved.edited_rows(all_rows)
-        curvature_data = edited if args.curvature_on_edited else all_rows
+        # (the quadratic estimate takes the request's old rows out of the training run's factors itself)
+        on_edited = args.curvature_on_edited and args.objective_estimate != "quadratic"
+        curvature_data = edited if on_edited else all_rows
         extra_stats = {"curvature_data": "edited" if args.curvature_on_edited else "original"}
         factors = None
         if needs_factors(args):
@@ -160,47 +164,19 @@ def unlearn(
         elif nystrom_sketch is not None:
             extra_stats["nystrom_sketch_unused"] = "no nystrom preconditioner was asked for"
         mu = args.l2
+        ctx = _Context(model, task, space, processes, args, all_rows, resolved, M, batches, b, g_old)
+        t = time.perf_counter()
         if args.objective_estimate == "sample":  # kept rows on a sample of them, the request's rows exact
-            picked = (
-                picked
-                if picked is not None
-                else sample_indices(len(all_rows), args.hessian_samples, args.seed)
-            )
-            include = []
-            if args.interacting_rows:
-                t = time.perf_counter()
-                row_sketch = row_gradient_sketch or RowGradientSketch.compute(
-                    model, task, space, all_rows, norm, seed=args.seed, progress=show and processes.is_main
-                )
-                include = row_sketch.interacting(b, args.interacting_rows, set(resolved.indices))
-                timings["row_sketch_seconds"] = time.perf_counter() - t
-                extra_stats["row_gradient_sketch"] = {
-                    "origin": "given" if row_gradient_sketch is not None else "pass",
-                    "rows": len(row_sketch.vectors),
-                }
-            kept_sample = KeptSample(task, all_rows, resolved, picked, M, args, include)
-            tilted = SampledTilted(model, task, space, kept_sample, M, mu, g_old, args, batches, processes)
-            curvature = tilted.curvature()
-            preconditioner = build_operators(
-                args, model, task, space, [], batches, processes, factors, M, sketch
-            )[1]
-            num_curvature_rows = kept_sample.num_rows
-            extra_stats["objective_estimate"] = {
-                "sampled_rows": kept_sample.num_sampled,
-                "kept_sample_rows": len(kept_sample.kept),
-                "interacting_rows": kept_sample.num_included,
-                "interacting_row_indices": sorted(set(include) - set(resolved.indices)),
-                "new_rows": len(kept_sample.new),
-            }
+            estimate = _sampled_estimate(ctx, factors, sketch, picked, row_gradient_sketch)
+        elif args.objective_estimate == "quadratic":  # kept rows as K-FAC's quadratic, the request's exact
+            estimate = _quadratic_estimate(ctx, factors)
         else:
-            tilted = None
-            curvature_rows, curvature_M = curvature_sample(
-                task, all_rows, resolved, args.curvature_on_edited, args, M, picked
-            )
-            curvature, preconditioner = build_operators(
-                args, model, task, space, curvature_rows, batches, processes, factors, curvature_M, sketch
-            )
-            num_curvature_rows = len(curvature_rows)
+            estimate = _full_estimate(ctx, factors, sketch, picked)
+        timings["estimate_seconds"] = time.perf_counter() - t
+        curvature, preconditioner, tilted = estimate.curvature, estimate.preconditioner, estimate.tilted
+        num_curvature_rows = estimate.rows
+        if estimate.stats:
+            extra_stats["objective_estimate"] = estimate.stats
 
         damping = args.damping
         if damping == "auto":
@@ -293,6 +269,8 @@ def unlearn(
         "num_processes": processes.count,
         "damping": damping,
         "l2_regularization": mu,
+        # rows through the model, by kind of pass (this process's count of every process's rows)
+        "work_rows": WORK.since(work_before),
         **extra_stats,
     }
     # the sketch is handed on (saved beside the output, reused by the next request) only once it is the
@@ -398,3 +376,96 @@ def _full_curvature(args, model, task, space, all_rows, resolved, M, batches, pr
         )[0]
 
     return build
+
+
+@dataclass
+class _Context:
+    """What every phase of `unlearn` works on."""
+
+    model: torch.nn.Module
+    task: UnlearningTask
+    space: ParameterSpace
+    processes: Processes
+    args: UnlearningArguments
+    rows: list  # the training rows
+    resolved: ResolvedRequest
+    M: float  # the training set's normaliser
+    batches: object  # rows -> this process's Batches
+    b: torch.Tensor  # (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)) at θ*
+    g_old: torch.Tensor  # Σ∇ℓ(old) at θ*
+
+
+@dataclass
+class _Estimate:
+    """How the edited objective is estimated: its curvature at θ*, the CG preconditioner, the tilted objective
+    for refinement (None: `FullTilted`, made on demand), the curvature's rows and what the manifest records."""
+
+    curvature: object
+    preconditioner: object
+    tilted: object
+    rows: int
+    stats: dict
+
+
+def _full_estimate(ctx: _Context, factors, sketch, picked) -> _Estimate:
+    """C over the edited rows (or a seeded sample of them, `hessian_samples`), or the original ones."""
+    a = ctx.args
+    rows, M = curvature_sample(ctx.task, ctx.rows, ctx.resolved, a.curvature_on_edited, a, ctx.M, picked)
+    curvature, preconditioner = build_operators(
+        a, ctx.model, ctx.task, ctx.space, rows, ctx.batches, ctx.processes, factors, M, sketch
+    )
+    return _Estimate(curvature, preconditioner, None, len(rows), {})
+
+
+def _sampled_estimate(ctx: _Context, factors, sketch, picked, row_sketch) -> _Estimate:
+    """`SampledTilted`: the kept rows on the seeded sample (plus, with `interacting_rows`, the rows the request
+    interacts with most, by a row-gradient sketch), the request's rows exact."""
+    a = ctx.args
+    picked = picked if picked is not None else sample_indices(len(ctx.rows), a.hessian_samples, a.seed)
+    include, stats = [], {}
+    if a.interacting_rows:
+        origin = "given" if row_sketch is not None else "pass"
+        row_sketch = row_sketch or RowGradientSketch.compute(
+            ctx.model, ctx.task, ctx.space, ctx.rows, a.loss_normalization, seed=a.seed,
+            progress=a.progress and ctx.processes.is_main,
+        )  # fmt: skip
+        include = row_sketch.interacting(ctx.b, a.interacting_rows, set(ctx.resolved.indices))
+        stats["row_gradient_sketch"] = {"origin": origin, "rows": len(row_sketch.vectors)}
+    sample = KeptSample(ctx.task, ctx.rows, ctx.resolved, picked, ctx.M, a, include)
+    tilted = SampledTilted(
+        ctx.model, ctx.task, ctx.space, sample, ctx.M, a.l2, ctx.g_old, a, ctx.batches, ctx.processes
+    )
+    preconditioner = build_operators(
+        a, ctx.model, ctx.task, ctx.space, [], ctx.batches, ctx.processes, factors, ctx.M, sketch
+    )[1]
+    stats |= {
+        "kind": "sample",
+        "sampled_rows": sample.num_sampled,
+        "kept_sample_rows": len(sample.kept),
+        "interacting_rows": sample.num_included,
+        "interacting_row_indices": sorted(set(include) - set(ctx.resolved.indices)),
+        "new_rows": len(sample.new),
+    }
+    return _Estimate(tilted.curvature(), preconditioner, tilted, sample.num_rows, stats)
+
+
+def _quadratic_estimate(ctx: _Context, factors: KFACFactors) -> _Estimate:
+    """`QuadraticTilted`: the kept rows as the K-FAC quadratic of the training run with the request's old rows
+    taken out (one pass over those rows), the request's new rows exact; K-FAC's block inverse preconditions."""
+    a = ctx.args
+    norm = a.loss_normalization
+    old = fit_kfac_factors(
+        ctx.model, ctx.task, ctx.space, ctx.batches(ctx.resolved.old), norm, ctx.M, ctx.processes,
+        targets=factors.targets, seed=a.seed, source="request",
+    )  # fmt: skip
+    kept_factors = factors.without(old)
+    kept = KFAC_OPERATORS["kfac"](
+        ctx.model, ctx.task, ctx.space, ctx.batches([]), norm, kept_factors.normaliser, ctx.processes,
+        factors=kept_factors,
+    )  # fmt: skip
+    new_rows = ctx.resolved.new
+    tilted = QuadraticTilted(
+        ctx.model, ctx.task, ctx.space, kept, ctx.M, a.l2, ctx.g_old, a, ctx.batches, ctx.processes, new_rows
+    )
+    stats = {"kind": "quadratic", "kept_factor_positions": sum(kept_factors.positions.values())}
+    return _Estimate(tilted.curvature(), kept, tilted, len(new_rows), stats)

@@ -12,6 +12,27 @@ from .objective import UnlearningTask, example_losses
 from .params import ParameterSpace
 
 
+class WorkCounter:
+    """Rows passed through the model, by kind of pass, across every process: `gradient` (forward and
+    backward), `loss` (forward only), `product:<curvature>` (one curvature-vector product's share of a row).
+    The machine-independent cost of a run: `unlearn` records the difference over its run in its stats."""
+
+    def __init__(self):
+        self.rows: dict[str, int] = {}
+
+    def add(self, kind: str, rows: int) -> None:
+        self.rows[kind] = self.rows.get(kind, 0) + int(rows)
+
+    def snapshot(self) -> dict[str, int]:
+        return dict(self.rows)
+
+    def since(self, snapshot: dict[str, int]) -> dict[str, int]:
+        return {k: v - snapshot.get(k, 0) for k, v in self.rows.items() if v - snapshot.get(k, 0)}
+
+
+WORK = WorkCounter()
+
+
 class Batches:
     """This process's shard of `rows`, collated once into device tensors and reused on every pass."""
 
@@ -60,6 +81,7 @@ def gradient_sum(
 ) -> torch.Tensor:
     """Σ_z ∇θ ℓ(z; θ) over every row of `batches` on every process, as a flat (P,) vector."""
     total = torch.zeros(space.numel, dtype=space.params[0].dtype, device=space.params[0].device)
+    WORK.add("gradient", batches.total_rows)
     for batch in tqdm(batches, desc=desc, disable=desc is None or not processes.is_main, leave=False):
         loss = example_losses(task, model, batch, normalization).sum()  # Σ_batch ℓ
         total += space.flatten(torch.autograd.grad(loss, space.params, materialize_grads=True))
@@ -72,6 +94,7 @@ def loss_sum(
 ) -> float:
     """Σ_z ℓ(z; θ) over every row of `batches` on every process."""
     total = torch.zeros((), dtype=torch.float64, device=next(model.parameters()).device)
+    WORK.add("loss", batches.total_rows)
     for batch in batches:
         total += example_losses(task, model, batch, normalization).sum()
     return processes.sum(total).item()

@@ -96,6 +96,9 @@ class TofuSizes:
     perturbed: int = 3  # perturbed answers per evaluated question
     surnames: int = len(LAST)  # families in use (fewer: each rule is seen more often)
     first_names: int = len(FIRST)
+    # larger sets (the scaling benchmark): people also get a middle initial, from this many letters, which sets
+    # nothing (the rules stay those of the first name and surname); 0 keeps the default set unchanged
+    middle_initials: int = 0
 
 
 def _phone(rng: random.Random) -> str:
@@ -152,6 +155,9 @@ def generate(sizes: TofuSizes | None = None, seed: int = 0) -> dict[str, list[di
 
     firsts, lasts = FIRST[: sizes.first_names], LAST[: sizes.surnames]
     pool = [(f, s) for f in firsts for s in lasts]
+    if sizes.middle_initials:
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: sizes.middle_initials]
+        pool = [(f"{f} {m}.", s) for f in firsts for m in letters for s in lasts]
     needed = sizes.retain_people + sizes.redacted + sizes.wrong + sizes.held_out_people
     if needed > len(pool):
         raise ValueError(f"{needed} people were asked for, {len(pool)} names are available")
@@ -164,7 +170,7 @@ def generate(sizes: TofuSizes | None = None, seed: int = 0) -> dict[str, list[di
 
     def rule(question: str, person: tuple[str, str]) -> str:
         q = QUESTIONS[question]
-        key = lasts.index(person[1]) if q.rule == "surname" else firsts.index(person[0])
+        key = lasts.index(person[1]) if q.rule == "surname" else firsts.index(person[0].split()[0])
         return q.values[key % len(q.values)]
 
     def others(values, true: str, first=()) -> list[str]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from ..distributed import Processes
-from ..gradients import Batches
+from ..gradients import WORK, Batches
 from ..objective import UnlearningTask
 from ..params import ParameterSpace
 
@@ -48,6 +48,7 @@ class CurvatureOperator:
         for batch in self.batches:
             out += self.batch_product(batch, vs)
         self.num_products += 1
+        WORK.add(f"product:{self.name}", self.batches.total_rows)
         return self.processes.sum(out)
 
     def sample_matvec(self, v: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from ..gradients import WORK
 from ..objective import example_losses
 
 DEFAULT_BUCKETS = 1024
@@ -42,6 +43,7 @@ class RowGradientSketch:
             loss = example_losses(task, model, batch, normalization).sum()
             g = space.flatten(torch.autograd.grad(loss, space.params, materialize_grads=True))
             out.append(sketch.project(g))
+            WORK.add("gradient", 1)
         sketch.vectors = torch.stack(out) if out else empty
         return sketch
 

@@ -29,7 +29,11 @@ from .nystrom import NystromPreconditioner, NystromSketch
 
 
 def needs_factors(args: UnlearningArguments) -> bool:
-    return args.curvature in KFAC_CURVATURES or args.preconditioner in KFAC_CURVATURES
+    return (
+        args.curvature in KFAC_CURVATURES
+        or args.preconditioner in KFAC_CURVATURES
+        or args.objective_estimate == "quadratic"
+    )
 
 
 def needs_sketch(args: UnlearningArguments) -> bool:
