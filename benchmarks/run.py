@@ -147,14 +147,15 @@ SUITES["scaling"] = {
     "tofu": {"private": 10, "redacted": 10, "wrong": 10, "held_out_people": 10, "middle_initials": 26},
     "train_sizes": [500, 2000, 8000],
     "request_sizes": [10],
-    "lab": {**SUITES["scale"]["lab"], "epochs": 3},
+    "lab": {**SUITES["scale"]["lab"], "epochs": 3, "batch_size": 8, "learning_rate": 3e-2},
     "unlearning": {"curvature": "ggn", "damping": 0.0, "max_iter": 300, "tol": 1e-5, "hessian_samples": 256},
+    "capture_curvature": True,
     "per_method": {"sample+interacting+refine": {"interacting_rows": 64}},
     "reference": False,
-    "methods": ["cg", "sample+refine", "sample+interacting+refine", "retrain-next-seed", "retrain"],
+    "methods": ["kfac-captured", "quadratic+refine", "retrain-next-seed", "retrain"],
 }
 # methods that use the K-FAC factors captured while training the original adapter (suites with capture_curvature)
-CAPTURED_METHODS = ("kfac-captured", "ekfac-captured", "cg+kfac")
+CAPTURED_METHODS = ("kfac-captured", "ekfac-captured", "cg+kfac", "quadratic+refine")
 # methods besides the plain solvers whose Δθ approximates the same update (param_rel_err applies)
 UPDATE_METHODS = (
     "llmeraser-reference", "kfac", "ekfac", "kfac-captured", "ekfac-captured", "cg+kfac", "cg+nystrom",
@@ -600,6 +601,16 @@ METHODS = {
         refine_steps=5,
         refine_damping="line_search",
     ),
+    # the kept rows as the K-FAC quadratic captured in training (old rows taken out), the request's rows exact,
+    # five more line-searched Newton steps: every step passes over the request's rows only
+    "quadratic+refine": _solver_factory(
+        "cg",
+        "quadratic+refine",
+        objective_estimate="quadratic",
+        curvature_factors="captured",
+        refine_steps=5,
+        refine_damping="line_search",
+    ),  # fmt: skip
     # block-inverse solves from K-FAC / EK-FAC factors of one pass over the training rows (no CG)
     "kfac": _solver_factory("direct", curvature="kfac"),
     "ekfac": _solver_factory("direct", curvature="ekfac"),

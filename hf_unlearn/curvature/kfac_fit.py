@@ -19,6 +19,7 @@ import time
 import torch
 
 from ..errors import ConfigurationError
+from ..gradients import WORK
 from ..objective import example_losses
 from .kfac import TARGETS, KFACFactors, LinearBlock, kfac_eigenbasis, linear_blocks, parameters_digest
 
@@ -215,6 +216,7 @@ def _losses(task, model, batch, normalization: str, targets: str, generator):
 
 
 def _run(collector, model, task, space, batches, normalization, targets, generator) -> None:
+    WORK.add("gradient", batches.total_rows)
     with collector:
         for batch in batches:
             collector.set_mask(batch.get("attention_mask"))
