@@ -39,6 +39,37 @@ class UnlearnPaths:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the model dir."}
     )
+    digest_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Secret key of the row digests in the manifest (HMAC-SHA256; never written beside the "
+            "adapter). Default: .hf_unlearn_key in the training file's directory, created on first use."
+        },
+    )
+
+
+def unlearn_digest_key(train_file: str, digest_key: str | None, adapter: str):
+    """The digest key of an unlearning run: `digest_key`, else `.hf_unlearn_key` beside `train_file`, created
+    on first use unless `adapter`'s records name a key (then it must be that one)."""
+    from .errors import ConfigurationError
+    from .io import recorded_training_data
+    from .request import DigestKey, digest_key_path
+
+    path = Path(digest_key) if digest_key else digest_key_path(train_file)
+    expected = (recorded_training_data(adapter) or {}).get("digest_key_id")
+    if expected and not path.is_file():
+        raise ConfigurationError(
+            f"The records of {adapter} were made with the digest key of id {expected}, but there is no key file "
+            f"{str(path)!r}: give that key with --digest-key FILE (hf-unlearn keeps it as .hf_unlearn_key beside "
+            "the training file it was first used with)."
+        )
+    key = DigestKey.load(path, create=True)
+    if expected and key.id != expected:
+        raise ConfigurationError(
+            f"The records of {adapter} were made with the digest key of id {expected}, but {str(path)!r} has id "
+            f"{key.id}: give the key of those records with --digest-key FILE."
+        )
+    return key
 
 
 def check_recorded_settings(
@@ -95,7 +126,8 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     train = TrainingSet.from_jsonl(paths.train_file)
     request = UnlearningRequest.from_jsonl(paths.request)
     history = read_history(paths.adapter)
-    check_against_history(request, train, history)
+    key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)
+    check_against_history(request, train, history, key)
     return args, train, request, history
 
 
@@ -123,18 +155,15 @@ def unlearn_command(argv: list[str]) -> int:
     from .data import ExampleEncoder, TextEncoding
     from .distributed import barrier, join_process_group
     from .eraser import default_task, unlearn
-    from .io import (
-        adapter_digest,
-        build_manifest,
-        file_digest,
-        save_unlearned_adapter,
-    )
+    from .io import adapter_digest, build_manifest, save_unlearned_adapter, training_data_record
     from .models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
+    from .request import using_digest_key
 
     paths, encoding, args = parse_arguments(
         (UnlearnPaths, TextEncoding, UnlearningArguments), argv, "hf-unlearn unlearn"
     )
     args, train, request, history = prepare_unlearn(paths, encoding, args)
+    key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)
     processes = join_process_group()  # under torchrun / accelerate launch
     input_digest = adapter_digest(paths.adapter)
     stored_dtype = adapter_dtype(paths.adapter)
@@ -147,7 +176,8 @@ def unlearn_command(argv: list[str]) -> int:
     task = default_task(model, tokenizer)
     task.encoder = ExampleEncoder(tokenizer, encoding)
 
-    result = unlearn(model, train, request, args, task=task)
+    with using_digest_key(key):  # a sampled Nyström sketch's row digests, saved beside the output
+        result = unlearn(model, train, request, args, task=task)
 
     if processes.is_main:
         for p in model.parameters():
@@ -158,11 +188,8 @@ def unlearn_command(argv: list[str]) -> int:
             args,
             base_model=paths.model,
             input_adapter={"path": paths.adapter, "digest": input_digest},
-            training_data={
-                "path": paths.train_file,
-                "digest": file_digest(paths.train_file),
-                "num_rows": len(train),
-            },
+            digest_key=key,
+            training_data=training_data_record(paths.train_file, train, key),
             text_encoding=vars(encoding),
             history=history,
         )

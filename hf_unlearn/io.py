@@ -50,13 +50,21 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def build_manifest(result, args, **context) -> dict:
-    """The audit record of one unlearning run: counts, kinds and digests, never example content."""
+def build_manifest(result, args, digest_key=None, **context) -> dict:
+    """The audit record of one unlearning run: counts, kinds and keyed digests, never example content.
+
+    Row digests are HMACs under `digest_key` (default: `request.current_digest_key()`), so that nobody without
+    the key can test guesses of a removed row against them. Unkeyed digests of row content in `context` (an
+    older manifest's history, a plain SHA-256 of the training file) are dropped."""
+    from .request import current_digest_key
+
+    key = digest_key or current_digest_key()
+    context = _without_unkeyed_digests(context)
     return {
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **context,
-        "request": result.request.summary(),
+        "request": result.request.summary(key),
         "arguments": args.to_dict(),
         "solver": result.stats,
         **{k: result.stats[k] for k in ("curvature_factors", "nystrom_sketch") if k in result.stats},
@@ -65,6 +73,40 @@ def build_manifest(result, args, **context) -> dict:
         "num_processes": result.stats["num_processes"],
         "versions": library_versions(),
     }
+
+
+def _unkeyed(value) -> bool:
+    return isinstance(value, str) and value.startswith("sha256:")
+
+
+def _without_unkeyed_digests(context: dict) -> dict:
+    """`context` without plain SHA-256 digests of row content: a training file's `digest`, and the row digests
+    of history entries written before digests were keyed (marked `unkeyed_digests_dropped`)."""
+    context = dict(context)
+    data = context.get("training_data")
+    if isinstance(data, dict) and _unkeyed(data.get("digest")):
+        context["training_data"] = {k: v for k, v in data.items() if k != "digest"}
+    if context.get("history"):
+        history = []
+        for run in context["history"]:
+            edits = run["request"]["edits"]
+            if any(_unkeyed(e.get("old_digest")) or _unkeyed(e.get("new_digest")) for e in edits):
+                edits = [
+                    {**e, **{k: None for k in ("old_digest", "new_digest") if _unkeyed(e.get(k))}}
+                    for e in edits
+                ]
+                run = {**run, "request": {**run["request"], "edits": edits, "unkeyed_digests_dropped": True}}
+            history.append(run)
+        context["history"] = history
+    return context
+
+
+def training_data_record(path: str | Path, train, key=None) -> dict:
+    """What a manifest or training record says about a training file: its path and keyed digests of its rows
+    (`request.rows_digests`), which a later run checks the file it is given against."""
+    from .request import rows_digests
+
+    return {"path": str(path), **rows_digests(train.ids, train.rows, key)}
 
 
 def model_card_section(manifest: dict) -> str:
@@ -119,6 +161,24 @@ def recorded_objective(adapter_dir: str | Path) -> dict | None:
         "text_encoding": r.get("text_encoding"),
         "loss_normalization": normalization,
     }
+
+
+def recorded_training_data(adapter_dir: str | Path) -> dict | None:
+    """What `adapter_dir`'s records say its training file must be (`training_data_record`): for a trained
+    adapter the file it was trained on (training record), for an unlearned one that file as edited by the
+    request (manifest `edited_training_data`, which `hf-unlearn apply-request` writes); None when unknown."""
+    from .training import TRAINING_RECORD
+
+    record, manifest = Path(adapter_dir) / TRAINING_RECORD, Path(adapter_dir) / MANIFEST_NAME
+    if manifest.is_file():
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        data = m.get("edited_training_data")
+        if data is None and m.get("request", {}).get("digest_key_id"):
+            data = {"digest_key_id": m["request"]["digest_key_id"]}
+        return data
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8")).get("training_data")
+    return None
 
 
 def read_history(adapter_dir: str | Path) -> list[dict]:

@@ -77,6 +77,14 @@ class TrainConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the model dir."}
     )
+    digest_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Secret key of the training data's digests in the training record (HMAC-SHA256; never "
+            "written beside the adapter). Default: .hf_unlearn_key in the training file's directory, created on "
+            "first use."
+        },
+    )
 
     def __post_init__(self):
         if self.lora_r < 1:
@@ -176,16 +184,14 @@ def training_record(
     config: TrainConfig, encoding: TextEncoding, setup: TrainingSetup, output, seconds
 ) -> dict:
     from .distributed import Processes
-    from .io import file_digest, library_versions
+    from .io import library_versions, training_data_record
+    from .request import DigestKey, digest_key_path
 
+    key = DigestKey.load(config.digest_key or digest_key_path(config.train_file), create=True)
     return {
         "format": "hf_unlearn.training/1",
         "base_model": config.model,
-        "training_data": {
-            "path": config.train_file,
-            "digest": file_digest(config.train_file),
-            "num_rows": len(setup.rows),
-        },
+        "training_data": training_data_record(config.train_file, setup.train_set, key),
         "config": asdict(config),
         "text_encoding": asdict(encoding),
         "loss_normalization": "token",

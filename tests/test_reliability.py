@@ -14,8 +14,10 @@ from huggingface_hub import ModelCard
 from reference import ROWS_FOR_CLI as ROWS
 from test_cli import workspace, write_jsonl  # noqa: F401  (fixture)
 
+from hf_unlearn import TrainingSet
 from hf_unlearn.cli import main
-from hf_unlearn.io import MANIFEST_NAME, adapter_digest, file_digest
+from hf_unlearn.io import MANIFEST_NAME, adapter_digest, file_digest, training_data_record
+from hf_unlearn.request import DigestKey, digest_key_path
 
 
 def base_args(ws, request, out, *extra):
@@ -155,7 +157,11 @@ def test_manifest_is_an_audit_trail_without_content(workspace, tmp_path):  # noq
         )
     assert manifest["request"]["kinds"] == {"IR": 2} and len(manifest["request"]["edits"]) == 2
     assert manifest["input_adapter"]["digest"] == adapter_digest(workspace["adapter"])
-    assert manifest["training_data"]["digest"] == file_digest(workspace["train"])
+    key = DigestKey.load(digest_key_path(workspace["train"]))  # created beside the training file
+    assert manifest["training_data"] == training_data_record(
+        workspace["train"], TrainingSet.from_jsonl(workspace["train"]), key
+    )
+    assert manifest["training_data"]["digest_key_id"] == manifest["request"]["digest_key_id"] == key.id
     assert set(manifest["versions"]) >= {"torch", "transformers", "peft", "accelerate", "hf_unlearn"}
     # The forget-set figures of the manifest (and model card), against a float64 token loop: the mean ℓ (= S,
     # token normalisation) of the removed rows before and after, and its first-order change ∇ℓ̄·Δθ
