@@ -46,6 +46,20 @@ class UnlearnPaths:
             "adapter). Default: .hf_unlearn_key in the training file's directory, created on first use."
         },
     )
+    allow_training_file_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Use a training file whose rows differ from those the adapter's training record (or, after "
+            "an earlier request, its manifest) records; refused otherwise."
+        },
+    )
+    allow_base_model_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Use a base model whose weights differ from those the adapter was trained on (its training "
+            "record or manifest holds their fingerprint); refused otherwise."
+        },
+    )
 
 
 def unlearn_digest_key(train_file: str, digest_key: str | None, adapter: str):
@@ -70,6 +84,71 @@ def unlearn_digest_key(train_file: str, digest_key: str | None, adapter: str):
             f"{key.id}: give the key of those records with --digest-key FILE."
         )
     return key
+
+
+def check_training_file(paths: UnlearnPaths, train, key) -> None:
+    """Refuse a training file whose rows are not those `paths.adapter` records (trained on, or as edited by
+    the earlier requests), saying what differs, unless `paths.allow_training_file_mismatch`."""
+    from .errors import DataError
+    from .io import MANIFEST_NAME, file_digest, recorded_training_data
+    from .request import rows_digests
+
+    recorded = recorded_training_data(paths.adapter) or {}
+    unlearned = (Path(paths.adapter) / MANIFEST_NAME).is_file()
+    where = "its manifest, as edited by the earlier request" if unlearned else "its training record"
+    if "rows_digest" in recorded:
+        given = rows_digests(train.ids, train.rows, key)
+        if given["rows_digest"] == recorded["rows_digest"]:
+            return
+        if given["num_rows"] != recorded["num_rows"]:
+            what = f"it has {given['num_rows']} rows, {where} {recorded['num_rows']}"
+        elif given["content_digest"] != recorded["content_digest"]:
+            what = "the content of at least one row differs (as many rows)"
+        else:
+            what = "it holds the same rows under other ids (rows named by line number were moved), so the request's ids would name other rows"
+    elif str(recorded.get("digest", "")).startswith("sha256:"):  # a record written before keyed digests
+        if file_digest(paths.train_file) == recorded["digest"]:
+            return
+        what = "its SHA-256 differs from the one recorded"
+    else:
+        return  # nothing recorded (an adapter not written by hf-unlearn)
+    if paths.allow_training_file_mismatch:
+        return
+    raise DataError(
+        f"{paths.train_file} is not the training file {paths.adapter} was trained on ({where}): {what}. Give "
+        + (
+            "the training file as edited by the earlier requests (`hf-unlearn apply-request` writes it)"
+            if unlearned
+            else "the file the adapter was trained on"
+        )
+        + ", or pass --allow-training-file-mismatch if you know why it differs."
+    )
+
+
+def check_base_model(paths: UnlearnPaths, weights: dict) -> bool | None:
+    """Refuse a base model whose weights fingerprint (`io.model_weights_fingerprint`) is not the one
+    `paths.adapter` records, saying what differs, unless `paths.allow_base_model_mismatch`. Returns whether
+    it matches (None: nothing recorded)."""
+    from .errors import ConfigurationError
+    from .io import recorded_base_model_weights
+
+    recorded, where = recorded_base_model_weights(paths.adapter)
+    if recorded is None:
+        return None
+    if recorded["fingerprint"] == weights["fingerprint"]:
+        return True
+    if paths.allow_base_model_mismatch:
+        return False
+    what = (
+        "the same parameter names and shapes, but other values"
+        if recorded.get("layout") == weights["layout"]
+        else "other parameter names or shapes"
+    )
+    raise ConfigurationError(
+        f"The base model {paths.model!r} is not the one {paths.adapter} was trained on: it has {what} (weights "
+        f"fingerprint {weights['fingerprint'][:19]}…, {where} records {recorded['fingerprint'][:19]}…). Give the "
+        "base model the adapter was trained on, or pass --allow-base-model-mismatch if you know why it differs."
+    )
 
 
 def check_recorded_settings(
@@ -127,6 +206,7 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     request = UnlearningRequest.from_jsonl(paths.request)
     history = read_history(paths.adapter)
     key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)
+    check_training_file(paths, train, key)
     check_against_history(request, train, history, key)
     return args, train, request, history
 
@@ -155,7 +235,13 @@ def unlearn_command(argv: list[str]) -> int:
     from .data import ExampleEncoder, TextEncoding
     from .distributed import barrier, join_process_group
     from .eraser import default_task, unlearn
-    from .io import adapter_digest, build_manifest, save_unlearned_adapter, training_data_record
+    from .io import (
+        adapter_digest,
+        build_manifest,
+        model_weights_fingerprint,
+        save_unlearned_adapter,
+        training_data_record,
+    )
     from .models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
     from .request import using_digest_key
 
@@ -170,9 +256,10 @@ def unlearn_command(argv: list[str]) -> int:
 
     tokenizer_path = tokenizer_source(paths.tokenizer, paths.adapter, paths.model)
     tokenizer = load_tokenizer(tokenizer_path, paths.trust_remote_code)
-    model = load_adapter(
-        load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code), paths.adapter
-    )
+    base = load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code)
+    weights = model_weights_fingerprint(base)
+    weights["matches_record"] = check_base_model(paths, weights)
+    model = load_adapter(base, paths.adapter)
     task = default_task(model, tokenizer)
     task.encoder = ExampleEncoder(tokenizer, encoding)
 
@@ -187,6 +274,7 @@ def unlearn_command(argv: list[str]) -> int:
             result,
             args,
             base_model=paths.model,
+            base_model_weights=weights,
             input_adapter={"path": paths.adapter, "digest": input_digest},
             digest_key=key,
             training_data=training_data_record(paths.train_file, train, key),
@@ -203,9 +291,10 @@ def unlearn_command(argv: list[str]) -> int:
             nystrom_sketch=result.nystrom_sketch,
         )
         s = result.stats
+        inexact = " — INEXACT: kept with --allow-inexact before reaching --tol" if s.get("inexact") else ""
         print(
-            f"Unlearned {result.request.summary()['kinds']} with {args.solver}: {s['iterations']} iterations, "
-            f"relative residual {s['relative_residual']:.2e}, |Δθ| = {result.delta_norm:.4g}, "
+            f"Unlearned {result.request.kind_counts()} with {args.solver}: {s['iterations']} iterations, "
+            f"relative residual {s['relative_residual']:.2e}{inexact}, |Δθ| = {result.delta_norm:.4g}, "
             f"{result.timings['total_seconds']:.1f} s. Wrote {out}"
         )
     barrier(processes)

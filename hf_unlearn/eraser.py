@@ -318,7 +318,12 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
             f"{args.solver} did not converge in {stats.iterations} iterations (relative residual "
             f"{stats.relative_residual:.3g} > tol {args.tol:g})"
         )
-    if problems and not (finite and args.allow_inexact):
+    worse = finite and not stats.relative_residual < 1.0  # no better than no update: never kept
+    if problems and not (finite and args.allow_inexact and not worse):
+        if worse and args.allow_inexact:
+            problems.append(
+                "--allow-inexact keeps only a result better than no update (relative residual < 1)"
+            )
         raise SolverError(
             "; ".join(problems).capitalize()
             + "; nothing was changed. Raise --max-iter or --damping, loosen --tol, "

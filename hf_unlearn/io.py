@@ -33,6 +33,30 @@ def adapter_digest(adapter_dir: str | Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+WEIGHTS_FINGERPRINT = "bf16-strided-sample/1"
+
+
+def model_weights_fingerprint(model, samples: int = 1024) -> dict:
+    """A fingerprint of a base model's weights that does not depend on the dtype it was loaded in:
+    `fingerprint` hashes, for each parameter (by name), its shape and up to `samples` evenly spaced values
+    rounded to bfloat16 (float32, bfloat16 and float64 loads of one checkpoint round to the same values;
+    other weights almost surely do not); `layout` hashes the names and shapes only."""
+    import torch
+
+    h, layout = hashlib.sha256(WEIGHTS_FINGERPRINT.encode()), hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        flat = p.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        values = flat[index].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
+        layout.update(f"{name}:{tuple(p.shape)}\0".encode())
+        h.update(f"{name}:{tuple(p.shape)}\0".encode() + values.view(torch.uint8).numpy().tobytes())
+    return {
+        "fingerprint": "sha256:" + h.hexdigest(),
+        "layout": "sha256:" + layout.hexdigest(),
+        "method": WEIGHTS_FINGERPRINT,
+    }
+
+
 def library_versions() -> dict[str, str]:
     import accelerate
     import peft
@@ -181,6 +205,19 @@ def recorded_training_data(adapter_dir: str | Path) -> dict | None:
     return None
 
 
+def recorded_base_model_weights(adapter_dir: str | Path) -> tuple[dict | None, str | None]:
+    """`(weights, file)`: the base model weights' fingerprint (`model_weights_fingerprint`) that `adapter_dir`'s
+    manifest or training record holds, and which file holds it; `(None, None)` when neither does."""
+    from .training import TRAINING_RECORD
+
+    for name in (MANIFEST_NAME, TRAINING_RECORD):
+        path = Path(adapter_dir) / name
+        if path.is_file():
+            weights = json.loads(path.read_text(encoding="utf-8")).get("base_model_weights") or {}
+            return (weights, name) if weights.get("fingerprint") else (None, None)
+    return None, None
+
+
 def read_history(adapter_dir: str | Path) -> list[dict]:
     """Earlier unlearning runs that produced `adapter_dir`, oldest first (empty for a freshly trained adapter)."""
     path = Path(adapter_dir) / MANIFEST_NAME
@@ -220,6 +257,53 @@ def check_output_dir(
         raise OutputExistsError(
             f"The output directory {str(out)!r} is not empty; pass --overwrite to replace it."
         )
+    if out.is_dir() and overwrite and (others := foreign_files(out)):
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise OutputExistsError(
+            f"The output directory {str(out)!r} holds files hf_unlearn does not write ({listed}); --overwrite only "
+            "replaces an earlier output of hf_unlearn. Move them away or choose another output directory."
+        )
+
+
+# What hf_unlearn writes into an output directory (an adapter with its tokenizer, records, curvature files):
+# --overwrite replaces a directory that holds nothing else.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOOL_FILES = frozenset(
+    {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        MANIFEST_NAME,
+        "training_record.json",
+        "nystrom_sketch.safetensors",
+        "nystrom_sketch.json",
+        "curvature_factors.safetensors",
+        "curvature_factors.json",
+        *TOKENIZER_FILES,
+    }
+)
+
+
+def foreign_files(directory: Path, also: set[str] = frozenset()) -> list[str]:
+    """Names in `directory` that hf_unlearn does not write (nor `also`), sorted; subdirectories end in '/'."""
+    return sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in Path(directory).iterdir()
+        if p.is_dir() or p.name not in TOOL_FILES | set(also)
+    )
 
 
 CARD_TAGS = ["unlearning", "hf-unlearn", "llmeraser", "peft", "lora"]
@@ -278,13 +362,16 @@ def save_unlearned_adapter(
 ) -> Path:
     """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all.
 
-    `card_source` is the input adapter's directory: its README.md is kept and extended; `nystrom_sketch`
+    `card_source` is the input adapter's directory: its README.md is kept and extended, its tokenizer files
+    (`TOKENIZER_FILES`) are copied; `nystrom_sketch`
     (the edited training set's) is written beside the adapter for the next request.
     """
 
     def fill(staging: Path) -> None:
-        if card_source is not None and (Path(card_source) / "README.md").is_file():
-            shutil.copyfile(Path(card_source) / "README.md", staging / "README.md")
+        if card_source is not None:  # the input adapter's card (extended below) and tokenizer stay with it
+            for name in ("README.md", *TOKENIZER_FILES):
+                if (Path(card_source) / name).is_file():
+                    shutil.copyfile(Path(card_source) / name, staging / name)
         model.save_pretrained(staging, safe_serialization=True)
         write_manifest_and_card(staging, manifest, base_model_id)
         if nystrom_sketch is not None:
@@ -303,6 +390,11 @@ def write_directory(output_dir: str | Path, overwrite: bool, fill) -> Path:
     try:
         staging.mkdir()
         fill(staging)
+        if out.is_dir() and (others := foreign_files(out, {p.name for p in staging.iterdir()})):
+            raise OutputExistsError(  # appeared while this run computed
+                f"The output directory {str(out)!r} now holds files hf_unlearn does not write ({', '.join(others)}); "
+                "nothing was replaced."
+            )
         _replace_dir(staging, out)
     finally:
         with contextlib.suppress(FileNotFoundError):

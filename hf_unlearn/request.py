@@ -172,12 +172,12 @@ def unkeyed_digest(row: Mapping) -> str:
 
 
 def rows_digests(ids: Sequence, rows: Sequence[Mapping], key: DigestKey | None = None) -> dict:
-    """Keyed digests of a training set: `rows` (ids and contents in order) and `content` (the multiset of
-    contents, whatever the order and ids), with `num_rows` and the key's id. Two files with equal `rows`
-    digests hold the same rows under the same ids."""
+    """Keyed digests of a training set: `rows_digest` (of each row id with its content) and `content_digest`
+    (of the multiset of contents, whatever the ids), with `num_rows` and the key's id. Two files with equal
+    `rows_digest` hold the same rows under the same ids (in any order)."""
     key = key or current_digest_key()
     digests = [row_digest(row, key) for row in rows]
-    ordered = json.dumps([[str(i), d] for i, d in zip(ids, digests)], separators=(",", ":"))
+    ordered = json.dumps(sorted([str(i), d] for i, d in zip(ids, digests)), separators=(",", ":"))
     return {
         "rows_digest": key.digest(ordered.encode()),
         "content_digest": key.digest(json.dumps(sorted(digests), separators=(",", ":")).encode()),

@@ -118,6 +118,7 @@ class TrainingSetup:
     rows: list
     args: object
     processes: object
+    base_model_weights: dict | None = None  # io.model_weights_fingerprint of the base model, before LoRA
 
 
 def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) -> TrainingSetup:
@@ -142,6 +143,9 @@ def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) 
     for row in train.rows:  # every row must encode (and carry loss tokens) before any training starts
         task.encoder(row)
     rows = [{k: v for k, v in row.items() if k != "id"} for row in train.rows]
+    from .io import model_weights_fingerprint
+
+    base_weights = model_weights_fingerprint(base)  # checked by hf-unlearn unlearn against the base it gets
 
     set_seed(config.seed)
     try:
@@ -173,7 +177,7 @@ def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) 
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not processes.is_main,
     )
-    return TrainingSetup(model, tokenizer, task, train, rows, args, processes)
+    return TrainingSetup(model, tokenizer, task, train, rows, args, processes, base_weights)
 
 
 def _trainer_dir(out: Path) -> Path:
@@ -191,6 +195,7 @@ def training_record(
     return {
         "format": "hf_unlearn.training/1",
         "base_model": config.model,
+        "base_model_weights": setup.base_model_weights,
         "training_data": training_data_record(config.train_file, setup.train_set, key),
         "config": asdict(config),
         "text_encoding": asdict(encoding),
