@@ -13,6 +13,7 @@ COMMANDS = {
     "demo": "Offline end-to-end demo on a real small LM: unlearn IR, QM and RC requests and compare with retraining.",
     "evaluate": "Forget / retain / test loss and exact match of an adapter, KL to a reference, membership AUC.",
     "push": "Publish an unlearned adapter directory to the Hugging Face Hub (--dry-run lists the files).",
+    "apply-request": "Write the training file with a request applied: the one the next request's checks expect.",
 }
 
 
@@ -206,8 +207,8 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     request = UnlearningRequest.from_jsonl(paths.request)
     history = read_history(paths.adapter)
     key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)
+    check_against_history(request, train, history, key)  # the specific messages first
     check_training_file(paths, train, key)
-    check_against_history(request, train, history, key)
     return args, train, request, history
 
 
@@ -243,7 +244,7 @@ def unlearn_command(argv: list[str]) -> int:
         training_data_record,
     )
     from .models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
-    from .request import using_digest_key
+    from .request import rows_digests, using_digest_key
 
     paths, encoding, args = parse_arguments(
         (UnlearnPaths, TextEncoding, UnlearningArguments), argv, "hf-unlearn unlearn"
@@ -278,6 +279,8 @@ def unlearn_command(argv: list[str]) -> int:
             input_adapter={"path": paths.adapter, "digest": input_digest},
             digest_key=key,
             training_data=training_data_record(paths.train_file, train, key),
+            # what the next request's training file must be (hf-unlearn apply-request writes it)
+            edited_training_data=rows_digests(*result.request.edited_training_set(train), key),
             text_encoding=vars(encoding),
             history=history,
         )
@@ -432,6 +435,59 @@ def push_command(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class ApplyRequestArguments:
+    """Arguments of `hf-unlearn apply-request`."""
+
+    train_file: str = field(
+        metadata={"help": "The training file the request was applied to (never modified)."}
+    )
+    request: str = field(metadata={"help": "The JSON-lines unlearning request (remove/replace rows)."})
+    output: str = field(
+        metadata={"help": "Where to write the edited training file (the next request's --train-file)."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output file."})
+    digest_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "The digest key of the training file (default: .hf_unlearn_key beside it); copied beside "
+            "the output when that is in another directory."
+        },
+    )
+
+
+def apply_request_command(argv: list[str]) -> int:
+    from .data import TrainingSet
+    from .errors import ConfigurationError, OutputExistsError
+    from .io import note_written, write_text_atomically
+    from .objective import CausalLMTask
+    from .request import DIGEST_KEY_NAME, DigestKey, UnlearningRequest, digest_key_path, edited_training_file
+
+    (args,) = parse_arguments((ApplyRequestArguments,), argv, "hf-unlearn apply-request")
+    output = Path(args.output)
+    if output.resolve() == Path(args.train_file).resolve():
+        raise ConfigurationError("--output is the training file itself; write the edited file elsewhere.")
+    if output.exists() and not args.overwrite:
+        raise OutputExistsError(f"{str(output)!r} exists; pass --overwrite to replace it.")
+    if not output.resolve().parent.is_dir():
+        raise ConfigurationError(f"--output {args.output!r}: its directory does not exist.")
+    train = TrainingSet.from_jsonl(args.train_file)
+    resolved = UnlearningRequest.from_jsonl(args.request).resolve(train, CausalLMTask())
+    text = edited_training_file(args.train_file, resolved)
+    key_path = Path(args.digest_key) if args.digest_key else digest_key_path(args.train_file)
+    target_key = digest_key_path(output)
+    if key_path.is_file() and target_key != key_path.resolve():  # the next run finds it beside the output
+        DigestKey.load(key_path).copy_to(target_key)
+    write_text_atomically(output, text)
+    note_written(output)
+    kept = len(train) - sum(e.new is None for e in resolved.edits)
+    print(
+        f"Applied {resolved.kind_counts()} to {args.train_file}: {kept} rows. Wrote {output}"
+        + (f" (digest key {DIGEST_KEY_NAME} beside it)" if target_key.is_file() else "")
+    )
+    return 0
+
+
 def demo_command(argv: list[str]) -> int:
     from .demo import DemoArguments, run_demo
 
@@ -465,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             "demo": demo_command,
             "evaluate": evaluate_command,
             "push": push_command,
+            "apply-request": apply_request_command,
         }[argv[0]](argv[1:])
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)

@@ -332,6 +332,13 @@ def write_model_card(directory: Path, manifest: dict, base_model_id: str | None 
     write_text_atomically(directory / "README.md", str(card))
 
 
+WRITTEN: list[Path] = []  # outputs completed by this process, for the message of an interrupted command
+
+
+def note_written(path: str | Path) -> None:
+    WRITTEN.append(Path(path))
+
+
 def write_text_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text` by a rename: readers see the old file or the new one, never part of it."""
     tmp = path.parent / f".{path.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -396,6 +403,7 @@ def write_directory(output_dir: str | Path, overwrite: bool, fill) -> Path:
                 "nothing was replaced."
             )
         _replace_dir(staging, out)
+        note_written(out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(staging)

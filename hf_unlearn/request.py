@@ -220,6 +220,18 @@ class ResolvedRequest:
         removed = set(self.indices)
         return [row for i, row in enumerate(rows) if i not in removed] + self.new
 
+    def edited_training_set(self, train: TrainingSet) -> tuple[list, list[Mapping]]:
+        """`(ids, rows)` of the training set after the edit, in file order: removed rows gone, replaced rows
+        in their place with their new content under their old id (what `hf-unlearn apply-request` writes)."""
+        edits = {e.index: e for e in self.edits}
+        ids, rows = [], []
+        for i in range(len(train)):
+            edit = edits.get(i)
+            if edit is None or edit.new is not None:
+                ids.append(train.ids[i])
+                rows.append(train[i] if edit is None else edit.new)
+        return ids, rows
+
     def kind_counts(self) -> dict[str, int]:
         counts = Counter(e.kind for e in self.edits)
         return {k: counts[k] for k in KINDS if counts[k]}
@@ -328,6 +340,30 @@ def _replacement(row_id, old: Mapping, new_fields: Mapping, task: UnlearningTask
     if not (qm or rc):
         raise InvalidRequestError(f"Replacement for row {row_id!r} is identical to the training row.")
     return new, "QM+RC" if qm and rc else ("QM" if qm else "RC")
+
+
+def edited_training_file(path: str | Path, resolved: ResolvedRequest) -> str:
+    """The text of the training file `path` with the request applied, as the next request expects it: a
+    replaced row's line holds its new content (and the old line's id and other non-content fields); a removed
+    row's line is deleted when every row has an `"id"`, else left empty (rows named by line number keep their
+    numbers); every other line is kept byte for byte."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    rows = [(n, json.loads(line)) for n, line in enumerate(lines) if line.strip()]
+    explicit_ids = all("id" in row for _, row in rows)
+    edits = {e.index: e for e in resolved.edits}
+    out = list(lines)
+    for index, (n, row) in enumerate(rows):
+        edit = edits.get(index)
+        if edit is None:
+            continue
+        newline = "\n" if lines[n].endswith("\n") else ""
+        if edit.new is None:
+            out[n] = None if explicit_ids else newline
+        else:
+            kept = {k: v for k, v in row.items() if k not in CONTENT_FIELDS}
+            out[n] = json.dumps({**kept, **edit.new}, ensure_ascii=False) + (newline or "\n")
+    return "".join(line for line in out if line is not None)
 
 
 def check_against_history(
