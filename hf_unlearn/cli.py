@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,14 @@ class UnlearnPaths:
         metadata={
             "help": "Secret key of the row digests in the manifest (HMAC-SHA256; never written beside the "
             "adapter). Default: .hf_unlearn_key in the training file's directory, created on first use."
+        },
+    )
+    held_out_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON-lines rows the adapter was not trained on (like the training rows): the removed rows' "
+            "loss after the update is compared with theirs, which is what retraining would plausibly give them "
+            "(default: compared with the base model's loss on the removed rows)."
         },
     )
     allow_training_file_mismatch: bool = field(
@@ -212,6 +222,46 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     return args, train, request, history
 
 
+# Flags of a shared argument dataclass that make no sense for a command: not offered (nor accepted) there.
+HIDDEN = {"hf-unlearn unlearn": {"capture_curvature"}}  # training only (UnlearnTrainer / the callback)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: …)" only where the help does not already say what the default is, and not for None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _tidy(parser, prog: str) -> None:
+    """Flags shown with dashes only (the underscore spellings stay accepted), a `--no-x` flag described as what it
+    does, and flags that do not belong to `prog` removed."""
+    for action in list(parser._actions):
+        if action.dest in HIDDEN.get(prog, ()):
+            parser._remove_action(action)
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            for option in action.option_strings:
+                parser._option_string_actions.pop(option, None)
+            parser.set_defaults(**{action.dest: action.default})
+            continue
+        if not action.option_strings or "--help" in action.option_strings:
+            continue
+        dashed = list(dict.fromkeys(o.replace("_", "-") for o in action.option_strings))
+        for option in dashed:
+            parser._option_string_actions.setdefault(option, action)
+        action.option_strings = dashed
+        if isinstance(action, argparse._StoreFalseAction) and dashed[0].startswith("--no-"):
+            positive = "--" + dashed[0][len("--no-") :]
+            what = action.help.rstrip(".") if action.help else ""
+            action.help = f"Turn off {positive}" + (f" ({what[:1].lower() + what[1:]})." if what else ".")
+            action.default = argparse.SUPPRESS  # the positive flag's default is the one that applies
+
+
 def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
     """`HfArgumentParser(types).parse_args_into_dataclasses(argv)`, with an unknown flag or a malformed value
     raised as `ConfigurationError` (exit code 4, a bad argument) instead of a traceback or argparse's exit 2."""
@@ -219,7 +269,8 @@ def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
 
     from .errors import ConfigurationError
 
-    parser = HfArgumentParser(types, prog=prog)
+    parser = HfArgumentParser(types, prog=prog, formatter_class=_HelpFormatter)
+    _tidy(parser, prog)
 
     def error(message):
         raise ConfigurationError(f"{message} (see `{prog} --help`).")
@@ -233,7 +284,7 @@ def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
 
 def unlearn_command(argv: list[str]) -> int:
     from .config import UnlearningArguments
-    from .data import ExampleEncoder, TextEncoding
+    from .data import ExampleEncoder, TextEncoding, read_jsonl
     from .distributed import barrier, join_process_group
     from .eraser import default_task, unlearn
     from .io import (
@@ -251,6 +302,7 @@ def unlearn_command(argv: list[str]) -> int:
     )
     args, train, request, history = prepare_unlearn(paths, encoding, args)
     key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)
+    held_out = read_jsonl(paths.held_out_file, what="--held-out-file") if paths.held_out_file else None
     processes = join_process_group()  # under torchrun / accelerate launch
     input_digest = adapter_digest(paths.adapter)
     stored_dtype = adapter_dtype(paths.adapter)
@@ -266,6 +318,7 @@ def unlearn_command(argv: list[str]) -> int:
 
     with using_digest_key(key):  # a sampled Nyström sketch's row digests, saved beside the output
         result = unlearn(model, train, request, args, task=task)
+    check = forget_check(model, task, result, held_out) if processes.is_main else None
 
     if processes.is_main:
         for p in model.parameters():
@@ -283,6 +336,8 @@ def unlearn_command(argv: list[str]) -> int:
             edited_training_data=rows_digests(*result.request.edited_training_set(train), key),
             text_encoding=vars(encoding),
             history=history,
+            forget_check=check,
+            threads=THREADS,
         )
         out = save_unlearned_adapter(
             model,
@@ -298,10 +353,72 @@ def unlearn_command(argv: list[str]) -> int:
         print(
             f"Unlearned {result.request.kind_counts()} with {args.solver}: {s['iterations']} iterations, "
             f"relative residual {s['relative_residual']:.2e}{inexact}, |Δθ| = {result.delta_norm:.4g}, "
-            f"{result.timings['total_seconds']:.1f} s. Wrote {out}"
+            f"{result.timings['total_seconds']:.1f} s; forget-set loss {check['summary']}. Wrote {out}"
         )
+        if check["warning"]:
+            print(f"hf-unlearn unlearn: warning: {check['warning']}", file=sys.stderr)
     barrier(processes)
     return 0
+
+
+# Over-forgetting: retraining would leave the removed rows about as likely as rows never trained on.
+OVER_FORGETTING_AUC = 0.1  # removed rows vs held-out rows (0.5: indistinguishable, as after retraining)
+OVER_FORGETTING_BASE_RATIO = 1.1  # removed rows' loss vs the base model's (never trained on them) on them
+
+
+def judge_forgetting(before: float, after: float, reference: str, reference_loss: float, auc=None) -> dict:
+    """The forget-set loss change against what retraining would plausibly give: the held-out rows' loss (and
+    the membership AUC of the removed rows against them; retraining gives about 0.5), else the base model's
+    loss on the removed rows themselves. `warning` names an over-forgetting that makes the rows stand out."""
+    summary = f"{before:.4g} → {after:.4g} per token"
+    if reference == "held-out rows":
+        summary += f" (held-out rows {reference_loss:.4g}; membership AUC {auc:.2f}, retraining ≈ 0.5)"
+        over = auc < OVER_FORGETTING_AUC
+        why = (
+            f"the removed rows now have a higher loss than held-out rows (membership AUC {auc:.2f}; retraining "
+            "would give about 0.5)"
+        )
+    else:
+        summary += f" (base model without the adapter {reference_loss:.4g})"
+        over = after > OVER_FORGETTING_BASE_RATIO * reference_loss
+        why = (
+            f"the removed rows' loss {after:.4g} is above the base model's {reference_loss:.4g}, which never saw "
+            "them: retraining would plausibly leave it at or below that"
+        )
+    warning = (
+        f"{why}; over-forgetting makes them stand out to a membership-inference attack. A larger --damping "
+        "shrinks the update."
+        if over
+        else None
+    )
+    return {
+        "definition": "cross-entropy per loss token (token-weighted mean, as hf-unlearn evaluate)",
+        "forget_loss_before": before,
+        "forget_loss_after": after,
+        "reference": reference,
+        "reference_loss": reference_loss,
+        **({"membership_auc": auc} if auc is not None else {}),
+        "over_forgetting": over,
+        "warning": warning,
+        "summary": summary,
+    }
+
+
+def forget_check(model, task, result, held_out=None) -> dict:
+    """`judge_forgetting` for an unlearned PEFT `model`: the old versions of the request's rows against
+    `held_out` rows (membership AUC as `hf-unlearn evaluate`), else against the base model (adapter off)."""
+    from .evaluation import membership_auc, split_metrics
+
+    old = result.request.old
+    before, after = result.stats["forget_loss_before"], result.stats["forget_loss_after"]
+    if held_out:
+        reference = split_metrics(model, task, held_out)["loss"]
+        return judge_forgetting(
+            before, after, "held-out rows", reference, membership_auc(model, task, old, held_out)
+        )
+    with model.disable_adapter():
+        reference = split_metrics(model, task, old)["loss"]
+    return judge_forgetting(before, after, "base model without the adapter", reference)
 
 
 @dataclass
@@ -375,6 +492,7 @@ def evaluate_command(argv: list[str]) -> int:
                 f"{name:<8}{r['num_rows']:>6}"
                 + "".join(f"{r[c]:>17.4f}" if c in r else f"{'-':>17}" for c in columns)
             )
+    print("loss: cross-entropy per loss token (token-weighted mean over the split's rows)")
     if "membership_auc" in report:
         print(
             f"membership-inference AUC (forget vs test, 0.5 = indistinguishable): {report['membership_auc']:.3f}"
@@ -398,6 +516,30 @@ class PushArguments:
     )
 
 
+def unkeyed_digest_files(folder: Path) -> list[str]:
+    """Files in an adapter directory that hold unkeyed (plain SHA-256) digests of training rows."""
+    import json
+
+    from .io import MANIFEST_NAME
+
+    found = []
+    for name in (MANIFEST_NAME, "training_record.json", "nystrom_sketch.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text(encoding="utf-8"))
+        runs = [record.get("request") or {}] + [
+            run.get("request") or {} for run in record.get("history") or []
+        ]
+        digests = [
+            e.get(k) for run in runs for e in run.get("edits", []) for k in ("old_digest", "new_digest")
+        ]
+        digests += [(record.get("training_data") or {}).get("digest"), *record.get("row_digests", [])]
+        if any(isinstance(d, str) and d.startswith("sha256:") for d in digests):
+            found.append(name)
+    return found
+
+
 def push_command(argv: list[str]) -> int:
     from .errors import ConfigurationError
     from .io import MANIFEST_NAME
@@ -413,8 +555,16 @@ def push_command(argv: list[str]) -> int:
         raise ConfigurationError(
             f"{folder} is not an unlearned adapter directory (missing {', '.join(missing)})."
         )
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)
+    if leaking := unkeyed_digest_files(folder):
+        raise ConfigurationError(
+            f"{', '.join(leaking)} in {folder} hold plain SHA-256 digests of training rows (written by an older "
+            "hf_unlearn): anyone could test guesses of a removed row against them. Unlearn again with this version "
+            "(keyed digests), or delete those digests, before publishing."
+        )
+    files = sorted(  # hidden files (a leading '.' in the path below the folder) stay local
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if args.dry_run:
         print(f"Would upload to {args.repo_id} ({'private' if args.private else 'public'}):")
@@ -496,8 +646,33 @@ def demo_command(argv: list[str]) -> int:
     return 0
 
 
+# Threads: torch's default (one per core) spin-waits when other processes hold the cores: a GGN solve on a
+# busy 2-core machine took 168 s with 2 threads and 11 s with 1 (benchmarks/threads.py measures it).
+THREADS_RULE = (
+    "OMP_NUM_THREADS if set; else the cores this process may use minus the 1-minute load average (rounded), "
+    "at least 1 and at most torch's default"
+)
+THREADS: dict = {}  # what `choose_threads` chose, recorded in the manifest
+TORCH_COMMANDS = ("unlearn", "train", "demo", "evaluate")
+
+
+def choose_threads() -> dict:
+    """Set torch's thread count by `THREADS_RULE` and return what was chosen and why."""
+    import torch
+
+    default = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return {"threads": default, "rule": "OMP_NUM_THREADS"}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(default, round(cores - load)))
+    torch.set_num_threads(threads)
+    return {"threads": threads, "rule": THREADS_RULE, "cores": cores, "load_average": round(load, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import UnlearningError
+    from .io import WRITTEN
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -505,14 +680,19 @@ def main(argv: list[str] | None = None) -> int:
             "usage: hf-unlearn {"
             + ",".join(COMMANDS)
             + "} ...\n\ncommands:\n"
-            + "".join(f"  {name:<10} {text}\n" for name, text in COMMANDS.items())
+            + "".join(f"  {name:<13} {text}\n" for name, text in COMMANDS.items())
+            + f"\nthreads (unlearn, train, evaluate, demo): {THREADS_RULE}.\n"
         )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"hf-unlearn: error: unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)
             return 2
         print(usage)
         return 0
+    written = len(WRITTEN)
     try:
+        if argv[0] in TORCH_COMMANDS:
+            THREADS.clear()
+            THREADS.update(choose_threads())
         from .training import train_command
 
         return {
@@ -526,3 +706,15 @@ def main(argv: list[str] | None = None) -> int:
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        done = [str(p) for p in WRITTEN[written:]]
+        print(
+            f"hf-unlearn {argv[0]}: interrupted; "
+            + (
+                f"{', '.join(done)} had been written completely before."
+                if done
+                else "nothing was written (an output appears complete or not at all; no partial files are left)."
+            ),
+            file=sys.stderr,
+        )
+        return 130

@@ -153,9 +153,15 @@ def model_card_section(manifest: dict) -> str:
             if s.get("inexact")
             else ""
         )
-        + f"- Forget-set loss (mean ℓ over the old versions): {s['forget_loss_before']:.4g} → "
-        f"{s['forget_loss_after']:.4g} (first-order prediction of the change: "
-        f"{s['forget_loss_change_predicted']:+.4g}).\n"
+        + f"- Forget-set loss (cross-entropy per loss token over the removed or replaced rows' old versions, as "
+        f"`hf-unlearn evaluate` reports it): {s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g}"
+        + (
+            f" (first-order prediction of the change: {s['forget_loss_change_predicted']:+.4g})"
+            if s.get("forget_loss_change_predicted") is not None
+            else ""
+        )
+        + (f"; {manifest['forget_check']['summary']}" if manifest.get("forget_check") else "")
+        + ".\n"
         + (
             f"- Earlier unlearning runs of this adapter: {len(manifest['history'])} (see `history` in the manifest).\n"
             if manifest.get("history")
