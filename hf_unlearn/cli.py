@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +15,7 @@ COMMANDS = {
     "demo": "Offline end-to-end demo on a real small LM: unlearn IR, QM and RC requests and compare with retraining.",
     "evaluate": "Utility, forget quality (TOFU) and privacy leakage (MUSE) of an adapter beside the original and retrained ones.",
     "push": "Publish an unlearned adapter directory to the Hugging Face Hub (--dry-run lists the files).",
+    "apply-request": "Write the training file with a request applied: the one the next request's checks expect.",
 }
 
 
@@ -38,6 +41,124 @@ class UnlearnPaths:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the model dir."}
+    )
+    digest_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Secret key of the row digests in the manifest (HMAC-SHA256; never written beside the "
+            "adapter). Default: .hf_unlearn_key in the training file's directory, created on first use."
+        },
+    )
+    held_out_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON-lines rows the adapter was not trained on (like the training rows): the removed rows' "
+            "loss after the update is compared with theirs, which is what retraining would plausibly give them "
+            "(default: compared with the base model's loss on the removed rows)."
+        },
+    )
+    allow_training_file_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Use a training file whose rows differ from those the adapter's training record (or, after "
+            "an earlier request, its manifest) records; refused otherwise."
+        },
+    )
+    allow_base_model_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Use a base model whose weights differ from those the adapter was trained on (its training "
+            "record or manifest holds their fingerprint); refused otherwise."
+        },
+    )
+
+
+def unlearn_digest_key(train_file: str, digest_key: str | None, adapter: str):
+    """The digest key of an unlearning run: `digest_key`, else `.hf_unlearn_key` beside `train_file`, created
+    on first use unless `adapter`'s records name a key (then it must be that one)."""
+    from .errors import ConfigurationError
+    from .io import recorded_training_data
+    from .request import DigestKey, digest_key_path
+
+    path = Path(digest_key) if digest_key else digest_key_path(train_file)
+    expected = (recorded_training_data(adapter) or {}).get("digest_key_id")
+    if expected and not path.is_file():
+        raise ConfigurationError(
+            f"The records of {adapter} were made with the digest key of id {expected}, but there is no key file "
+            f"{str(path)!r}: give that key with --digest-key FILE (hf-unlearn keeps it as .hf_unlearn_key beside "
+            "the training file it was first used with)."
+        )
+    key = DigestKey.load(path, create=True)
+    if expected and key.id != expected:
+        raise ConfigurationError(
+            f"The records of {adapter} were made with the digest key of id {expected}, but {str(path)!r} has id "
+            f"{key.id}: give the key of those records with --digest-key FILE."
+        )
+    return key
+
+
+def check_training_file(paths: UnlearnPaths, train, key) -> None:
+    """Refuse a training file whose rows are not those `paths.adapter` records (trained on, or as edited by
+    the earlier requests), saying what differs, unless `paths.allow_training_file_mismatch`."""
+    from .errors import DataError
+    from .io import MANIFEST_NAME, file_digest, recorded_training_data
+    from .request import rows_digests
+
+    recorded = recorded_training_data(paths.adapter) or {}
+    unlearned = (Path(paths.adapter) / MANIFEST_NAME).is_file()
+    where = "its manifest, as edited by the earlier request" if unlearned else "its training record"
+    if "rows_digest" in recorded:
+        given = rows_digests(train.ids, train.rows, key)
+        if given["rows_digest"] == recorded["rows_digest"]:
+            return
+        if given["num_rows"] != recorded["num_rows"]:
+            what = f"it has {given['num_rows']} rows, {where} {recorded['num_rows']}"
+        elif given["content_digest"] != recorded["content_digest"]:
+            what = "the content of at least one row differs (as many rows)"
+        else:
+            what = "it holds the same rows under other ids (rows named by line number were moved), so the request's ids would name other rows"
+    elif str(recorded.get("digest", "")).startswith("sha256:"):  # a record written before keyed digests
+        if file_digest(paths.train_file) == recorded["digest"]:
+            return
+        what = "its SHA-256 differs from the one recorded"
+    else:
+        return  # nothing recorded (an adapter not written by hf-unlearn)
+    if paths.allow_training_file_mismatch:
+        return
+    raise DataError(
+        f"{paths.train_file} is not the training file {paths.adapter} was trained on ({where}): {what}. Give "
+        + (
+            "the training file as edited by the earlier requests (`hf-unlearn apply-request` writes it)"
+            if unlearned
+            else "the file the adapter was trained on"
+        )
+        + ", or pass --allow-training-file-mismatch if you know why it differs."
+    )
+
+
+def check_base_model(paths: UnlearnPaths, weights: dict) -> bool | None:
+    """Refuse a base model whose weights fingerprint (`io.model_weights_fingerprint`) is not the one
+    `paths.adapter` records, saying what differs, unless `paths.allow_base_model_mismatch`. Returns whether
+    it matches (None: nothing recorded)."""
+    from .errors import ConfigurationError
+    from .io import recorded_base_model_weights
+
+    recorded, where = recorded_base_model_weights(paths.adapter)
+    if recorded is None:
+        return None
+    if recorded["fingerprint"] == weights["fingerprint"]:
+        return True
+    if paths.allow_base_model_mismatch:
+        return False
+    what = (
+        "the same parameter names and shapes, but other values"
+        if recorded.get("layout") == weights["layout"]
+        else "other parameter names or shapes"
+    )
+    raise ConfigurationError(
+        f"The base model {paths.model!r} is not the one {paths.adapter} was trained on: it has {what} (weights "
+        f"fingerprint {weights['fingerprint'][:19]}…, {where} records {recorded['fingerprint'][:19]}…). Give the "
+        "base model the adapter was trained on, or pass --allow-base-model-mismatch if you know why it differs."
     )
 
 
@@ -95,8 +216,50 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     train = TrainingSet.from_jsonl(paths.train_file)
     request = UnlearningRequest.from_jsonl(paths.request)
     history = read_history(paths.adapter)
-    check_against_history(request, train, history)
+    key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)
+    check_against_history(request, train, history, key)  # the specific messages first
+    check_training_file(paths, train, key)
     return args, train, request, history
+
+
+# Flags of a shared argument dataclass that make no sense for a command: not offered (nor accepted) there.
+HIDDEN = {"hf-unlearn unlearn": {"capture_curvature"}}  # training only (UnlearnTrainer / the callback)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: …)" only where the help does not already say what the default is, and not for None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _tidy(parser, prog: str) -> None:
+    """Flags shown with dashes only (the underscore spellings stay accepted), a `--no-x` flag described as what it
+    does, and flags that do not belong to `prog` removed."""
+    for action in list(parser._actions):
+        if action.dest in HIDDEN.get(prog, ()):
+            parser._remove_action(action)
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            for option in action.option_strings:
+                parser._option_string_actions.pop(option, None)
+            parser.set_defaults(**{action.dest: action.default})
+            continue
+        if not action.option_strings or "--help" in action.option_strings:
+            continue
+        dashed = list(dict.fromkeys(o.replace("_", "-") for o in action.option_strings))
+        for option in dashed:
+            parser._option_string_actions.setdefault(option, action)
+        action.option_strings = dashed
+        if isinstance(action, argparse._StoreFalseAction) and dashed[0].startswith("--no-"):
+            positive = "--" + dashed[0][len("--no-") :]
+            what = action.help.rstrip(".") if action.help else ""
+            action.help = f"Turn off {positive}" + (f" ({what[:1].lower() + what[1:]})." if what else ".")
+            action.default = argparse.SUPPRESS  # the positive flag's default is the one that applies
 
 
 def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
@@ -106,7 +269,8 @@ def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
 
     from .errors import ConfigurationError
 
-    parser = HfArgumentParser(types, prog=prog)
+    parser = HfArgumentParser(types, prog=prog, formatter_class=_HelpFormatter)
+    _tidy(parser, prog)
 
     def error(message):
         raise ConfigurationError(f"{message} (see `{prog} --help`).")
@@ -120,34 +284,41 @@ def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
 
 def unlearn_command(argv: list[str]) -> int:
     from .config import UnlearningArguments
-    from .data import ExampleEncoder, TextEncoding
+    from .data import ExampleEncoder, TextEncoding, read_jsonl
     from .distributed import barrier, join_process_group
     from .eraser import default_task, unlearn
     from .io import (
         adapter_digest,
         build_manifest,
-        file_digest,
+        model_weights_fingerprint,
         save_unlearned_adapter,
+        training_data_record,
     )
     from .models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
+    from .request import rows_digests, using_digest_key
 
     paths, encoding, args = parse_arguments(
         (UnlearnPaths, TextEncoding, UnlearningArguments), argv, "hf-unlearn unlearn"
     )
     args, train, request, history = prepare_unlearn(paths, encoding, args)
+    key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)
+    held_out = read_jsonl(paths.held_out_file, what="--held-out-file") if paths.held_out_file else None
     processes = join_process_group()  # under torchrun / accelerate launch
     input_digest = adapter_digest(paths.adapter)
     stored_dtype = adapter_dtype(paths.adapter)
 
     tokenizer_path = tokenizer_source(paths.tokenizer, paths.adapter, paths.model)
     tokenizer = load_tokenizer(tokenizer_path, paths.trust_remote_code)
-    model = load_adapter(
-        load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code), paths.adapter
-    )
+    base = load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code)
+    weights = model_weights_fingerprint(base)
+    weights["matches_record"] = check_base_model(paths, weights)
+    model = load_adapter(base, paths.adapter)
     task = default_task(model, tokenizer)
     task.encoder = ExampleEncoder(tokenizer, encoding)
 
-    result = unlearn(model, train, request, args, task=task)
+    with using_digest_key(key):  # a sampled Nyström sketch's row digests, saved beside the output
+        result = unlearn(model, train, request, args, task=task)
+    check = forget_check(model, task, result, held_out) if processes.is_main else None
 
     if processes.is_main:
         for p in model.parameters():
@@ -157,14 +328,16 @@ def unlearn_command(argv: list[str]) -> int:
             result,
             args,
             base_model=paths.model,
+            base_model_weights=weights,
             input_adapter={"path": paths.adapter, "digest": input_digest},
-            training_data={
-                "path": paths.train_file,
-                "digest": file_digest(paths.train_file),
-                "num_rows": len(train),
-            },
+            digest_key=key,
+            training_data=training_data_record(paths.train_file, train, key),
+            # what the next request's training file must be (hf-unlearn apply-request writes it)
+            edited_training_data=rows_digests(*result.request.edited_training_set(train), key),
             text_encoding=vars(encoding),
             history=history,
+            forget_check=check,
+            threads=THREADS,
         )
         out = save_unlearned_adapter(
             model,
@@ -176,13 +349,76 @@ def unlearn_command(argv: list[str]) -> int:
             nystrom_sketch=result.nystrom_sketch,
         )
         s = result.stats
+        inexact = " — INEXACT: kept with --allow-inexact before reaching --tol" if s.get("inexact") else ""
         print(
-            f"Unlearned {result.request.summary()['kinds']} with {args.solver}: {s['iterations']} iterations, "
-            f"relative residual {s['relative_residual']:.2e}, |Δθ| = {result.delta_norm:.4g}, "
-            f"{result.timings['total_seconds']:.1f} s. Wrote {out}"
+            f"Unlearned {result.request.kind_counts()} with {args.solver}: {s['iterations']} iterations, "
+            f"relative residual {s['relative_residual']:.2e}{inexact}, |Δθ| = {result.delta_norm:.4g}, "
+            f"{result.timings['total_seconds']:.1f} s; forget-set loss {check['summary']}. Wrote {out}"
         )
+        if check["warning"]:
+            print(f"hf-unlearn unlearn: warning: {check['warning']}", file=sys.stderr)
     barrier(processes)
     return 0
+
+
+# Over-forgetting: retraining would leave the removed rows about as likely as rows never trained on.
+OVER_FORGETTING_AUC = 0.1  # removed rows vs held-out rows (0.5: indistinguishable, as after retraining)
+OVER_FORGETTING_BASE_RATIO = 1.1  # removed rows' loss vs the base model's (never trained on them) on them
+
+
+def judge_forgetting(before: float, after: float, reference: str, reference_loss: float, auc=None) -> dict:
+    """The forget-set loss change against what retraining would plausibly give: the held-out rows' loss (and
+    the membership AUC of the removed rows against them; retraining gives about 0.5), else the base model's
+    loss on the removed rows themselves. `warning` names an over-forgetting that makes the rows stand out."""
+    summary = f"{before:.4g} → {after:.4g} per token"
+    if reference == "held-out rows":
+        summary += f" (held-out rows {reference_loss:.4g}; membership AUC {auc:.2f}, retraining ≈ 0.5)"
+        over = auc < OVER_FORGETTING_AUC
+        why = (
+            f"the removed rows now have a higher loss than held-out rows (membership AUC {auc:.2f}; retraining "
+            "would give about 0.5)"
+        )
+    else:
+        summary += f" (base model without the adapter {reference_loss:.4g})"
+        over = after > OVER_FORGETTING_BASE_RATIO * reference_loss
+        why = (
+            f"the removed rows' loss {after:.4g} is above the base model's {reference_loss:.4g}, which never saw "
+            "them: retraining would plausibly leave it at or below that"
+        )
+    warning = (
+        f"{why}; over-forgetting makes them stand out to a membership-inference attack. A larger --damping "
+        "shrinks the update."
+        if over
+        else None
+    )
+    return {
+        "definition": "cross-entropy per loss token (token-weighted mean, as hf-unlearn evaluate)",
+        "forget_loss_before": before,
+        "forget_loss_after": after,
+        "reference": reference,
+        "reference_loss": reference_loss,
+        **({"membership_auc": auc} if auc is not None else {}),
+        "over_forgetting": over,
+        "warning": warning,
+        "summary": summary,
+    }
+
+
+def forget_check(model, task, result, held_out=None) -> dict:
+    """`judge_forgetting` for an unlearned PEFT `model`: the old versions of the request's rows against
+    `held_out` rows (membership AUC as `hf-unlearn evaluate`), else against the base model (adapter off)."""
+    from .evaluation import membership_auc, split_metrics
+
+    old = result.request.old
+    before, after = result.stats["forget_loss_before"], result.stats["forget_loss_after"]
+    if held_out:
+        reference = split_metrics(model, task, held_out)["loss"]
+        return judge_forgetting(
+            before, after, "held-out rows", reference, membership_auc(model, task, old, held_out)
+        )
+    with model.disable_adapter():
+        reference = split_metrics(model, task, old)["loss"]
+    return judge_forgetting(before, after, "base model without the adapter", reference)
 
 
 @dataclass
@@ -300,6 +536,7 @@ def evaluate_command(argv: list[str]) -> int:
         )
     comparison = compare(reports, reference)
     print(format_table(comparison))
+    print("loss: cross-entropy per loss token (token-weighted mean over the split's rows)")
     if args.output_file:
         write_text_atomically(Path(args.output_file), json.dumps(comparison, indent=2) + "\n")
     return 0
@@ -319,6 +556,30 @@ class PushArguments:
     )
 
 
+def unkeyed_digest_files(folder: Path) -> list[str]:
+    """Files in an adapter directory that hold unkeyed (plain SHA-256) digests of training rows."""
+    import json
+
+    from .io import MANIFEST_NAME
+
+    found = []
+    for name in (MANIFEST_NAME, "training_record.json", "nystrom_sketch.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text(encoding="utf-8"))
+        runs = [record.get("request") or {}] + [
+            run.get("request") or {} for run in record.get("history") or []
+        ]
+        digests = [
+            e.get(k) for run in runs for e in run.get("edits", []) for k in ("old_digest", "new_digest")
+        ]
+        digests += [(record.get("training_data") or {}).get("digest"), *record.get("row_digests", [])]
+        if any(isinstance(d, str) and d.startswith("sha256:") for d in digests):
+            found.append(name)
+    return found
+
+
 def push_command(argv: list[str]) -> int:
     from .errors import ConfigurationError
     from .io import MANIFEST_NAME
@@ -334,8 +595,16 @@ def push_command(argv: list[str]) -> int:
         raise ConfigurationError(
             f"{folder} is not an unlearned adapter directory (missing {', '.join(missing)})."
         )
-    files = sorted(
-        p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.parts)
+    if leaking := unkeyed_digest_files(folder):
+        raise ConfigurationError(
+            f"{', '.join(leaking)} in {folder} hold plain SHA-256 digests of training rows (written by an older "
+            "hf_unlearn): anyone could test guesses of a removed row against them. Unlearn again with this version "
+            "(keyed digests), or delete those digests, before publishing."
+        )
+    files = sorted(  # hidden files (a leading '.' in the path below the folder) stay local
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
     if args.dry_run:
         print(f"Would upload to {args.repo_id} ({'private' if args.private else 'public'}):")
@@ -356,6 +625,59 @@ def push_command(argv: list[str]) -> int:
     return 0
 
 
+@dataclass
+class ApplyRequestArguments:
+    """Arguments of `hf-unlearn apply-request`."""
+
+    train_file: str = field(
+        metadata={"help": "The training file the request was applied to (never modified)."}
+    )
+    request: str = field(metadata={"help": "The JSON-lines unlearning request (remove/replace rows)."})
+    output: str = field(
+        metadata={"help": "Where to write the edited training file (the next request's --train-file)."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing output file."})
+    digest_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "The digest key of the training file (default: .hf_unlearn_key beside it); copied beside "
+            "the output when that is in another directory."
+        },
+    )
+
+
+def apply_request_command(argv: list[str]) -> int:
+    from .data import TrainingSet
+    from .errors import ConfigurationError, OutputExistsError
+    from .io import note_written, write_text_atomically
+    from .objective import CausalLMTask
+    from .request import DIGEST_KEY_NAME, DigestKey, UnlearningRequest, digest_key_path, edited_training_file
+
+    (args,) = parse_arguments((ApplyRequestArguments,), argv, "hf-unlearn apply-request")
+    output = Path(args.output)
+    if output.resolve() == Path(args.train_file).resolve():
+        raise ConfigurationError("--output is the training file itself; write the edited file elsewhere.")
+    if output.exists() and not args.overwrite:
+        raise OutputExistsError(f"{str(output)!r} exists; pass --overwrite to replace it.")
+    if not output.resolve().parent.is_dir():
+        raise ConfigurationError(f"--output {args.output!r}: its directory does not exist.")
+    train = TrainingSet.from_jsonl(args.train_file)
+    resolved = UnlearningRequest.from_jsonl(args.request).resolve(train, CausalLMTask())
+    text = edited_training_file(args.train_file, resolved)
+    key_path = Path(args.digest_key) if args.digest_key else digest_key_path(args.train_file)
+    target_key = digest_key_path(output)
+    if key_path.is_file() and target_key != key_path.resolve():  # the next run finds it beside the output
+        DigestKey.load(key_path).copy_to(target_key)
+    write_text_atomically(output, text)
+    note_written(output)
+    kept = len(train) - sum(e.new is None for e in resolved.edits)
+    print(
+        f"Applied {resolved.kind_counts()} to {args.train_file}: {kept} rows. Wrote {output}"
+        + (f" (digest key {DIGEST_KEY_NAME} beside it)" if target_key.is_file() else "")
+    )
+    return 0
+
+
 def demo_command(argv: list[str]) -> int:
     from .demo import DemoArguments, run_demo
 
@@ -364,8 +686,33 @@ def demo_command(argv: list[str]) -> int:
     return 0
 
 
+# Threads: torch's default (one per core) spin-waits when other processes hold the cores: a GGN solve on a
+# busy 2-core machine took 168 s with 2 threads and 11 s with 1 (benchmarks/threads.py measures it).
+THREADS_RULE = (
+    "OMP_NUM_THREADS if set; else the cores this process may use minus the 1-minute load average (rounded), "
+    "at least 1 and at most torch's default"
+)
+THREADS: dict = {}  # what `choose_threads` chose, recorded in the manifest
+TORCH_COMMANDS = ("unlearn", "train", "demo", "evaluate")
+
+
+def choose_threads() -> dict:
+    """Set torch's thread count by `THREADS_RULE` and return what was chosen and why."""
+    import torch
+
+    default = torch.get_num_threads()
+    if os.environ.get("OMP_NUM_THREADS"):
+        return {"threads": default, "rule": "OMP_NUM_THREADS"}
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(default, round(cores - load)))
+    torch.set_num_threads(threads)
+    return {"threads": threads, "rule": THREADS_RULE, "cores": cores, "load_average": round(load, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import UnlearningError
+    from .io import WRITTEN
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -373,14 +720,19 @@ def main(argv: list[str] | None = None) -> int:
             "usage: hf-unlearn {"
             + ",".join(COMMANDS)
             + "} ...\n\ncommands:\n"
-            + "".join(f"  {name:<10} {text}\n" for name, text in COMMANDS.items())
+            + "".join(f"  {name:<13} {text}\n" for name, text in COMMANDS.items())
+            + f"\nthreads (unlearn, train, evaluate, demo): {THREADS_RULE}.\n"
         )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"hf-unlearn: error: unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)
             return 2
         print(usage)
         return 0
+    written = len(WRITTEN)
     try:
+        if argv[0] in TORCH_COMMANDS:
+            THREADS.clear()
+            THREADS.update(choose_threads())
         from .training import train_command
 
         return {
@@ -389,7 +741,20 @@ def main(argv: list[str] | None = None) -> int:
             "demo": demo_command,
             "evaluate": evaluate_command,
             "push": push_command,
+            "apply-request": apply_request_command,
         }[argv[0]](argv[1:])
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        done = [str(p) for p in WRITTEN[written:]]
+        print(
+            f"hf-unlearn {argv[0]}: interrupted; "
+            + (
+                f"{', '.join(done)} had been written completely before."
+                if done
+                else "nothing was written (an output appears complete or not at all; no partial files are left)."
+            ),
+            file=sys.stderr,
+        )
+        return 130

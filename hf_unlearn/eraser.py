@@ -40,6 +40,10 @@ from .request import ResolvedRequest, UnlearningRequest
 from .solvers import SOLVERS
 from .solvers.base import SolverStats
 
+FORGET_LOSS_DEFINITION = (
+    "cross-entropy per loss token over the old versions (token-weighted mean, as hf-unlearn evaluate)"
+)
+
 
 @dataclass
 class UnlearningResult:
@@ -246,12 +250,13 @@ def unlearn(
                         "fixed."
                     )
 
-        # Forget-set check: mean ℓ over the old versions, predicted to first order (∇ℓ·Δθ) and measured.
-        num_old = len(resolved.old)
-        forget_before = loss_sum(model, task, old_batches, norm, processes) / num_old
-        predicted_change = (g_old.dot(delta) / num_old).item()
+        # Forget-set check: cross-entropy per loss token over the old versions (as `hf-unlearn evaluate`),
+        # measured, and predicted to first order (∇·Δθ, with the token normalisation whose ∇ b holds).
+        tokens_old = normaliser(task, resolved.old, "token", args.batch_size)
+        forget_before = loss_sum(model, task, old_batches, "token", processes) / tokens_old
+        predicted_change = (g_old.dot(delta) / tokens_old).item() if norm == "token" else None
         space.add_(delta)
-        forget_after = loss_sum(model, task, old_batches, norm, processes) / num_old
+        forget_after = loss_sum(model, task, old_batches, "token", processes) / tokens_old
         delta_dict = space.as_dict(delta)
         b_norm = b.norm().item()
     timings["total_seconds"] = time.perf_counter() - start
@@ -261,6 +266,7 @@ def unlearn(
         "forget_loss_after": forget_after,
         "forget_loss_change_predicted": predicted_change,
         "forget_loss_change_measured": forget_after - forget_before,
+        "forget_loss_definition": FORGET_LOSS_DEFINITION,
         "num_params": space.numel,
         "normaliser": M,
         "num_train": len(train),
@@ -339,7 +345,12 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
             f"{args.solver} did not converge in {stats.iterations} iterations (relative residual "
             f"{stats.relative_residual:.3g} > tol {args.tol:g})"
         )
-    if problems and not (finite and args.allow_inexact):
+    worse = finite and not stats.relative_residual < 1.0  # no better than no update: never kept
+    if problems and not (finite and args.allow_inexact and not worse):
+        if worse and args.allow_inexact:
+            problems.append(
+                "--allow-inexact keeps only a result better than no update (relative residual < 1)"
+            )
         raise SolverError(
             "; ".join(problems).capitalize()
             + "; nothing was changed. Raise --max-iter or --damping, loosen --tol, "

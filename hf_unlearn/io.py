@@ -33,6 +33,30 @@ def adapter_digest(adapter_dir: str | Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+WEIGHTS_FINGERPRINT = "bf16-strided-sample/1"
+
+
+def model_weights_fingerprint(model, samples: int = 1024) -> dict:
+    """A fingerprint of a base model's weights that does not depend on the dtype it was loaded in:
+    `fingerprint` hashes, for each parameter (by name), its shape and up to `samples` evenly spaced values
+    rounded to bfloat16 (float32, bfloat16 and float64 loads of one checkpoint round to the same values;
+    other weights almost surely do not); `layout` hashes the names and shapes only."""
+    import torch
+
+    h, layout = hashlib.sha256(WEIGHTS_FINGERPRINT.encode()), hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        flat = p.detach().reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        values = flat[index].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
+        layout.update(f"{name}:{tuple(p.shape)}\0".encode())
+        h.update(f"{name}:{tuple(p.shape)}\0".encode() + values.view(torch.uint8).numpy().tobytes())
+    return {
+        "fingerprint": "sha256:" + h.hexdigest(),
+        "layout": "sha256:" + layout.hexdigest(),
+        "method": WEIGHTS_FINGERPRINT,
+    }
+
+
 def library_versions() -> dict[str, str]:
     import accelerate
     import peft
@@ -50,13 +74,21 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def build_manifest(result, args, **context) -> dict:
-    """The audit record of one unlearning run: counts, kinds and digests, never example content."""
+def build_manifest(result, args, digest_key=None, **context) -> dict:
+    """The audit record of one unlearning run: counts, kinds and keyed digests, never example content.
+
+    Row digests are HMACs under `digest_key` (default: `request.current_digest_key()`), so that nobody without
+    the key can test guesses of a removed row against them. Unkeyed digests of row content in `context` (an
+    older manifest's history, a plain SHA-256 of the training file) are dropped."""
+    from .request import current_digest_key
+
+    key = digest_key or current_digest_key()
+    context = _without_unkeyed_digests(context)
     return {
         "format": MANIFEST_FORMAT,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         **context,
-        "request": result.request.summary(),
+        "request": result.request.summary(key),
         "arguments": args.to_dict(),
         "solver": result.stats,
         **{k: result.stats[k] for k in ("curvature_factors", "nystrom_sketch") if k in result.stats},
@@ -65,6 +97,40 @@ def build_manifest(result, args, **context) -> dict:
         "num_processes": result.stats["num_processes"],
         "versions": library_versions(),
     }
+
+
+def _unkeyed(value) -> bool:
+    return isinstance(value, str) and value.startswith("sha256:")
+
+
+def _without_unkeyed_digests(context: dict) -> dict:
+    """`context` without plain SHA-256 digests of row content: a training file's `digest`, and the row digests
+    of history entries written before digests were keyed (marked `unkeyed_digests_dropped`)."""
+    context = dict(context)
+    data = context.get("training_data")
+    if isinstance(data, dict) and _unkeyed(data.get("digest")):
+        context["training_data"] = {k: v for k, v in data.items() if k != "digest"}
+    if context.get("history"):
+        history = []
+        for run in context["history"]:
+            edits = run["request"]["edits"]
+            if any(_unkeyed(e.get("old_digest")) or _unkeyed(e.get("new_digest")) for e in edits):
+                edits = [
+                    {**e, **{k: None for k in ("old_digest", "new_digest") if _unkeyed(e.get(k))}}
+                    for e in edits
+                ]
+                run = {**run, "request": {**run["request"], "edits": edits, "unkeyed_digests_dropped": True}}
+            history.append(run)
+        context["history"] = history
+    return context
+
+
+def training_data_record(path: str | Path, train, key=None) -> dict:
+    """What a manifest or training record says about a training file: its path and keyed digests of its rows
+    (`request.rows_digests`), which a later run checks the file it is given against."""
+    from .request import rows_digests
+
+    return {"path": str(path), **rows_digests(train.ids, train.rows, key)}
 
 
 def model_card_section(manifest: dict) -> str:
@@ -87,9 +153,15 @@ def model_card_section(manifest: dict) -> str:
             if s.get("inexact")
             else ""
         )
-        + f"- Forget-set loss (mean ℓ over the old versions): {s['forget_loss_before']:.4g} → "
-        f"{s['forget_loss_after']:.4g} (first-order prediction of the change: "
-        f"{s['forget_loss_change_predicted']:+.4g}).\n"
+        + f"- Forget-set loss (cross-entropy per loss token over the removed or replaced rows' old versions, as "
+        f"`hf-unlearn evaluate` reports it): {s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g}"
+        + (
+            f" (first-order prediction of the change: {s['forget_loss_change_predicted']:+.4g})"
+            if s.get("forget_loss_change_predicted") is not None
+            else ""
+        )
+        + (f"; {manifest['forget_check']['summary']}" if manifest.get("forget_check") else "")
+        + ".\n"
         + (
             f"- Earlier unlearning runs of this adapter: {len(manifest['history'])} (see `history` in the manifest).\n"
             if manifest.get("history")
@@ -119,6 +191,37 @@ def recorded_objective(adapter_dir: str | Path) -> dict | None:
         "text_encoding": r.get("text_encoding"),
         "loss_normalization": normalization,
     }
+
+
+def recorded_training_data(adapter_dir: str | Path) -> dict | None:
+    """What `adapter_dir`'s records say its training file must be (`training_data_record`): for a trained
+    adapter the file it was trained on (training record), for an unlearned one that file as edited by the
+    request (manifest `edited_training_data`, which `hf-unlearn apply-request` writes); None when unknown."""
+    from .training import TRAINING_RECORD
+
+    record, manifest = Path(adapter_dir) / TRAINING_RECORD, Path(adapter_dir) / MANIFEST_NAME
+    if manifest.is_file():
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        data = m.get("edited_training_data")
+        if data is None and m.get("request", {}).get("digest_key_id"):
+            data = {"digest_key_id": m["request"]["digest_key_id"]}
+        return data
+    if record.is_file():
+        return json.loads(record.read_text(encoding="utf-8")).get("training_data")
+    return None
+
+
+def recorded_base_model_weights(adapter_dir: str | Path) -> tuple[dict | None, str | None]:
+    """`(weights, file)`: the base model weights' fingerprint (`model_weights_fingerprint`) that `adapter_dir`'s
+    manifest or training record holds, and which file holds it; `(None, None)` when neither does."""
+    from .training import TRAINING_RECORD
+
+    for name in (MANIFEST_NAME, TRAINING_RECORD):
+        path = Path(adapter_dir) / name
+        if path.is_file():
+            weights = json.loads(path.read_text(encoding="utf-8")).get("base_model_weights") or {}
+            return (weights, name) if weights.get("fingerprint") else (None, None)
+    return None, None
 
 
 def read_history(adapter_dir: str | Path) -> list[dict]:
@@ -160,6 +263,53 @@ def check_output_dir(
         raise OutputExistsError(
             f"The output directory {str(out)!r} is not empty; pass --overwrite to replace it."
         )
+    if out.is_dir() and overwrite and (others := foreign_files(out)):
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise OutputExistsError(
+            f"The output directory {str(out)!r} holds files hf_unlearn does not write ({listed}); --overwrite only "
+            "replaces an earlier output of hf_unlearn. Move them away or choose another output directory."
+        )
+
+
+# What hf_unlearn writes into an output directory (an adapter with its tokenizer, records, curvature files):
+# --overwrite replaces a directory that holds nothing else.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+TOOL_FILES = frozenset(
+    {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        MANIFEST_NAME,
+        "training_record.json",
+        "nystrom_sketch.safetensors",
+        "nystrom_sketch.json",
+        "curvature_factors.safetensors",
+        "curvature_factors.json",
+        *TOKENIZER_FILES,
+    }
+)
+
+
+def foreign_files(directory: Path, also: set[str] = frozenset()) -> list[str]:
+    """Names in `directory` that hf_unlearn does not write (nor `also`), sorted; subdirectories end in '/'."""
+    return sorted(
+        p.name + ("/" if p.is_dir() else "")
+        for p in Path(directory).iterdir()
+        if p.is_dir() or p.name not in TOOL_FILES | set(also)
+    )
 
 
 CARD_TAGS = ["unlearning", "hf-unlearn", "llmeraser", "peft", "lora"]
@@ -186,6 +336,13 @@ def write_model_card(directory: Path, manifest: dict, base_model_id: str | None 
         card.data.tags = tags + [f"base_model:adapter:{base_model_id}"]
     card.data.tags = list(dict.fromkeys((card.data.tags or []) + CARD_TAGS))
     write_text_atomically(directory / "README.md", str(card))
+
+
+WRITTEN: list[Path] = []  # outputs completed by this process, for the message of an interrupted command
+
+
+def note_written(path: str | Path) -> None:
+    WRITTEN.append(Path(path))
 
 
 def write_text_atomically(path: Path, text: str) -> None:
@@ -218,13 +375,16 @@ def save_unlearned_adapter(
 ) -> Path:
     """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all.
 
-    `card_source` is the input adapter's directory: its README.md is kept and extended; `nystrom_sketch`
+    `card_source` is the input adapter's directory: its README.md is kept and extended, its tokenizer files
+    (`TOKENIZER_FILES`) are copied; `nystrom_sketch`
     (the edited training set's) is written beside the adapter for the next request.
     """
 
     def fill(staging: Path) -> None:
-        if card_source is not None and (Path(card_source) / "README.md").is_file():
-            shutil.copyfile(Path(card_source) / "README.md", staging / "README.md")
+        if card_source is not None:  # the input adapter's card (extended below) and tokenizer stay with it
+            for name in ("README.md", *TOKENIZER_FILES):
+                if (Path(card_source) / name).is_file():
+                    shutil.copyfile(Path(card_source) / name, staging / name)
         model.save_pretrained(staging, safe_serialization=True)
         write_manifest_and_card(staging, manifest, base_model_id)
         if nystrom_sketch is not None:
@@ -243,7 +403,13 @@ def write_directory(output_dir: str | Path, overwrite: bool, fill) -> Path:
     try:
         staging.mkdir()
         fill(staging)
+        if out.is_dir() and (others := foreign_files(out, {p.name for p in staging.iterdir()})):
+            raise OutputExistsError(  # appeared while this run computed
+                f"The output directory {str(out)!r} now holds files hf_unlearn does not write ({', '.join(others)}); "
+                "nothing was replaced."
+            )
         _replace_dir(staging, out)
+        note_written(out)
     finally:
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(staging)

@@ -77,6 +77,14 @@ class TrainConfig:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the model dir."}
     )
+    digest_key: str | None = field(
+        default=None,
+        metadata={
+            "help": "Secret key of the training data's digests in the training record (HMAC-SHA256; never "
+            "written beside the adapter). Default: .hf_unlearn_key in the training file's directory, created on "
+            "first use."
+        },
+    )
 
     def __post_init__(self):
         if self.lora_r < 1:
@@ -110,6 +118,7 @@ class TrainingSetup:
     rows: list
     args: object
     processes: object
+    base_model_weights: dict | None = None  # io.model_weights_fingerprint of the base model, before LoRA
 
 
 def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) -> TrainingSetup:
@@ -134,6 +143,9 @@ def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) 
     for row in train.rows:  # every row must encode (and carry loss tokens) before any training starts
         task.encoder(row)
     rows = [{k: v for k, v in row.items() if k != "id"} for row in train.rows]
+    from .io import model_weights_fingerprint
+
+    base_weights = model_weights_fingerprint(base)  # checked by hf-unlearn unlearn against the base it gets
 
     set_seed(config.seed)
     try:
@@ -165,7 +177,7 @@ def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) 
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=not processes.is_main,
     )
-    return TrainingSetup(model, tokenizer, task, train, rows, args, processes)
+    return TrainingSetup(model, tokenizer, task, train, rows, args, processes, base_weights)
 
 
 def _trainer_dir(out: Path) -> Path:
@@ -176,16 +188,15 @@ def training_record(
     config: TrainConfig, encoding: TextEncoding, setup: TrainingSetup, output, seconds
 ) -> dict:
     from .distributed import Processes
-    from .io import file_digest, library_versions
+    from .io import library_versions, training_data_record
+    from .request import DigestKey, digest_key_path
 
+    key = DigestKey.load(config.digest_key or digest_key_path(config.train_file), create=True)
     return {
         "format": "hf_unlearn.training/1",
         "base_model": config.model,
-        "training_data": {
-            "path": config.train_file,
-            "digest": file_digest(config.train_file),
-            "num_rows": len(setup.rows),
-        },
+        "base_model_weights": setup.base_model_weights,
+        "training_data": training_data_record(config.train_file, setup.train_set, key),
         "config": asdict(config),
         "text_encoding": asdict(encoding),
         "loss_normalization": "token",

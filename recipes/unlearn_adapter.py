@@ -15,12 +15,13 @@ from __future__ import annotations
 from transformers import HfArgumentParser
 
 from hf_unlearn import TextEncoding, UnlearningArguments, unlearn
-from hf_unlearn.cli import UnlearnPaths, prepare_unlearn
+from hf_unlearn.cli import UnlearnPaths, prepare_unlearn, unlearn_digest_key
 from hf_unlearn.data import ExampleEncoder
 from hf_unlearn.distributed import barrier, join_process_group
 from hf_unlearn.eraser import default_task
-from hf_unlearn.io import adapter_digest, build_manifest, file_digest, save_unlearned_adapter
+from hf_unlearn.io import adapter_digest, build_manifest, save_unlearned_adapter, training_data_record
 from hf_unlearn.models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
+from hf_unlearn.request import using_digest_key
 
 
 def main(argv=None):
@@ -39,7 +40,9 @@ def main(argv=None):
     task = default_task(model, tokenizer)
     task.encoder = ExampleEncoder(tokenizer, encoding)
 
-    result = unlearn(model, train, request, args, task=task)
+    key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)  # of the manifest's digests
+    with using_digest_key(key):
+        result = unlearn(model, train, request, args, task=task)
 
     if processes.is_main:
         for p in model.parameters():
@@ -50,11 +53,8 @@ def main(argv=None):
             args,
             base_model=paths.model,
             input_adapter={"path": paths.adapter, "digest": input_digest},
-            training_data={
-                "path": paths.train_file,
-                "digest": file_digest(paths.train_file),
-                "num_rows": len(train),
-            },
+            digest_key=key,
+            training_data=training_data_record(paths.train_file, train, key),
             text_encoding=vars(encoding),
             history=history,
         )

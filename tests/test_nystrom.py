@@ -19,7 +19,7 @@ from hf_unlearn import (
 )
 from hf_unlearn.curvature.nystrom import NystromPreconditioner
 from hf_unlearn.params import ParameterSpace
-from hf_unlearn.request import example_digest
+from hf_unlearn.request import DigestKey, row_digest, using_digest_key
 from hf_unlearn.solvers import conjugate_gradient
 
 ROWS = token_rows(10, seed=1)
@@ -198,7 +198,7 @@ def test_a_sampled_sketch_is_downdated_by_its_own_request_rows_and_fits_the_samp
     expected = dense_ggn(fresh_model(), edited_sample, "token", M_sample) @ sketch.test_matrix
     assert relative_error(sketch.products, expected) < 1e-10
     # the rows it now holds (for the next request's downdate) survive a save/load, but not in the manifest
-    assert sorted(sketch.info["row_digests"]) == sorted(example_digest(r) for r in edited_sample)
+    assert sorted(sketch.info["row_digests"]) == sorted(row_digest(r) for r in edited_sample)
     sketch.save(tmp_path)
     assert NystromSketch.load(tmp_path).info["row_digests"] == sketch.info["row_digests"]
     # a request with no row in the sample leaves the sketch as it is (no products)
@@ -238,6 +238,10 @@ def test_a_request_after_a_removal_curves_on_the_rows_of_the_sampled_sketch():
     G = dense_ggn(ref_model, [rows[i] for i in (3, 5, 6, 7, 8)], "token", loop_normaliser(rows[3:9], "token"))
     expected = -torch.linalg.solve(G + 0.05 * torch.eye(len(b), dtype=G.dtype), b)
     assert relative_error(torch.cat([d.reshape(-1) for d in second.delta.values()]), expected) < 1e-8
+    # a sketch whose row digests were made with another digest key is refused (it cannot find its rows)
+    with using_digest_key(DigestKey.generate()), pytest.raises(ConfigurationError, match="digest key"):
+        unlearn(fresh_model(), rows, UnlearningRequest(remove=[5]), UnlearningArguments(**args),
+                nystrom_sketch=second.nystrom_sketch)  # fmt: skip
     # a sketch that holds rows of another training set is refused, not silently used for the sample
     with pytest.raises(ConfigurationError, match="not in this training set"):
         unlearn(

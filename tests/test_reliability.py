@@ -12,10 +12,13 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from reference import ROWS_FOR_CLI as ROWS
+from reference import token_rows
 from test_cli import workspace, write_jsonl  # noqa: F401  (fixture)
 
+from hf_unlearn import TrainingSet
 from hf_unlearn.cli import main
-from hf_unlearn.io import MANIFEST_NAME, adapter_digest, file_digest
+from hf_unlearn.io import MANIFEST_NAME, adapter_digest, file_digest, training_data_record
+from hf_unlearn.request import DigestKey, digest_key_path
 
 
 def base_args(ws, request, out, *extra):
@@ -127,7 +130,7 @@ def test_run_killed_part_way_leaves_nothing_at_the_output_path(workspace, tmp_pa
     assert not out.exists()
 
 
-def test_interrupted_write_leaves_nothing(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_interrupted_write_leaves_nothing(workspace, tmp_path, monkeypatch, capsys):  # noqa: F811
     from peft import PeftModel
 
     original = PeftModel.save_pretrained
@@ -138,8 +141,8 @@ def test_interrupted_write_leaves_nothing(workspace, tmp_path, monkeypatch):  # 
 
     monkeypatch.setattr(PeftModel, "save_pretrained", save_then_die)
     out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        main(base_args(workspace, workspace["IR"], out))
+    assert main(base_args(workspace, workspace["IR"], out)) == 130  # a line saying so, not a traceback
+    assert "interrupted; nothing was written" in capsys.readouterr().err
     assert no_output(out)
 
 
@@ -155,10 +158,15 @@ def test_manifest_is_an_audit_trail_without_content(workspace, tmp_path):  # noq
         )
     assert manifest["request"]["kinds"] == {"IR": 2} and len(manifest["request"]["edits"]) == 2
     assert manifest["input_adapter"]["digest"] == adapter_digest(workspace["adapter"])
-    assert manifest["training_data"]["digest"] == file_digest(workspace["train"])
+    key = DigestKey.load(digest_key_path(workspace["train"]))  # created beside the training file
+    assert manifest["training_data"] == training_data_record(
+        workspace["train"], TrainingSet.from_jsonl(workspace["train"]), key
+    )
+    assert manifest["training_data"]["digest_key_id"] == manifest["request"]["digest_key_id"] == key.id
     assert set(manifest["versions"]) >= {"torch", "transformers", "peft", "accelerate", "hf_unlearn"}
-    # The forget-set figures of the manifest (and model card), against a float64 token loop: the mean ℓ (= S,
-    # token normalisation) of the removed rows before and after, and its first-order change ∇ℓ̄·Δθ
+    # The forget-set figures of the manifest (and model card), against a float64 token loop: the cross-entropy
+    # per loss token of the removed rows (ΣS/ΣT, as hf-unlearn evaluate) before and after, and its first-order
+    # change ∇(ΣS/ΣT)·Δθ
     from peft import PeftModel
     from reference import loop_loss_sum
     from transformers import AutoModelForCausalLM
@@ -166,7 +174,8 @@ def test_manifest_is_an_audit_trail_without_content(workspace, tmp_path):  # noq
     def forget_loss(adapter):
         base = AutoModelForCausalLM.from_pretrained(workspace["base"], dtype=torch.float64)
         model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True).eval()
-        loss = sum(loop_loss_sum(model, ROWS[i])[0] for i in (2, 8)) / 2
+        sums = [loop_loss_sum(model, ROWS[i]) for i in (2, 8)]
+        loss = sum(S for S, _ in sums) / sum(T for _, T in sums)
         params = [p for p in model.parameters() if p.requires_grad]
         return loss, params, torch.autograd.grad(loss, params)
 
@@ -292,3 +301,102 @@ def test_remote_code_is_not_run_unless_asked(workspace, tmp_path, capsys):  # no
     assert main(argv) == 4
     assert "trust_remote_code" in capsys.readouterr().err
     assert not marker.exists() and no_output(tmp_path / "out")
+
+
+def test_push_dry_run_lists_the_files_of_a_relative_parent_path(workspace, tmp_path, capsys, monkeypatch):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(base_args(workspace, workspace["IR"], out)) == 0
+    (out / ".scratch").write_text("local only")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["push", "../out", "--repo-id", "me/x", "--dry-run"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME])
+
+
+def test_card_and_evaluate_report_one_forget_loss_and_the_check_against_held_out_rows(
+    workspace,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    out = tmp_path / "out"
+    forget = write_jsonl(tmp_path / "forget.jsonl", [ROWS[2], ROWS[8]])
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", token_rows(8, seed=99))
+    assert main(base_args(workspace, workspace["IR"], out, "--held-out-file", held_out)) == 0
+    line = capsys.readouterr().out
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    reports = {}
+    for name, adapter in (("before", workspace["adapter"]), ("after", str(out))):
+        report = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--model", workspace["base"], "--adapter", adapter, "--forget-file", forget,
+                     "--test-file", held_out, "--output-file", str(report)]) == 0  # fmt: skip
+        reports[name] = json.loads(report.read_text())
+    s, check = manifest["solver"], manifest["forget_check"]
+    assert s["forget_loss_before"] == pytest.approx(reports["before"]["forget"]["loss"], rel=1e-5)
+    assert s["forget_loss_after"] == pytest.approx(reports["after"]["forget"]["loss"], rel=1e-5)
+    card = (out / "README.md").read_text()
+    assert (
+        f"{s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g}" in card and "per loss token" in card
+    )
+    # against what retraining would plausibly give: the held-out rows, as evaluate measures them
+    assert check["reference"] == "held-out rows"
+    assert check["reference_loss"] == pytest.approx(reports["after"]["test"]["loss"], rel=1e-5)
+    assert check["membership_auc"] == pytest.approx(reports["after"]["membership_auc"])
+    assert check["summary"] in line and "membership AUC" in line and "held-out rows" in card
+
+
+def test_over_forgetting_is_named():
+    from hf_unlearn.cli import judge_forgetting
+
+    over = judge_forgetting(0.40, 3.92, "held-out rows", 1.1, auc=0.018)  # the trial's figures
+    assert over["over_forgetting"] and "over-forgetting" in over["warning"] and "AUC 0.02" in over["warning"]
+    assert judge_forgetting(0.40, 1.2, "held-out rows", 1.1, auc=0.45)["warning"] is None
+    base = judge_forgetting(0.40, 3.92, "base model without the adapter", 2.5)
+    assert base["over_forgetting"] and "base model" in base["warning"]
+    assert not judge_forgetting(0.40, 2.4, "base model without the adapter", 2.5)["over_forgetting"]
+
+
+def test_help_shows_dashed_flags_once_with_their_defaults_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["unlearn", "--help"])
+    text = capsys.readouterr().out
+    assert "--train-file" in text and "--train_file" not in text and "--no_progress" not in text
+    assert "--capture-curvature" not in text and "capture_curvature" not in text  # training only
+    flat = " ".join(text.split())
+    assert "--no-progress Turn off --progress (show progress bars" in flat
+    assert "(default: None)" not in flat
+    for entry in flat.split(" --")[1:]:
+        assert entry.count("default") - entry.count("defaults") <= 1 or "(default:" not in entry, entry
+    # the underscore spellings still parse; a training-only flag is refused under unlearn
+    paths = ["--model", "m", "--adapter", "a", "--train_file", "t", "--request", "r", "--output-dir", "o"]
+    assert main(["unlearn", *paths, "--capture-curvature"]) == 4
+    assert "unrecognized arguments: --capture-curvature" in capsys.readouterr().err
+
+
+def test_thread_count_is_chosen_by_the_load(monkeypatch):
+    from hf_unlearn import cli
+
+    chosen = []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(torch, "set_num_threads", chosen.append)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # a busy 2-core machine
+    assert cli.choose_threads()["threads"] == 1 and chosen == [1]
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))  # an idle one
+    assert cli.choose_threads()["threads"] == 2 and chosen == [1, 2]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert cli.choose_threads() == {"threads": 4, "rule": "OMP_NUM_THREADS"} and chosen == [1, 2]
+
+
+def test_push_refuses_a_manifest_with_unkeyed_row_digests(workspace, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "out"
+    assert main(base_args(workspace, workspace["IR"], out)) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    manifest["history"] = [
+        {"request": {"edits": [{"id": 1, "kind": "IR", "old_digest": "sha256:" + "0" * 64}]}}
+    ]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))  # as an older hf_unlearn wrote them
+    assert main(["push", str(out), "--repo-id", "me/x", "--dry-run"]) == 4
+    assert "plain SHA-256" in capsys.readouterr().err

@@ -82,7 +82,7 @@ def test_summary_has_digests_not_content():
     assert summary["kinds"] == {"IR": 1, "RC": 1}
     text = json.dumps(summary)
     assert "input_ids" not in text and "[5, 6, 7" not in text
-    assert all(e["old_digest"].startswith("sha256:") for e in summary["edits"])
+    assert all(e["old_digest"].startswith("hmac-sha256:") for e in summary["edits"])  # keyed
 
 
 def test_line_number_ids_survive_a_removal_when_the_removed_line_is_left_empty(tmp_path):

@@ -55,7 +55,8 @@ def test_train_writes_an_adapter_that_unlearn_reads(workspace):
     assert {"adapter_model.safetensors", "adapter_config.json", TRAINING_RECORD, "tokenizer.json"} <= {
         p.name for p in out.iterdir()
     }
-    assert not [p for p in workspace.iterdir() if p.name.startswith(".")]  # no staging leftovers
+    # no staging leftovers; the digest key of the training record stays beside the training file
+    assert [p.name for p in workspace.iterdir() if p.name.startswith(".")] == [".hf_unlearn_key"]
     record = json.loads((out / TRAINING_RECORD).read_text())
     assert record["global_step"] == 120 and record["num_processes"] == 1
     assert record["config"]["lora_r"] == 4 and record["loss_normalization"] == "token"

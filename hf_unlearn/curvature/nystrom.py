@@ -17,7 +17,8 @@ stiff, a preconditioner of C alone shrinks directions C' no longer has and CG ge
 `downdate` makes the sketch exact for C' by the same linearity: `C'Q = Y − D Q` with `D` the request rows'
 curvature, s products over the 2k request rows only (cheap when k ≪ n). The downdated sketch belongs to the
 edited training set, i.e. to the next request. A sketch of a sample of the training rows records the rows'
-digests and its normaliser, and is downdated by the request rows in the sample only: it is then the sketch of
+keyed digests (`request.row_digest`: saved beside the adapter, they must not let anyone test guesses of a
+row's content) and its normaliser, and is downdated by the request rows in the sample only: it is then the sketch of
 the edited sample, which is what a solve with as many `hessian_samples` (same seed) multiplies by.
 """
 
@@ -32,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigurationError
+from ..request import DIGEST_PREFIX
 from .files import files_exist, load_tensors, save_tensors
 
 SKETCH_FILE = "nystrom_sketch.safetensors"
@@ -115,6 +117,11 @@ class NystromSketch:
         tensors = {"test_matrix": self.test_matrix, "products": self.products}
         meta = {"format": SKETCH_FORMAT, **self.describe()}
         if "row_digests" in self.info:  # a sampled sketch: which rows, for the next request's downdate
+            if not all(d.startswith(DIGEST_PREFIX) for d in self.info["row_digests"]):
+                raise ConfigurationError(
+                    "the Nyström sketch's row digests are not keyed (request.row_digest): they would let anyone "
+                    "test guesses of the rows' content; sketch again (--curvature-factors pass)."
+                )
             meta["row_digests"] = self.info["row_digests"]
         return save_tensors(directory, FILES, tensors, meta)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from ..config import KFAC_CURVATURES, UnlearningArguments
 from ..errors import ConfigurationError
 from ..objective import normaliser
-from ..request import example_digest
+from ..request import current_digest_key, row_digest
 from . import CURVATURE_OPERATORS, KFAC_OPERATORS
 from .kfac import KFACFactors, parameters_digest
 from .kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors
@@ -139,8 +139,15 @@ def compute_sketch(args, model, task, space, rows, batches, processes, M) -> Nys
     sampled = len(sample) < len(rows)
     M_sketch = normaliser(task, sample, norm, args.batch_size) if sampled else M
     C = CURVATURE_OPERATORS[args.curvature](model, task, space, batches(sample), norm, M_sketch, processes)
+    key = current_digest_key()  # keyed: the digests are saved beside the adapter
     sample_info = (
-        {"normaliser": float(M_sketch), "row_digests": [example_digest(r) for r in sample]} if sampled else {}
+        {
+            "normaliser": float(M_sketch),
+            "row_digests": [row_digest(r, key) for r in sample],
+            "digest_key_id": key.id,
+        }
+        if sampled
+        else {}
     )
     return NystromSketch.compute(
         C, args.nystrom_rank, args.seed, args.progress and processes.is_main,
@@ -148,9 +155,9 @@ def compute_sketch(args, model, task, space, rows, batches, processes, M) -> Nys
     )  # fmt: skip
 
 
-def _take(digests: Counter, row) -> bool:
+def _take(digests: Counter, row, key) -> bool:
     """Whether `row` is among the (multiset of) row `digests`; if so, one copy of its digest is used up."""
-    d = example_digest(row)
+    d = row_digest(row, key)
     if digests[d] > 0:
         digests[d] -= 1
         return True
@@ -160,14 +167,14 @@ def _take(digests: Counter, row) -> bool:
 def _request_rows_in_sketch(sketch: NystromSketch, resolved) -> tuple[list, list, list[str]]:
     """`(old, new, row_digests)`: the request's old and new versions of the rows in a sampled sketch, and the
     sketch's row digests after the edit (the removed rows' digests gone)."""
-    digests = Counter(sketch.info["row_digests"])
+    digests, key = Counter(sketch.info["row_digests"]), current_digest_key()
     old, new = [], []
     for e in resolved.edits:
-        if _take(digests, e.old):
+        if _take(digests, e.old, key):
             old.append(e.old)
             if e.new is not None:
                 new.append(e.new)
-                digests[example_digest(e.new)] += 1
+                digests[row_digest(e.new, key)] += 1
     return old, new, sorted(digests.elements())
 
 
@@ -180,8 +187,15 @@ def sketch_sample(sketch: NystromSketch, rows: list, args) -> list[int] | None:
     digests = info.get("row_digests")
     if digests is None or (info.get("rows"), info.get("seed")) != (args.hessian_samples, args.seed):
         return None
+    key = current_digest_key()
+    if info.get("digest_key_id") != key.id:
+        raise ConfigurationError(
+            f"the Nyström sketch's row digests were made with the digest key of id {info.get('digest_key_id')}, "
+            f"but this run's key has id {key.id}: give that key (--digest-key FILE), or use --curvature-factors "
+            "pass to sketch these rows."
+        )
     wanted = Counter(digests)
-    picked = [i for i, row in enumerate(rows) if _take(wanted, row)]
+    picked = [i for i, row in enumerate(rows) if _take(wanted, row, key)]
     missing = sum(wanted.values())
     if missing:
         raise ConfigurationError(

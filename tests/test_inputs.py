@@ -1,0 +1,127 @@
+"""Wrong inputs are refused with a message saying what differs; --overwrite replaces only what hf-unlearn wrote;
+the tokenizer stays with the adapter; --allow-inexact never keeps a result worse than no update."""
+
+import json
+import random
+
+import pytest
+import torch
+from reference import tiny_llama_base, token_rows, train_tokenizer
+
+from hf_unlearn.cli import main
+from hf_unlearn.io import MANIFEST_NAME, TOKENIZER_FILES, file_digest
+
+ROWS = [{"id": f"r{i}", **row} for i, row in enumerate(token_rows(12, seed=11))]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    tiny_llama_base(seed=3, dtype=torch.float32, exact=False).save_pretrained(root / "base")
+    train_tokenizer().save_pretrained(root / "tokenizer")
+    (root / "data").mkdir()
+    train = write_jsonl(root / "data" / "train.jsonl", ROWS)
+    assert main(["train", "--model", str(root / "base"), "--tokenizer", str(root / "tokenizer"), "--train-file",
+                 train, "--output-dir", str(root / "adapter"), "--epochs", "3", "--learning-rate", "0.01",
+                 "--batch-size", "6", "--lora-r", "2"]) == 0  # fmt: skip
+    request = write_jsonl(root / "request.jsonl", [{"op": "remove", "id": "r4"}])
+    return {"root": root, "base": str(root / "base"), "adapter": str(root / "adapter"), "train": train,
+            "request": request}  # fmt: skip
+
+
+def unlearn_args(ws, out, *extra, train=None, base=None):
+    return ["unlearn", "--model", base or ws["base"], "--adapter", ws["adapter"], "--train-file", train or ws["train"],
+            "--request", ws["request"], "--output-dir", str(out), "--curvature", "ggn", "--damping", "0.1",
+            "--no-progress", *extra]  # fmt: skip
+
+
+def test_a_training_file_other_than_the_recorded_one_is_refused(trained, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    key = trained["root"] / "data" / ".hf_unlearn_key"
+    if key.exists():  # the same key: only the rows differ
+        (data / ".hf_unlearn_key").write_bytes(key.read_bytes())
+    changed = [dict(r) for r in ROWS]
+    changed[7]["input_ids"] = changed[7]["input_ids"][:-1] + [(changed[7]["input_ids"][-1] % 30) + 1]
+    changed[7]["labels"] = changed[7]["labels"][:-1] + changed[7]["input_ids"][-1:]
+    shuffled = ROWS[:]
+    random.Random(0).shuffle(shuffled)
+    no_ids = [{k: v for k, v in r.items() if k != "id"} for r in shuffled]
+    cases = {
+        "one answer changed": (changed, "content of at least one row differs"),
+        "a row dropped": (ROWS[:-1], "it has 11 rows, its training record 12"),
+        "rows moved, ids by line number": (no_ids, "same rows under other ids"),
+    }
+    for name, (rows, message) in cases.items():
+        train = write_jsonl(data / f"{name}.jsonl", rows)
+        assert main(unlearn_args(trained, tmp_path / "out", train=train)) == 3, name
+        err = capsys.readouterr().err
+        assert message in err and "--allow-training-file-mismatch" in err, (name, err)
+        assert not (tmp_path / "out").exists()
+    # rows in another order under their own ids are the same training set
+    assert (
+        main(unlearn_args(trained, tmp_path / "shuffled", train=write_jsonl(data / "s.jsonl", shuffled))) == 0
+    )
+    # the override, recorded
+    train = write_jsonl(data / "changed.jsonl", changed)
+    assert main(unlearn_args(trained, tmp_path / "out", "--allow-training-file-mismatch", train=train)) == 0
+
+
+def test_a_base_model_with_the_same_shapes_but_other_weights_is_refused(trained, tmp_path, capsys):
+    other = tmp_path / "other-base"
+    tiny_llama_base(seed=4, dtype=torch.float32, exact=False).save_pretrained(other)
+    assert main(unlearn_args(trained, tmp_path / "out", base=str(other))) == 4
+    err = capsys.readouterr().err
+    assert "same parameter names and shapes, but other values" in err and "--allow-base-model-mismatch" in err
+    assert not (tmp_path / "out").exists()
+    assert main(unlearn_args(trained, tmp_path / "out", "--allow-base-model-mismatch", base=str(other))) == 0
+    weights = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["base_model_weights"]
+    assert weights["matches_record"] is False
+    # the recorded base loaded in float64 (it was trained in float32) is the same base
+    assert main(unlearn_args(trained, tmp_path / "f64", "--dtype", "float64")) == 0
+    assert json.loads((tmp_path / "f64" / MANIFEST_NAME).read_text())["base_model_weights"]["matches_record"]
+
+
+def test_overwrite_replaces_only_what_hf_unlearn_wrote(trained, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(unlearn_args(trained, out, "--overwrite")) == 6
+    assert "notes.txt" in capsys.readouterr().err and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    assert main(unlearn_args(trained, out, "--overwrite")) == 0
+    assert main(unlearn_args(trained, out, "--overwrite")) == 0  # an earlier output is replaced
+
+
+def test_the_unlearned_adapter_keeps_the_input_adapters_tokenizer_files(trained, tmp_path):
+    out = tmp_path / "out"
+    assert main(unlearn_args(trained, out)) == 0
+    source = trained["root"] / "adapter"
+    kept = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    assert "tokenizer.json" in kept
+    for name in kept:
+        assert file_digest(out / name) == file_digest(source / name), name
+
+
+def test_allow_inexact_never_keeps_a_result_worse_than_no_update(trained, tmp_path, capsys):
+    # a LiSSA scale far too small: the Neumann series grows, the residual ends well above 1 (but finite)
+    diverging = ["--solver", "lissa", "--lissa-scale", "0.05", "--max-iter", "4", "--allow-inexact"]
+    assert main(unlearn_args(trained, tmp_path / "worse", *diverging)) == 5
+    err = capsys.readouterr().err
+    assert "better than no update" in err and not (tmp_path / "worse").exists()
+    # an unconverged CG result (residual < 1) is kept with the flag and named in the success line
+    assert (
+        main(
+            unlearn_args(
+                trained, tmp_path / "inexact", "--max-iter", "1", "--tol", "1e-12", "--allow-inexact"
+            )
+        )
+        == 0
+    )
+    assert "INEXACT" in capsys.readouterr().out
+    assert "Inexact result" in (tmp_path / "inexact" / "README.md").read_text()
