@@ -113,7 +113,7 @@ def text_encoder_for(text_encoder, processing_class, args=None):
     (prompt with the tokenizer's special tokens, response + EOS)."""
     tokenizer = processing_class if hasattr(processing_class, "eos_token_id") else None
     if text_encoder is None:
-        if type(args).__name__ == "SFTConfig" and tokenizer is not None:
+        if any(c.__name__ == "SFTConfig" for c in type(args).__mro__) and tokenizer is not None:
             return SFTTextEncoder.from_args(tokenizer, args)
         return ExampleEncoder(tokenizer)
     if isinstance(text_encoder, TextEncoding):
