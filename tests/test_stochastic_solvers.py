@@ -132,10 +132,13 @@ def tiny_llama_ggn():
     return op, A, damping, rhs, torch.linalg.solve(A, rhs)
 
 
-def test_default_qp_converges_on_the_tiny_llama_and_counts_its_products(tiny_llama_ggn):
+def test_default_qp_converges_on_the_tiny_llama_at_the_default_budget_and_counts_its_products(tiny_llama_ggn):
     op, A, damping, rhs, exact = tiny_llama_ggn
+    from hf_unlearn import UnlearningArguments
+
+    defaults = UnlearningArguments()
     full_before = op.num_products
-    x, stats = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=0)
+    x, stats = qp_solve(op, damping, rhs, tol=defaults.tol, max_iter=defaults.max_iter, seed=0)
     error = relerr(x, exact)
     print(f"qp (svrg) on the tiny Llama: relative error {error:.2e}, {stats.extra}")
     assert error < 1e-4 and stats.converged
@@ -147,7 +150,8 @@ def test_default_qp_converges_on_the_tiny_llama_and_counts_its_products(tiny_lla
         extra["sample_products"] + 3.0 * extra["full_products"] + extra["scale_row_products"] / BATCH
     )
     # the solve itself kept within the budget: inner steps plus the epochs' full products
-    assert extra["sample_products"] + 3.0 * extra["epochs"] <= 2000
+    assert extra["sample_products"] + 3.0 * extra["epochs"] <= defaults.max_iter
+    assert 0 < extra["momentum"] < 1
     assert extra["sample_products"] == stats.iterations == extra["epochs"] * extra["steps_per_epoch"]
 
 

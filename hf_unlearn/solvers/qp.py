@@ -48,15 +48,18 @@ def qp_solve(
     smoothness `E[A_B²] ≼ 𝓛·A` of the mini-batch products (`stochastic.expected_smoothness`: Lanczos on full
     products for λ_max(C) and on each row alone for R², the stiffest rows put in every batch).
 
-    - `svrg` (default): stochastic variance-reduced gradient (Johnson & Zhang 2013). Every epoch starts from a
-      snapshot x̃ with its exact gradient `g̃ = Ax̃ − rhs` (one full product) and takes
-      `m = 2·(n/b)` steps `x ← x − γ(A_B(x − x̃) + g̃)`, one mini-batch product each; the noise of
-      `A_B(x − x̃)` vanishes as x and x̃ approach the solution, so on this finite-sum quadratic the error
-      contracts linearly — no noise floor, no averaging. `γ = 1/𝓛̂` (auto). The snapshot's exact gradient is
-      the exact residual: the solver keeps the best snapshot, halves γ when an epoch ends worse than it
-      started (the bound 𝓛̂ is a heuristic for the Hessian), and stops once the relative residual is ≤ `tol`
-      (`converged` is then True) or the budget is spent. Each full product is counted as `n/b` mini-batch
-      products of the budget. The steps needed grow like `𝓛̂/(λ_min(C) + λ)`.
+    - `svrg` (default): stochastic variance-reduced gradient (Johnson & Zhang 2013) with Nesterov momentum.
+      Every epoch starts from a snapshot x̃ with its exact gradient `g̃ = Ax̃ − rhs` (one full product) and
+      takes `m = 2·(n/b)` steps `y = x + β(x − x_prev)`, `x ← y − γ(A_B(y − x̃) + g̃)`, one mini-batch
+      product each; the noise of `A_B(y − x̃)` vanishes as the iterates and x̃ approach the solution, so on
+      this finite-sum quadratic the error contracts linearly — no noise floor, no averaging. Auto: `γ = 1/𝓛̂`
+      and `β = (√κ̂ − 1)/(√κ̂ + 1)` with `κ̂ = 𝓛̂/(λ̂_min + λ)` from the Lanczos Ritz value λ̂_min ≥ λ_min(C)
+      (so β errs on the small, safe side); with an explicit `qp_lr`, β = 0 (plain SVRG). The snapshot's
+      exact gradient is the exact residual: the solver keeps the best snapshot, halves γ (and drops the
+      momentum) when an epoch ends worse than it started (𝓛̂ is a heuristic for the Hessian), and stops once
+      the relative residual is ≤ `tol` (`converged` is then True) or the budget is spent. Each full product
+      counts as `n/b` mini-batch products of the budget. The steps needed grow like `√κ̂` (`κ̂` without
+      momentum).
     - `sgd`: plain stochastic steps with heavy-ball momentum 0.9 and `qp_lr="auto"` = `(1 − 0.9)/𝓛̂`,
       returning the average of the second half of the iterates (Polyak–Ruppert). Its error has a noise
       floor and a bias from averaging iterates that have not converged: it does not reach a small residual
@@ -96,8 +99,13 @@ def qp_solve(
     products = MiniBatchCurvature(curvature, stochastic_batch_size, generator_for(curvature, seed), always)
     cost = full_product_cost(curvature, stochastic_batch_size)
     if qp_optimizer == "svrg":
+        momentum = 0.0
+        if qp_lr == "auto":  # κ̂ = 𝓛̂/(λ_min + λ) from the Ritz value, which lies above λ_min: β errs low
+            kappa = smooth / (max(extra["eig_min_estimate"], 0.0) + damping)
+            momentum = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
+        extra["momentum"] = momentum
         x, residual, iterations, svrg_extra = _svrg(
-            curvature, products, damping, rhs, lr, tol, max_iter, cost, progress
+            curvature, products, damping, rhs, lr, momentum, tol, max_iter, cost, progress
         )
         extra |= svrg_extra
     else:
@@ -117,22 +125,26 @@ def qp_solve(
     return x, stats
 
 
-def _svrg(curvature, products, damping, rhs, lr, tol, budget, cost, progress):
-    """SVRG epochs within `budget` mini-batch products (a full product costs `cost`); returns
+def _svrg(curvature, products, damping, rhs, lr, momentum, tol, budget, cost, progress):
+    """SVRG epochs (with Nesterov `momentum`) within `budget` mini-batch products (a full product costs `cost`); returns
     (best snapshot, its relative residual, mini-batch steps taken, stats)."""
     rhs_norm = rhs.norm()
     steps_per_epoch = max(1, math.ceil(EPOCH_FACTOR * cost))
     best, gradient = torch.zeros_like(rhs), -rhs  # snapshot x̃ = 0 and its exact gradient A·0 − rhs
     best_residual, used, steps, epochs, halvings = 1.0, 0.0, 0, 0, 0
+    velocity = None  # carried from epoch to epoch, dropped with a rejected epoch
     bar = tqdm(total=budget, desc="qp (svrg)", disable=not progress, leave=False)
     while best_residual > tol:
         inner = min(steps_per_epoch, math.floor(budget - used - cost))
         if inner < 1:
             break
         x = best.clone()
+        previous = x if velocity is None else x - velocity
         for _ in range(inner):
-            d = x - best
-            x = x - lr * (products.matvec(d) + damping * d + gradient)
+            y = x + momentum * (x - previous)  # Nesterov: the gradient at the extrapolated point
+            d = y - best
+            previous, x = x, y - lr * (products.matvec(d) + damping * d + gradient)
+        velocity = x - previous
         steps += inner
         used += inner + cost
         epochs += 1
@@ -145,6 +157,7 @@ def _svrg(curvature, products, damping, rhs, lr, tol, budget, cost, progress):
         else:
             lr /= 2
             halvings += 1
+            velocity = None
     bar.close()
     return (
         best,
