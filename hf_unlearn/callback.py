@@ -3,8 +3,10 @@
     trainer = Trainer(..., callbacks=[UnlearningCallback(request, UnlearningArguments(), output_dir="unlearned")])
     trainer.train()   # trains, then applies `request` to the live adapter and writes it to output_dir
 
-Request ids are row indices of the Trainer's train dataset. The rows and the collator are the ones the
-Trainer's train loader uses (after it dropped unused columns; its shuffling does not change row indices).
+Request ids name the rows of the Trainer's train loader by their "id" field, else their index (`data.row_ids`;
+the loader's shuffling does not change row indices). The rows and the collator are the ones the loader uses
+(after it dropped unused columns, an "id" column included: pass `train_dataset=` the dataset as given to the
+Trainer to name rows by it). The request is checked against them when training begins.
 """
 
 from __future__ import annotations
@@ -16,21 +18,56 @@ from transformers import TrainerCallback
 
 from .capture import CurvatureCaptureCallback
 from .config import UnlearningArguments
+from .data import TrainingSet
 from .distributed import Processes, check_curvature_supported
 from .eraser import UnlearningResult, unlearn
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidRequestError, UnlearningError
 from .io import build_manifest, check_output_dir, save_unlearned_adapter
 from .objective import UnlearningTask
 from .regularization import L2RegularizationCallback
 from .request import UnlearningRequest
-from .trainer import log_stats, task_for_trainer
+from .trainer import CollatorTask, log_stats, task_for_trainer
+
+
+def extract_model(model):
+    from accelerate.utils import extract_model_from_parallel
+
+    return model if model is None else extract_model_from_parallel(model)
+
+
+def check_request(request: UnlearningRequest, train: TrainingSet, task: UnlearningTask) -> None:
+    """Resolve `request` against the training rows (ids, fields, kinds) and check that its old and new rows
+    go through the task's collation with loss tokens, as the unlearning will need them to."""
+    resolved = request.resolve(train, task)
+    for edit in resolved.edits:
+        for what, row in (("training row", edit.old), ("replacement", edit.new)):
+            if row is None:
+                continue
+            try:
+                batch = task.collate([row])
+            except UnlearningError as e:
+                raise type(e)(f"Row {edit.row_id!r} ({what}): {e}") from None
+            except Exception as e:  # the Trainer's collator: any error means the row cannot be batched
+                raise InvalidRequestError(
+                    f"Row {edit.row_id!r}: the {what} cannot be collated like the training rows "
+                    f"({type(e).__name__}: {e}). Give it in the training rows' form."
+                ) from None
+            if not int(task.loss_counts(batch).sum()):
+                raise InvalidRequestError(
+                    f"Row {edit.row_id!r}: the {what} has no loss tokens once collated (e.g. truncated away)."
+                )
 
 
 class UnlearningCallback(TrainerCallback):
     """At `on_train_end`, apply `request` to the trained adapter in place and (main process) write the
     unlearned adapter, its manifest and model card to `output_dir` (atomically; `overwrite` to replace).
 
-    `train_dataset` and `task` default to the train loader's dataset and a task built from its collator.
+    `train_dataset` and `task` default to the train loader's dataset and a task built from its collator. The
+    request (ids, fields, and that its rows encode and collate with loss tokens) is checked in
+    `on_train_begin`, before the first step. A text replacement (`prompt` and/or `response`) of a tokenised row
+    is encoded as the trainer encoded the row: TRL's prompt–completion encoding under an `SFTConfig`, else
+    `text_encoder` (see `trainer.text_encoder_for`: hf_unlearn's encoding by default, a `TextEncoding` for the
+    chat template, or your function `(prompt, response) -> (prompt_ids, response_ids)`).
     After training, `callback.result` is the `UnlearningResult` and `callback.manifest` the audit record;
     the statistics are also appended to `trainer.state.log_history`.
 
@@ -52,6 +89,7 @@ class UnlearningCallback(TrainerCallback):
         train_dataset: Sequence[Mapping] | None = None,
         task: UnlearningTask | None = None,
         overwrite: bool = False,
+        text_encoder=None,
     ):
         self.request = request
         self.unlearning_args = unlearning_args or UnlearningArguments()
@@ -59,6 +97,7 @@ class UnlearningCallback(TrainerCallback):
         self.train_dataset = train_dataset
         self.task = task
         self.overwrite = overwrite
+        self.text_encoder = text_encoder
         self.result: UnlearningResult | None = None
         self.manifest: dict | None = None
         self.capture = (
@@ -91,33 +130,47 @@ class UnlearningCallback(TrainerCallback):
                 "UnlearningCallback cannot be used with packing=True: packed sequences mix training rows, so "
                 "rows cannot be taken out one by one. Train with packing=False."
             )
+        train, task = self._rows_and_task(
+            args, extract_model(model), kwargs.get("processing_class"), kwargs.get("train_dataloader")
+        )
+        check_request(self.request, train, task)
         self.l2.on_train_begin(args, state, control)  # clips ∇R + μθ itself: takes over max_grad_norm
         if self.capture is not None:
             self.capture.on_train_begin(args, state, control, model=model, **kwargs)
 
+    def _rows_and_task(
+        self, args, model, processing_class, train_dataloader
+    ) -> tuple[TrainingSet, UnlearningTask]:
+        """The training rows (ids by `row_ids`) and the loss contract of the Trainer's loader."""
+        loader_rows = getattr(train_dataloader, "dataset", None)
+        collator = getattr(train_dataloader, "collate_fn", None)
+        rows = self.train_dataset if self.train_dataset is not None else loader_rows
+        if rows is None or not hasattr(rows, "__getitem__") or not hasattr(rows, "__len__"):
+            raise ConfigurationError(
+                "UnlearningCallback needs the training rows addressable by index (a list or "
+                "datasets.Dataset); pass train_dataset=... to the callback."
+            )
+        # rows given with more columns than the loader's: the collator sees the loader's only
+        columns = getattr(loader_rows, "column_names", None) if self.train_dataset is not None else None
+        task = self.task or task_for_trainer(
+            collator, processing_class, model, columns=columns, text_encoder=self.text_encoder, args=args
+        )
+        train = TrainingSet(rows)
+        if columns is not None and not isinstance(task, CollatorTask) and hasattr(rows, "select_columns"):
+            train = TrainingSet(rows.select_columns(columns), train.ids)
+        return train, task
+
     def on_train_end(
         self, args, state, control, model=None, processing_class=None, train_dataloader=None, **kwargs
     ):
-        from accelerate.utils import extract_model_from_parallel
-
         if model is None:
             raise ConfigurationError("UnlearningCallback got no model from the Trainer.")
         self.l2.on_train_end(args, state, control)  # gives max_grad_norm back
         if self.capture is not None:
             self.capture.on_train_end(args, state, control)
-        model = extract_model_from_parallel(model)
+        model = extract_model(model)
         check_curvature_supported(self.unlearning_args.curvature, model)
-        dataset, collator = self.train_dataset, None
-        if train_dataloader is not None:
-            collator = getattr(train_dataloader, "collate_fn", None)
-            if dataset is None:
-                dataset = train_dataloader.dataset
-        if dataset is None or not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
-            raise ConfigurationError(
-                "UnlearningCallback needs the training rows addressable by index (a list or "
-                "datasets.Dataset); pass train_dataset=... to the callback."
-            )
-        task = self.task or task_for_trainer(collator, processing_class, model)
+        dataset, task = self._rows_and_task(args, model, processing_class, train_dataloader)
         processes = Processes()
         unlearning_args = dataclasses.replace(
             self.unlearning_args,

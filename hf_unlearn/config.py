@@ -66,7 +66,8 @@ class UnlearningArguments:
     max_iter: int = field(
         default=200,
         metadata={
-            "help": "Maximum number of solver iterations (cg), or the number of mini-batch steps (lissa, qp)."
+            "help": "Maximum number of solver iterations (cg), the number of mini-batch steps (lissa, qp sgd/adam), "
+            "or qp svrg's budget in mini-batch products (a full product counts as n/b)."
         },
     )
     loss_normalization: str = field(
@@ -193,17 +194,18 @@ class UnlearningArguments:
         },
     )
     qp_optimizer: str = field(
-        default="sgd",
+        default="svrg",
         metadata={
-            "help": "qp: 'sgd' (heavy-ball momentum 0.9) or 'adam'. Both see the gradient (C_batch + λI)x + b "
-            "and return the average of the second half of the iterates.",
+            "help": "qp: 'svrg' (variance-reduced steps with a full product every 2·n/b steps; converges "
+            "linearly and stops at --tol), or 'sgd' (heavy-ball momentum 0.9) / 'adam', which average the second "
+            "half of their iterates and keep a noise floor.",
             "choices": list(QP_OPTIMIZERS),
         },
     )
     qp_lr: str = field(
         default="auto",
         metadata={
-            "help": "qp: step size, a number > 0 or 'auto' (sgd only: 0.1/𝓛, 𝓛 = λ_max(C) + (f/b)·R² + λ a "
+            "help": "qp: step size, a number > 0 or 'auto' (svrg: 1/𝓛, sgd: 0.1/𝓛; 𝓛 = λ_max(C) + (f/b)·R² + λ a "
             "bound on the mini-batch products' expected smoothness from Lanczos estimates of C and of each "
             "row, with the stiffest rows put in every batch; adam needs a number, in parameter units)."
         },
@@ -317,7 +319,7 @@ class UnlearningArguments:
         if self.solver == "qp" and self.qp_optimizer == "adam" and self.qp_lr == "auto":
             raise ConfigurationError(
                 "qp with Adam takes steps in parameter units, so it needs an explicit qp_lr (--qp-lr), "
-                "e.g. a few percent of the expected |Δθ| per coordinate; or use qp_optimizer 'sgd'."
+                "e.g. a few percent of the expected |Δθ| per coordinate; or use qp_optimizer 'svrg'."
             )
         if not (self.tol > 0 and math.isfinite(self.tol)):
             raise ConfigurationError(f"tol must be a positive number, got {self.tol!r}.")

@@ -99,26 +99,47 @@ class ExampleEncoder:
             )
         return example
 
-    def _encode_text(self, row: Mapping) -> dict:
-        tok = self.tokenizer
-        if tok is None:
+    # As a text encoder for tokenised training rows (trainer.CollatorTask): prompt and response are encoded
+    # independently, so either part of a tokenised row can be replaced while the other keeps its tokens.
+    separable = True
+
+    def _tokenizer(self, row_id="?"):
+        if self.tokenizer is None:
             raise DataError(
-                f"Row {row.get('id', '?')!r} is text (prompt/response) but no tokenizer was given; "
+                f"Row {row_id!r} is text (prompt/response) but no tokenizer was given; "
                 "pass --tokenizer (or tokenizer=...), or give pre-tokenised input_ids/labels."
             )
-        prompt = row["prompt"]
+        return self.tokenizer
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt's tokens: with the tokenizer's special tokens (BOS), or as the chat template's user turn
+        with the generation prompt (`chat_template=True`)."""
+        tok = self._tokenizer()
         if self.encoding.chat_template:
             if not getattr(tok, "chat_template", None):
                 raise DataError("chat_template=True but the tokenizer has no chat template.")
             prompt = tok.apply_chat_template(
                 [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
             )
-            prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        else:
-            prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
-        response_ids = tok(row["response"], add_special_tokens=False)["input_ids"]
-        if tok.eos_token_id is not None:
-            response_ids = response_ids + [tok.eos_token_id]
+            return list(tok(prompt, add_special_tokens=False)["input_ids"])
+        return list(tok(prompt, add_special_tokens=True)["input_ids"])
+
+    def response_ids(self, response: str) -> list[int]:
+        """The response's tokens, without special tokens, then EOS."""
+        tok = self._tokenizer()
+        ids = list(tok(response, add_special_tokens=False)["input_ids"])
+        return ids + [tok.eos_token_id] if tok.eos_token_id is not None else ids
+
+    def __repr__(self) -> str:
+        return f"ExampleEncoder(chat_template={self.encoding.chat_template})"
+
+    def encode_text(self, prompt: str, response: str) -> tuple[list[int], list[int]]:
+        """(prompt tokens, response tokens) of a text row, before truncation."""
+        return self.prompt_ids(prompt), self.response_ids(response)
+
+    def _encode_text(self, row: Mapping) -> dict:
+        self._tokenizer(row.get("id", "?"))
+        prompt_ids, response_ids = self.encode_text(row["prompt"], row["response"])
         input_ids = prompt_ids + response_ids
         return {
             "input_ids": input_ids,
@@ -127,15 +148,32 @@ class ExampleEncoder:
         }
 
 
+def row_ids(rows: Sequence[Mapping]) -> list:
+    """The id of each row, by the one rule that request ids are resolved with (Python, Trainer and CLI alike):
+    a row's `"id"` field when it has one (not None), else its position — its index in `rows`, or, for a
+    training file, its 0-based line number (`read_jsonl` fills that in)."""
+    column_names = getattr(rows, "column_names", None)
+    if column_names is not None:  # a datasets.Dataset: read the column, not every row
+        if "id" not in column_names:
+            return list(range(len(rows)))
+        return [i if value is None else value for i, value in enumerate(rows["id"])]
+    ids = []
+    for i in range(len(rows)):
+        value = rows[i].get("id") if isinstance(rows[i], Mapping) else None
+        ids.append(i if value is None else value)
+    return ids
+
+
 class TrainingSet:
     """The training rows of an adapter, addressable by row id.
 
-    `rows` is any sequence of mappings (a list, a `datasets.Dataset`); `ids` defaults to row indices.
+    `rows` is any sequence of mappings (a list, a `datasets.Dataset`); `ids` defaults to `row_ids(rows)`: each
+    row's `"id"` field, else its index.
     """
 
     def __init__(self, rows: Sequence[Mapping], ids: Sequence | None = None):
         self.rows = rows
-        self.ids = list(range(len(rows))) if ids is None else list(ids)
+        self.ids = row_ids(rows) if ids is None else list(ids)
         if len(self.ids) != len(rows):
             raise DataError(f"{len(self.ids)} ids for {len(rows)} rows.")
         self._index: dict[str, int] = {}

@@ -260,7 +260,9 @@ class ResolvedRequest:
 class UnlearningRequest:
     """Training rows to take back out of an adapter.
 
-    `remove` lists row ids to forget (IR). `replace` maps a row id to its new content: text
+    Ids name training rows by one rule, the same in Python, in the Trainer paths and on the command line
+    (`data.row_ids`): a row's `"id"` field when it has one, else its position (index in the dataset, line
+    number in a training file). `remove` lists row ids to forget (IR). `replace` maps a row id to its new content: text
     (`prompt` and/or `response`; a missing part keeps the old one) or pre-tokenised
     (`input_ids` + `labels`). The kind of each replacement (QM, RC, QM+RC) is derived from which part changed.
     """
@@ -310,7 +312,10 @@ class UnlearningRequest:
         for row_id, new_fields in [(i, None) for i in self.remove] + list(self.replace.items()):
             index = train.index_of(row_id)
             if index is None:
-                raise InvalidRequestError(f"Unknown training row id {row_id!r}: no training row has that id.")
+                raise InvalidRequestError(
+                    f"Unknown training row id {row_id!r}: no training row has that id (rows are named by their "
+                    f"'id' field, else by their index; {_id_hint(train)})."
+                )
             if index in seen:
                 raise InvalidRequestError(f"Training row {row_id!r} is named more than once in the request.")
             seen.add(index)
@@ -325,6 +330,11 @@ class UnlearningRequest:
                 "The request removes every training row; there would be nothing left to fit."
             )
         return ResolvedRequest(edits)
+
+
+def _id_hint(train: TrainingSet) -> str:
+    named = list(train.ids[:3])
+    return f"these rows' ids start {', '.join(map(repr, named))}" if named else "there are no rows"
 
 
 def _replacement(row_id, old: Mapping, new_fields: Mapping, task: UnlearningTask) -> tuple[dict, str]:

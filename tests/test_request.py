@@ -100,3 +100,27 @@ def test_line_number_ids_survive_a_removal_when_the_removed_line_is_left_empty(t
         check_against_history(
             UnlearningRequest(remove=[2]), TrainingSet.from_jsonl(tmp_path / "deleted.jsonl"), history
         )
+
+
+def test_ids_resolve_by_the_id_field_in_python_as_in_the_cli(tmp_path):
+    """One rule: a row's "id" field, else its position — for a list, a datasets.Dataset and a training file."""
+    import datasets
+
+    from hf_unlearn.data import read_jsonl
+
+    rows = [{"id": f"r{i}", **row} for i, row in enumerate(ROWS)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for train in (
+        TrainingSet(rows),
+        TrainingSet(datasets.Dataset.from_list(rows)),
+        TrainingSet.from_jsonl(path),
+    ):
+        resolved = UnlearningRequest(remove=["r1"]).resolve(train, CausalLMTask())
+        assert resolved.indices == [1] and resolved.edits[0].row_id == "r1"
+        with pytest.raises(InvalidRequestError, match="'id' field"):  # the index is not the row's id
+            UnlearningRequest(remove=[1]).resolve(train, CausalLMTask())
+    assert TrainingSet(read_jsonl(path)).ids == TrainingSet.from_jsonl(path).ids == [r["id"] for r in rows]
+    # rows without the field (or with None) are named by their index, as the CLI names them by line number
+    mixed = [dict(ROWS[0]), {"id": None, **ROWS[1]}, {"id": "x", **ROWS[2]}]
+    assert TrainingSet(mixed).ids == [0, 1, "x"]

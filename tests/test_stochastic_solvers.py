@@ -67,15 +67,92 @@ def test_stiff_row_defeats_the_old_scale_but_not_the_default_lissa(stiff_row):
     assert extra["scale_row_products"] > 0 and stats.relative_residual < 0.1
 
 
-def test_stiff_row_default_qp_converges(stiff_row):
+def test_stiff_row_qp_sgd_rule_is_stable(stiff_row):
     op, _, C, damping, rhs, exact = stiff_row
     lambda_max = torch.linalg.eigvalsh(C)[-1].item()
-    x, stats = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1)
+    x, stats = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1, qp_optimizer="sgd")
     assert relerr(x, exact) < 0.30
     assert stats.extra["qp_lr"] == pytest.approx(0.1 / stats.extra["smoothness_estimate"])
     assert stats.extra["qp_lr"] < 0.1 / (lambda_max + damping)  # smaller than the previous default
-    old, _ = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1, qp_lr=0.1 / (lambda_max + damping))
+    old, _ = qp_solve(
+        op,
+        damping,
+        rhs,
+        tol=1e-6,
+        max_iter=2000,
+        seed=1,
+        qp_optimizer="sgd",
+        qp_lr=0.1 / (lambda_max + damping),
+    )
     assert not torch.isfinite(old).all() or relerr(old, exact) > 1.0
+
+
+def test_stiff_row_default_qp_converges_to_tol(stiff_row):
+    """The default (svrg) has no noise floor: it reaches tol, where sgd stalls at a few percent."""
+    op, _, C, damping, rhs, exact = stiff_row
+    x, stats = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1)
+    assert stats.extra["qp_optimizer"] == "svrg" and stats.converged
+    assert relerr(x, exact) < 1e-5
+    assert stats.extra["qp_lr"] == pytest.approx(1 / stats.extra["smoothness_estimate"])
+    A = C + damping * torch.eye(op.size, dtype=torch.float64)
+    assert stats.relative_residual == pytest.approx(((A @ x - rhs).norm() / rhs.norm()).item(), rel=1e-6)
+    sgd, _ = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1, qp_optimizer="sgd")
+    assert relerr(sgd, exact) > 100 * relerr(x, exact)
+
+
+def test_svrg_halves_a_step_that_diverges_and_never_returns_worse_than_zero(stiff_row):
+    op, _, C, damping, rhs, exact = stiff_row
+    lambda_max = torch.linalg.eigvalsh(C)[-1].item()
+    x, stats = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1, qp_lr=40 / (lambda_max + damping))
+    assert stats.extra["step_halvings"] >= 3 and torch.isfinite(x).all()
+    assert stats.relative_residual < 1e-3 and relerr(x, exact) < 1e-2
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_ggn():
+    """The Gauss–Newton curvature of the tiny Llama (LoRA, P = 256) on 24 rows, damped to condition number 21,
+    with its dense form: the well-conditioned case on which the released-style solvers stopped 40 % short."""
+    from reference import tiny_llama, token_rows
+
+    from hf_unlearn.curvature.ggn import GaussNewtonOperator
+    from hf_unlearn.objective import CausalLMTask
+
+    model, rows, task = tiny_llama(seed=0).eval(), token_rows(24, seed=0), CausalLMTask()
+    processes = Processes()
+    op = GaussNewtonOperator(
+        model, task, ParameterSpace(model), Batches(task, rows, BATCH, "cpu", processes), "token",
+        normaliser(task, rows, "token"), processes,
+    )  # fmt: skip
+    C = dense_matrix(op)
+    eigenvalues = torch.linalg.eigvalsh(C)
+    damping = 0.05 * eigenvalues[-1].item()
+    A = C + damping * torch.eye(op.size, dtype=torch.float64)
+    assert torch.linalg.cond(A).item() < 25
+    rhs = torch.randn(op.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return op, A, damping, rhs, torch.linalg.solve(A, rhs)
+
+
+def test_default_qp_converges_on_the_tiny_llama_at_the_default_budget_and_counts_its_products(tiny_llama_ggn):
+    op, A, damping, rhs, exact = tiny_llama_ggn
+    from hf_unlearn import UnlearningArguments
+
+    defaults = UnlearningArguments()
+    full_before = op.num_products
+    x, stats = qp_solve(op, damping, rhs, tol=defaults.tol, max_iter=defaults.max_iter, seed=0)
+    error = relerr(x, exact)
+    print(f"qp (svrg) on the tiny Llama: relative error {error:.2e}, {stats.extra}")
+    assert error < 1e-4 and stats.converged
+    extra = stats.extra
+    # 24 rows in mini-batches of 8: a full product is 3 mini-batch products
+    assert extra["full_product_cost"] == 3.0
+    assert extra["full_products"] == op.num_products - full_before == stats.curvature_products
+    assert extra["minibatch_equivalent_products"] == pytest.approx(
+        extra["sample_products"] + 3.0 * extra["full_products"] + extra["scale_row_products"] / BATCH
+    )
+    # the solve itself kept within the budget: inner steps plus the epochs' full products
+    assert extra["sample_products"] + 3.0 * extra["epochs"] <= defaults.max_iter
+    assert 0 < extra["momentum"] < 1
+    assert extra["sample_products"] == stats.iterations == extra["epochs"] * extra["steps_per_epoch"]
 
 
 def exact_second_moment(per_row, always, drawn):

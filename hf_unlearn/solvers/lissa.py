@@ -45,6 +45,14 @@ def lissa_solve(
     iterates `x_j` over the second half of the depth (the same variance reduction for the same cost). Finally
     one full product measures the relative residual; the solver is budgeted, so `converged` only says
     whether it is ≤ `tol`. The estimates, the chosen scale and their cost are in the stats' `extra`.
+
+    LiSSA does not converge to a small residual at a few thousand steps: every step multiplies by a fresh
+    mini-batch product, so its error has a noise floor set by the batch variance (averaging only lowers it
+    like 1/√depth). Measured in float64 against the dense solve on the 24-row tiny Llama (LoRA, P = 256,
+    batch 8): with the GGN damped to condition number 21, 3.0e-3 relative error at 2,000 steps; with the
+    Hessian damped to condition number 3.6, 1.1e-2 at 200 steps and 5.1e-3 at 2,000. `qp` (SVRG, the
+    default) reaches 1e-6 on the first problem in under 700 mini-batch products. Use LiSSA only where a
+    percent-level error is acceptable; otherwise use `cg` (or `qp`).
     """
     start = time.perf_counter()
     extra = {"stochastic": True, "stochastic_batch_size": stochastic_batch_size}
