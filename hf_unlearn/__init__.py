@@ -4,7 +4,7 @@ from .config import UnlearningArguments
 from .curvature.kfac import KFACFactors
 from .curvature.nystrom import NystromSketch
 from .data import ExampleEncoder, TextEncoding, TrainingSet
-from .eraser import UnlearningResult, sketch_curvature, unlearn
+from .eraser import UnlearningResult, prepare_curvature, sketch_curvature, unlearn
 from .errors import (
     ConfigurationError,
     DataError,
@@ -60,6 +60,7 @@ __all__ = [
     "UnlearningError",
     "UnlearningRequest",
     "UnlearningResult",
+    "prepare_curvature",
     "UnlearningTask",
     "UnlearnTrainer",
     "sketch_curvature",

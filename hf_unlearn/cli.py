@@ -16,7 +16,28 @@ COMMANDS = {
     "evaluate": "Utility, forget quality (TOFU) and privacy leakage (MUSE) of an adapter beside the original and retrained ones.",
     "push": "Publish an unlearned adapter directory to the Hugging Face Hub (--dry-run lists the files).",
     "apply-request": "Write the training file with a request applied: the one the next request's checks expect.",
+    "prepare": "Once per adapter trained elsewhere: compute the K-FAC curvature factors requests reuse, beside it.",
 }
+
+
+@dataclass
+class PreparePaths:
+    """Inputs of `hf-unlearn prepare` (it writes into the adapter directory)."""
+
+    model: str = field(metadata={"help": "Base model: a local directory or .gguf file."})
+    adapter: str = field(
+        metadata={"help": "The trained PEFT adapter directory; the factors are written into it."}
+    )
+    train_file: str = field(metadata={"help": "JSON-lines training data the adapter was trained on."})
+    tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer for text rows (default: the adapter directory's, else the base model's)."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom model code from the model dir."}
+    )
 
 
 @dataclass
@@ -223,7 +244,10 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
 
 
 # Flags of a shared argument dataclass that make no sense for a command: not offered (nor accepted) there.
-HIDDEN = {"hf-unlearn unlearn": {"capture_curvature"}}  # training only (UnlearnTrainer / the callback)
+HIDDEN = {  # training only (UnlearnTrainer / the callback)
+    "hf-unlearn unlearn": {"capture_curvature"},
+    "hf-unlearn prepare": {"capture_curvature"},
+}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -280,6 +304,41 @@ def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
     if rest:
         error(f"unrecognized arguments: {' '.join(rest)}")
     return tuple(parsed)
+
+
+def prepare_command(argv: list[str]) -> int:
+    import time
+
+    from .config import UnlearningArguments
+    from .data import ExampleEncoder, TextEncoding, TrainingSet
+    from .eraser import default_task, prepare_curvature
+    from .io import recorded_objective
+    from .models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, tokenizer_source
+
+    paths, encoding, args = parse_arguments(
+        (PreparePaths, TextEncoding, UnlearningArguments), argv, "hf-unlearn prepare"
+    )
+    check_adapter_dir(paths.adapter)
+    check_recorded_settings(
+        paths.adapter, recorded_objective(paths.adapter) or {}, vars(encoding), args.loss_normalization
+    )
+    train = TrainingSet.from_jsonl(paths.train_file)
+    tokenizer = load_tokenizer(
+        tokenizer_source(paths.tokenizer, paths.adapter, paths.model), paths.trust_remote_code
+    )
+    model = load_adapter(
+        load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code), paths.adapter
+    )
+    task = default_task(model, tokenizer)
+    task.encoder = ExampleEncoder(tokenizer, encoding)
+    start = time.perf_counter()
+    factors = prepare_curvature(model, train, args, task=task)
+    factors.save(paths.adapter)
+    print(
+        f"Wrote K-FAC curvature factors of {factors.info['num_rows']} training rows into {paths.adapter} "
+        f"({time.perf_counter() - start:.1f} s): hf-unlearn unlearn reuses them for every request."
+    )
+    return 0
 
 
 def unlearn_command(argv: list[str]) -> int:
@@ -347,6 +406,7 @@ def unlearn_command(argv: list[str]) -> int:
             card_source=paths.adapter,
             base_model_id=paths.base_model_id,
             nystrom_sketch=result.nystrom_sketch,
+            curvature_factors=result.curvature_factors,
         )
         s = result.stats
         inexact = " — INEXACT: kept with --allow-inexact before reaching --tol" if s.get("inexact") else ""
@@ -693,7 +753,7 @@ THREADS_RULE = (
     "at least 1 and at most torch's default"
 )
 THREADS: dict = {}  # what `choose_threads` chose, recorded in the manifest
-TORCH_COMMANDS = ("unlearn", "train", "demo", "evaluate")
+TORCH_COMMANDS = ("unlearn", "train", "demo", "evaluate", "prepare")
 
 
 def choose_threads() -> dict:
@@ -742,6 +802,7 @@ def main(argv: list[str] | None = None) -> int:
             "evaluate": evaluate_command,
             "push": push_command,
             "apply-request": apply_request_command,
+            "prepare": prepare_command,
         }[argv[0]](argv[1:])
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)

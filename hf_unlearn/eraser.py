@@ -28,6 +28,7 @@ from .curvature.setup import (
     obtain_factors,
     obtain_sketch,
     sample_indices,
+    sample_rows,
 )
 from .data import ExampleEncoder, TrainingSet
 from .distributed import Processes, check_curvature_supported
@@ -56,6 +57,8 @@ class UnlearningResult:
     # preconditioner "nystrom": the sketch downdated by this request, i.e. of the edited training set (the
     # next request's starting point; hf-unlearn unlearn saves it beside the output adapter)
     nystrom_sketch: NystromSketch | None = None
+    # objective_estimate "quadratic": the K-FAC factors of the edited training set, likewise
+    curvature_factors: KFACFactors | None = None
 
     @property
     def delta_norm(self) -> float:
@@ -282,7 +285,7 @@ def unlearn(
     # the sketch is handed on (saved beside the output, reused by the next request) only once it is the
     # edited training set's: downdated, which happens when C is over the edited rows
     handed_on = sketch if args.curvature_on_edited else None
-    result = UnlearningResult(delta_dict, stats_dict, resolved, timings, handed_on)
+    result = UnlearningResult(delta_dict, stats_dict, resolved, timings, handed_on, estimate.next_factors)
     result.stats["delta_norm"] = result.delta_norm
     return result
 
@@ -309,6 +312,35 @@ def sketch_curvature(
         return compute_sketch(
             args, model, task, space, rows,
             lambda rs: Batches(task, rs, args.batch_size, device, processes), processes, M,
+        )  # fmt: skip
+
+
+def prepare_curvature(
+    model: torch.nn.Module,
+    train_dataset: Sequence[Mapping] | TrainingSet,
+    args: UnlearningArguments | None = None,
+    *,
+    task: UnlearningTask | None = None,
+    tokenizer=None,
+) -> KFACFactors:
+    """K-FAC factors of `model`'s training set at its current weights, for `objective_estimate="quadratic"`:
+    once per adapter, one forward and backward pass over `args.curvature_samples` rows (default: all), with
+    `args.kfac_targets` (default: empirical, as captured in training). Save them beside the adapter
+    (`factors.save(adapter_dir)`; `hf-unlearn unlearn` then finds them) or pass them to `unlearn`. Adapters
+    trained with `capture_curvature` already have them."""
+    args = args or UnlearningArguments()
+    task = task or default_task(model, tokenizer)
+    train = train_dataset if isinstance(train_dataset, TrainingSet) else TrainingSet(train_dataset)
+    space, processes = ParameterSpace(model), Processes()
+    device = space.params[0].device
+    norm = args.loss_normalization
+    with computation_mode(model, args.torch_dtype):
+        rows = [train[i] for i in range(len(train))]
+        sample = sample_rows(rows, args.curvature_samples, args.seed)
+        return fit_kfac_factors(
+            model, task, space, Batches(task, sample, args.batch_size, device, processes), norm,
+            normaliser(task, sample, norm, args.batch_size), processes, targets=args.kfac_targets or "empirical",
+            seed=args.seed, source="prepare",
         )  # fmt: skip
 
 
@@ -416,6 +448,7 @@ class _Estimate:
     tilted: object
     rows: int
     stats: dict
+    next_factors: KFACFactors | None = None  # the edited training set's K-FAC factors, for the next request
 
 
 def _full_estimate(ctx: _Context, factors, sketch, picked) -> _Estimate:
@@ -478,5 +511,23 @@ def _quadratic_estimate(ctx: _Context, factors: KFACFactors) -> _Estimate:
     tilted = QuadraticTilted(
         ctx.model, ctx.task, ctx.space, kept, ctx.M, a.l2, ctx.g_old, a, ctx.batches, ctx.processes, new_rows
     )
+    # the edited training set's factors for the next request: the new versions' added (taken at θ*, as the rest)
+    next_factors = kept_factors
+    if new_rows:
+        next_factors = kept_factors.with_rows(
+            fit_kfac_factors(
+                ctx.model,
+                ctx.task,
+                ctx.space,
+                ctx.batches(new_rows),
+                norm,
+                ctx.M,
+                ctx.processes,
+                targets=factors.targets,
+                seed=a.seed,
+                source="request",
+            )  # fmt: skip
+        )
+    next_factors.info["source"] = "updated by a request"
     stats = {"kind": "quadratic", "kept_factor_positions": sum(kept_factors.positions.values())}
-    return _Estimate(tilted.curvature(), kept, tilted, len(new_rows), stats)
+    return _Estimate(tilted.curvature(), kept, tilted, len(new_rows), stats, next_factors)

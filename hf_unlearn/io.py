@@ -372,12 +372,13 @@ def save_unlearned_adapter(
     card_source: str | Path | None = None,
     base_model_id: str | None = None,
     nystrom_sketch=None,
+    curvature_factors=None,
 ) -> Path:
     """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all.
 
     `card_source` is the input adapter's directory: its README.md is kept and extended, its tokenizer files
-    (`TOKENIZER_FILES`) are copied; `nystrom_sketch`
-    (the edited training set's) is written beside the adapter for the next request.
+    (`TOKENIZER_FILES`) are copied; `nystrom_sketch` and `curvature_factors` (the edited training
+    set's) are written beside the adapter for the next request.
     """
 
     def fill(staging: Path) -> None:
@@ -389,6 +390,8 @@ def save_unlearned_adapter(
         write_manifest_and_card(staging, manifest, base_model_id)
         if nystrom_sketch is not None:
             nystrom_sketch.save(staging)
+        if curvature_factors is not None:
+            curvature_factors.save(staging)
 
     return write_directory(output_dir, overwrite, fill)
 

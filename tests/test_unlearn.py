@@ -644,6 +644,19 @@ def test_factors_without_rows_are_the_factors_of_the_other_rows(trained):
         assert torch.allclose(kept.G[n], direct.G[n], rtol=0, atol=1e-12)
 
 
+def test_factors_of_an_edited_set_are_taken_out_and_added_row_by_row(trained):
+    """`without(old).with_rows(new)` are the factors of the edited rows (all taken at the same θ)."""
+    M = DenseReference(trained, "token").normaliser(ROWS)
+    _, old, new = REQUESTS["mixed"]
+    updated = kfac_of(trained, ROWS, M).without(kfac_of(trained, [ROWS[i] for i in old], M))
+    updated = updated.with_rows(kfac_of(trained, new, M))
+    direct = kfac_of(trained, edited_rows(old, new), M)
+    assert updated.positions == direct.positions and updated.info["num_rows"] == direct.info["num_rows"]
+    for n in direct.A:
+        assert torch.allclose(updated.A[n], direct.A[n], rtol=0, atol=1e-12)
+        assert torch.allclose(updated.G[n], direct.G[n], rtol=0, atol=1e-12)
+
+
 def test_quadratic_objective_refine_matches_dense_newton_steps(trained, tmp_path):
     """Kept rows as the K-FAC quadratic of the training run with the old rows taken out, new rows exact:
 
@@ -689,6 +702,8 @@ def test_quadratic_objective_refine_matches_dense_newton_steps(trained, tmp_path
     full = dense_refine(trained, old, new, damping + 1.0, steps=2)
     assert relative_error(full, expected) > 1e-3  # K-FAC is not the exact kept curvature: the check can fail
     assert [s["gradient_rows"] for s in result.stats["refine"]] == [len(new)] * 2  # the request's rows only
+    handed_on = result.curvature_factors  # the edited set's factors, for the next request
+    assert handed_on.positions == kfac_of(trained, edited_rows(old, new), M).positions
 
 
 @pytest.mark.parametrize("refine_damping", ["fixed", "line_search"])

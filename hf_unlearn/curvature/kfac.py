@@ -197,16 +197,30 @@ class KFACFactors:
         )
         return out
 
+    def with_rows(self, rows: KFACFactors) -> KFACFactors:
+        """The factors of these rows' set plus `rows` (raw sums and position counts added; M kept): after a
+        request, `factors.without(old).with_rows(new)` are the edited training set's, for the next request."""
+        self._check_compatible(rows)
+        return KFACFactors(
+            {n: self.A[n] + rows.A[n].to(self.A[n]) for n in self.A},
+            {n: self.G[n] + rows.G[n].to(self.G[n]) for n in self.G},
+            {n: self.positions[n] + rows.positions[n] for n in self.A},
+            **{**self.info, "num_rows": self.info["num_rows"] + rows.info["num_rows"]},
+        )
+
+    def _check_compatible(self, rows: KFACFactors) -> None:
+        if rows.targets != self.targets or set(rows.A) != set(self.A):
+            raise ConfigurationError(
+                f"cannot combine factors with {rows.targets!r} targets over {len(rows.A)} modules with factors "
+                f"with {self.targets!r} targets over {len(self.A)}."
+            )
+
     def without(self, rows: KFACFactors) -> KFACFactors:
         """The factors of these rows' set minus `rows` (factors of some of them, with the same targets): the raw
         sums and position counts subtracted, `A − A_rows`, `G − G_rows`, `K − K_rows` — the K-FAC of the
         remaining rows when both were taken at the same θ. The normaliser M is kept (the objective's), and
         EK-FAC eigenvalues, which belong to the whole set, are dropped."""
-        if rows.targets != self.targets or set(rows.A) != set(self.A):
-            raise ConfigurationError(
-                f"cannot take factors with {rows.targets!r} targets over {len(rows.A)} modules out of factors "
-                f"with {self.targets!r} targets over {len(self.A)}."
-            )
+        self._check_compatible(rows)
         positions = {n: self.positions[n] - rows.positions[n] for n in self.A}
         if any(k < 0 for k in positions.values()):
             raise ConfigurationError("the rows taken out have more positions than the factors hold.")
@@ -214,7 +228,7 @@ class KFACFactors:
             {n: self.A[n] - rows.A[n].to(self.A[n]) for n in self.A},
             {n: self.G[n] - rows.G[n].to(self.G[n]) for n in self.G},
             positions,
-            **{**self.info, "num_rows": self.info["num_rows"] - rows.info["num_rows"], "rows_taken_out": rows.info["num_rows"]},
+            **{**self.info, "num_rows": self.info["num_rows"] - rows.info["num_rows"]},
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:
