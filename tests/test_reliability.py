@@ -331,7 +331,7 @@ def test_card_and_evaluate_report_one_forget_loss_and_the_check_against_held_out
         report = tmp_path / f"{name}.json"
         assert main(["evaluate", "--model", workspace["base"], "--adapter", adapter, "--forget-file", forget,
                      "--test-file", held_out, "--output-file", str(report)]) == 0  # fmt: skip
-        reports[name] = json.loads(report.read_text())
+        reports[name] = json.loads(report.read_text())["adapters"]["unlearned"]
     s, check = manifest["solver"], manifest["forget_check"]
     assert s["forget_loss_before"] == pytest.approx(reports["before"]["forget"]["loss"], rel=1e-5)
     assert s["forget_loss_after"] == pytest.approx(reports["after"]["forget"]["loss"], rel=1e-5)
