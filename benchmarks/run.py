@@ -152,7 +152,7 @@ SUITES["scaling"] = {
     "capture_curvature": True,
     "per_method": {"sample+interacting+refine": {"interacting_rows": 64}},
     "reference": False,
-    "methods": ["kfac-captured", "quadratic+refine", "retrain-next-seed", "retrain"],
+    "methods": ["default", "kfac-captured", "quadratic+refine", "retrain-next-seed", "retrain"],
 }
 # methods that use the K-FAC factors captured while training the original adapter (suites with capture_curvature)
 CAPTURED_METHODS = ("kfac-captured", "ekfac-captured", "cg+kfac", "quadratic+refine")
@@ -232,7 +232,8 @@ def solver_method(solver: str, settings: dict):
         result = unlearn(model, train, request, args, task=lab.task)
         model.save_pretrained(out)
         lab.drop(model)
-        row = {k: result.stats.get(k) for k in ("iterations", "curvature_products", "work_rows")}
+        keys = ("iterations", "curvature_products", "work_rows", "inexact", "objective_estimate_choice")
+        row = {k: result.stats.get(k) for k in keys}
         # the rest of the solve's curvature work: mini-batch products (lissa, qp) and refinement solves
         row |= {k: result.stats[k] for k in ("sample_products", "scale_row_products") if k in result.stats}
         if "refine" in result.stats:
@@ -243,6 +244,18 @@ def solver_method(solver: str, settings: dict):
             row["downdate_rows"] = sketch["downdate_rows"]
             row["curvature_rows"] = result.stats["num_curvature_rows"]
         return row
+
+    return run
+
+
+def default_method(suite: dict):
+    """`unlearn` with `UnlearningArguments`' defaults (the suite's settings ignored), K-FAC factors found beside
+    the original adapter as `hf-unlearn unlearn` finds them: what a user gets without tuning flags."""
+
+    def run(lab: Lab, original: Path, train: TrainingSet, request: UnlearningRequest, out: Path, **_):
+        saved = (original / "curvature_factors.json").is_file()
+        factors = {"curvature_factors": str(original)} if saved else {}
+        return solver_method(UnlearningArguments().solver, factors)(lab, original, train, request, out)
 
     return run
 
@@ -622,6 +635,8 @@ METHODS = {
     # cg on the exact GGN, preconditioned by the Nyström sketch made once beside the original adapter
     # (`nystrom_sketch`), downdated by each request's rows
     "cg+nystrom": _solver_factory("cg", "cg+nystrom", preconditioner="nystrom", curvature_factors="captured"),
+    # UnlearningArguments' defaults: what hf-unlearn unlearn does without tuning flags
+    "default": default_method,
     "llmeraser-reference": lambda suite: llmeraser_reference,
     "gradient-ascent": lambda suite: gradient_ascent,
     "retrain-next-seed": lambda suite: retrain_next_seed,

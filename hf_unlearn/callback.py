@@ -101,7 +101,9 @@ class UnlearningCallback(TrainerCallback):
         self.result: UnlearningResult | None = None
         self.manifest: dict | None = None
         self.capture = (
-            CurvatureCaptureCallback(loss_normalization=self.unlearning_args.loss_normalization)
+            CurvatureCaptureCallback(
+                loss_normalization=self.unlearning_args.loss_normalization, required=False
+            )
             if self.unlearning_args.capture_curvature
             else None
         )

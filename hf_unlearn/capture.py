@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from transformers import TrainerCallback
 
-from .curvature.kfac import KFACFactors
+from .curvature.kfac import KFACFactors, adapted_output_layer
 from .curvature.kfac_capture import TrainingCapture
 from .distributed import Processes, barrier
 from .errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 
 class CurvatureCaptureCallback(TrainerCallback):
@@ -29,23 +32,48 @@ class CurvatureCaptureCallback(TrainerCallback):
     `on_train_end` the factors are summed over processes into `callback.factors` and, when
     `output_dir` is given, written there by the main process. `callback.overhead` is the time spent in the
     hooks' own arithmetic, `callback.capture_seconds` the wall time of the captured steps.
+
+    With `required=False` (how `hf-unlearn train`, `UnlearnTrainer` and `UnlearningCallback` capture by
+    default) a model or a run the capture cannot describe is logged and skipped — `callback.skipped` says why
+    and `factors` stays None — instead of failing the training.
     """
 
     def __init__(
-        self, output_dir: str | None = None, loss_normalization: str = "token", steps: int | None = None
+        self,
+        output_dir: str | None = None,
+        loss_normalization: str = "token",
+        steps: int | None = None,
+        required: bool = True,
     ):
         if steps is not None and steps < 1:
             raise ConfigurationError(f"steps must be ≥ 1 (or None for the last epoch), got {steps!r}.")
         self.output_dir = output_dir
         self.loss_normalization = loss_normalization
         self.steps = steps
+        self.required = required
+        self.skipped: str | None = None
         self.capture: TrainingCapture | None = None
         self.factors: KFACFactors | None = None
         self.first_step: int | None = None
         self.capture_seconds = 0.0
         self._started_at = None
 
+    def _skip(self, error: ConfigurationError) -> None:
+        if self.required:
+            raise error
+        if self.capture is not None and self.capture.running:
+            self.capture.stop()
+        self.capture, self.factors, self.skipped = None, None, str(error)
+        logger.warning("K-FAC curvature is not captured during this training: %s", error)
+
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        self.skipped = None
+        try:
+            self._begin(args, state, model, train_dataloader)
+        except ConfigurationError as e:
+            self._skip(e)
+
+    def _begin(self, args, state, model, train_dataloader):
         from accelerate.utils import extract_model_from_parallel
 
         if getattr(args, "label_smoothing_factor", 0.0):
@@ -65,7 +93,14 @@ class CurvatureCaptureCallback(TrainerCallback):
         self.first_step = max(0, state.max_steps - (self.steps or steps_per_epoch))
         if self.capture is not None and self.capture.running:  # a run that raised left its hooks on
             self.capture.stop()
-        self.capture = TrainingCapture(extract_model_from_parallel(model), self.loss_normalization)
+        unwrapped = extract_model_from_parallel(model)
+        self.capture = TrainingCapture(unwrapped, self.loss_normalization)
+        if head := adapted_output_layer(unwrapped, self.capture.blocks):
+            self.capture = None
+            raise ConfigurationError(
+                f"the output layer is adapted ({head}): the loss computes its logits at the loss positions only, "
+                "while K-FAC models per-token layers. Leave lm_head out of the LoRA targets to capture."
+            )
         self.factors, self._started_at = None, None
 
     def on_step_begin(self, args, state, control, **kwargs):
@@ -79,11 +114,15 @@ class CurvatureCaptureCallback(TrainerCallback):
         if self._started_at is not None:
             self.capture_seconds = time.perf_counter() - self._started_at[0]
         processes = Processes()
-        self.factors = self.capture.factors(
-            processes,
-            steps=[self._started_at[1] if self._started_at else None, state.global_step],
-            epoch=state.epoch,
-        )
+        try:
+            self.factors = self.capture.factors(
+                processes,
+                steps=[self._started_at[1] if self._started_at else None, state.global_step],
+                epoch=state.epoch,
+            )
+        except ConfigurationError as e:
+            self._skip(e)
+            return control
         if self.output_dir is not None and processes.is_main:
             self.factors.save(self.output_dir)
         barrier(processes)

@@ -413,12 +413,25 @@ def unlearn_command(argv: list[str]) -> int:
         print(
             f"Unlearned {result.request.kind_counts()} with {args.solver}: {s['iterations']} iterations, "
             f"relative residual {s['relative_residual']:.2e}{inexact}, |Δθ| = {result.delta_norm:.4g}, "
-            f"{result.timings['total_seconds']:.1f} s; forget-set loss {check['summary']}. Wrote {out}"
+            f"{result.timings['total_seconds']:.1f} s; {describe_steps(s)}; forget-set loss {check['summary']}. "
+            f"Wrote {out}"
         )
         if check["warning"]:
             print(f"hf-unlearn unlearn: warning: {check['warning']}", file=sys.stderr)
     barrier(processes)
     return 0
+
+
+def describe_steps(stats: dict) -> str:
+    """Which objective estimate ran, how many Newton steps it kept and what they passed over, in a few words."""
+    choice = stats["objective_estimate_choice"]
+    steps = stats.get("refine", [])
+    kept = sum(1 for step in steps if step.get("accepted", True)) if steps else 1
+    over = "the request's rows only" if choice["kind"] != "full" else "every training row"
+    text = f"objective estimate {choice['kind']}, {kept} Newton step{'s' * (kept != 1)} over {over}"
+    if choice["asked"] == "auto" and choice["kind"] == "full":
+        text += f" (auto chose full: {choice['because']})"
+    return text
 
 
 # Over-forgetting: retraining would leave the removed rows about as likely as rows never trained on.

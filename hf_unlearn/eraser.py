@@ -15,7 +15,7 @@ import torch
 
 from .config import KFAC_CURVATURES, UnlearningArguments
 from .curvature import KFAC_OPERATORS
-from .curvature.kfac import KFACFactors
+from .curvature.kfac import KFACFactors, kfac_coverage_problem
 from .curvature.kfac_fit import fit_kfac_factors
 from .curvature.nystrom import NystromSketch
 from .curvature.rows import RowGradientSketch
@@ -110,6 +110,8 @@ def unlearn(
     resolved = request.resolve(train, task)
     space = ParameterSpace(model)
     device = space.params[0].device
+    estimate_choice = choose_objective_estimate(args, model, space)
+    args = dataclasses.replace(args, objective_estimate=estimate_choice["kind"])
 
     with computation_mode(model, args.torch_dtype):
         norm = args.loss_normalization
@@ -138,7 +140,10 @@ def unlearn(
         # (the quadratic estimate takes the request's old rows out of the training run's factors itself)
         on_edited = args.curvature_on_edited and args.objective_estimate != "quadratic"
         curvature_data = edited if on_edited else all_rows
-        extra_stats = {"curvature_data": "edited" if args.curvature_on_edited else "original"}
+        extra_stats = {
+            "curvature_data": "edited" if args.curvature_on_edited else "original",
+            "objective_estimate_choice": estimate_choice,
+        }
         factors = None
         if needs_factors(args):
             t = time.perf_counter()
@@ -226,7 +231,7 @@ def unlearn(
                     model, task, space, all_rows, edited, M, mu, norm, batches, processes, show
                 )  # fmt: skip
                 build_curvature = _full_curvature(
-                    args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked
+                    args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked, sketch
                 )
             else:
                 build_curvature = tilted.curvature
@@ -359,6 +364,35 @@ def request_rhs(model, task, space, resolved, batches, norm, processes, M, show=
     return b / M, g_old
 
 
+def choose_objective_estimate(args: UnlearningArguments, model, space) -> dict:
+    """`{"kind", "asked", "because"}`: `args.objective_estimate`, with 'auto' resolved — 'quadratic' (a request
+    passes over its own rows only) wherever it applies, else 'full' (docs/method.md §2)."""
+    asked = args.objective_estimate
+    if asked != "auto":
+        return {"kind": asked, "asked": asked, "because": "asked for"}
+    reason = None
+    if args.refine_steps == 0 and args.refine_damping == "fixed":
+        reason = "a single fixed step was asked for (refine_steps 0, refine_damping fixed): the update itself"
+    elif args.curvature in KFAC_CURVATURES or not args.curvature_on_edited:
+        reason = (
+            f"curvature {args.curvature!r} on the {'edited' if args.curvature_on_edited else 'original'} rows"
+        )
+    elif args.solver not in ("cg", "direct") or args.preconditioner != "none":
+        reason = f"solver {args.solver!r} with preconditioner {args.preconditioner!r}"
+    else:
+        reason = kfac_coverage_problem(model, space)
+    if reason is None:
+        return {
+            "kind": "quadratic",
+            "asked": "auto",
+            "because": "the kept rows as the training run's K-FAC quadratic; each step passes over the request's "
+            "rows only",
+        }
+    if args.refine_steps or args.refine_damping != "fixed":
+        reason += "; each refinement step passes over every training row"
+    return {"kind": "full", "asked": "auto", "because": reason}
+
+
 def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
     """Why the solve is not exact (empty when it is); raises `SolverError` unless `allow_inexact` keeps a finite
     result. Exact means converged (cg, direct) or, for budgeted mini-batch solvers (lissa, qp), better than no
@@ -391,11 +425,13 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
     return problems
 
 
-def _full_curvature(args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked):
+def _full_curvature(
+    args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked, sketch
+):
     """`build_curvature()` for `FullTilted`: C'(θ) on the first step's rows (the edited set with M fixed, or
     the same edited sample). With `curvature="kfac"|"ekfac"` the factors are recomputed at every θ by one pass
-    over the edited rows (`curvature_samples` of them); a K-FAC *preconditioner* keeps the θ* factors (it only
-    changes the speed of the solve)."""
+    over the edited rows (`curvature_samples` of them); a K-FAC or Nyström *preconditioner* keeps the θ* factors
+    or sketch (it only changes the speed of the solve)."""
     edited = resolved.edited_rows(all_rows)
     curvature_rows, curvature_M = curvature_sample(task, all_rows, resolved, True, args, M, picked)
     norm = args.loss_normalization
@@ -415,7 +451,7 @@ def _full_curvature(args, model, task, space, all_rows, resolved, M, batches, pr
             # The factors are normalised by their rows' own M; R' keeps the original M.
             step_factors.info["normaliser"] *= M / normaliser(task, edited, norm, args.batch_size)
         return build_operators(
-            args, model, task, space, curvature_rows, batches, processes, step_factors, M=curvature_M
+            args, model, task, space, curvature_rows, batches, processes, step_factors, curvature_M, sketch
         )[0]
 
     return build

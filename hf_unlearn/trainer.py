@@ -415,7 +415,7 @@ class UnlearnTrainer(Trainer):
             from .capture import CurvatureCaptureCallback
 
             self.curvature_capture = CurvatureCaptureCallback(
-                loss_normalization=self.unlearning_args.loss_normalization
+                loss_normalization=self.unlearning_args.loss_normalization, required=False
             )
             self.add_callback(self.curvature_capture)
 
@@ -459,10 +459,12 @@ class UnlearnTrainer(Trainer):
             and not self.args.disable_tqdm
             and self.is_world_process_zero(),
         )
-        previous = self.unlearning_results[-1].nystrom_sketch if self.unlearning_results else None
+        # what the last request left (the edited set's factors and sketch), else what training captured
+        previous = self.unlearning_results[-1] if self.unlearning_results else None
+        factors = self.curvature_factors if previous is None else previous.curvature_factors
         result = unlearn(
             model, dataset, request, args, task=task,
-            curvature_factors=self.curvature_factors, nystrom_sketch=previous,
+            curvature_factors=factors, nystrom_sketch=previous and previous.nystrom_sketch,
         )  # fmt: skip
         self.unlearning_results.append(result)
         self.unlearning_manifests.append(

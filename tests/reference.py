@@ -15,7 +15,7 @@ from torch.func import functional_call
 from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-from hf_unlearn import UnlearningTask
+from hf_unlearn import UnlearningArguments, UnlearningTask
 from hf_unlearn.params import ParameterSpace
 
 VOCAB = 32
@@ -285,3 +285,28 @@ def dense_fisher(model, rows, normalization: str, M=None) -> torch.Tensor:
         g = torch.func.grad(lambda th, r=r: ref.ell_at(th, r))(ref.theta)
         total += torch.outer(g, g)
     return total / M
+
+
+# The single LLMEraser update on the exact Hessian — `UnlearningArguments`' defaults before the quadratic estimate
+# with refinement became the default (docs/method.md §2): what the dense references of the update compute.
+SINGLE_STEP = {
+    "curvature": "hessian",
+    "damping": 0.1,
+    "tol": 1e-6,
+    "max_iter": 200,
+    "refine_steps": 0,
+    "refine_damping": "fixed",
+    "objective_estimate": "full",
+    "capture_curvature": False,
+}
+# the same as `hf-unlearn unlearn` flags (put first: a flag given again later wins)
+SINGLE_STEP_FLAGS = [
+    f"--{name.replace('_', '-')}={value}"
+    for name, value in SINGLE_STEP.items()
+    if name != "capture_curvature"
+]
+
+
+def single_step(**overrides) -> UnlearningArguments:
+    """`UnlearningArguments` of the single update on the exact Hessian, with `overrides`."""
+    return UnlearningArguments(**{**SINGLE_STEP, **overrides})

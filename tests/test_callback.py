@@ -11,6 +11,7 @@ from reference import (
     LORA,
     DenseReference,
     relative_error,
+    single_step,
     tiny_llama,
     tiny_llama_base,
     token_rows,
@@ -22,7 +23,6 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from hf_unlearn import (
     CausalLMTask,
     ConfigurationError,
-    UnlearningArguments,
     UnlearningCallback,
     UnlearningRequest,
 )
@@ -71,7 +71,7 @@ def test_callback_in_plain_trainer_matches_dense_reference(tmp_path):
     out = tmp_path / "unlearned"
     snapshot = Snapshot(tmp_path / "theta_star")
     callback = UnlearningCallback(
-        request, UnlearningArguments(damping=damping, tol=1e-7, progress=False), output_dir=str(out)
+        request, single_step(damping=damping, tol=1e-7, progress=False), output_dir=str(out)
     )
     trainer = Trainer(
         model=tiny_llama(seed=0, dtype=torch.float32),
@@ -113,7 +113,7 @@ def test_callback_in_trl_sft_trainer_matches_dense_reference(tmp_path):
     snapshot = Snapshot(tmp_path / "theta_star")
     callback = UnlearningCallback(
         UnlearningRequest(remove=[2, 5]),
-        UnlearningArguments(damping=5.0, tol=1e-10, dtype="float64", progress=False),
+        single_step(damping=5.0, tol=1e-10, dtype="float64", progress=False),
         output_dir=str(out),
     )
     trainer = trl.SFTTrainer(
@@ -167,7 +167,7 @@ def test_callback_refuses_packing_and_existing_output_before_training(tmp_path):
 
 
 def test_callback_trains_the_objectives_l2_term():
-    callback = UnlearningCallback(UnlearningRequest(remove=[0]), UnlearningArguments(l2_regularization=0.3))
+    callback = UnlearningCallback(UnlearningRequest(remove=[0]), single_step(l2_regularization=0.3))
     model = torch.nn.Linear(3, 2).double()
     model(torch.ones(1, 3, dtype=torch.float64)).sum().backward()
     data_grad = model.weight.grad.clone()
@@ -191,7 +191,7 @@ def test_callback_clips_the_regularised_gradient_itself_during_training(tmp_path
             seen.append(args.max_grad_norm)
 
     callback = UnlearningCallback(
-        UnlearningRequest(remove=[0]), UnlearningArguments(l2_regularization=0.3, damping=1.0, progress=False)
+        UnlearningRequest(remove=[0]), single_step(l2_regularization=0.3, damping=1.0, progress=False)
     )
     args = TrainingArguments(max_steps=2, max_grad_norm=1e-3, **common_args(tmp_path))  # binds at every step
     Trainer(

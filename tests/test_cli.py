@@ -7,7 +7,16 @@ import sys
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from reference import LORA, ROWS_FOR_CLI, DenseReference, fit, relative_error, tiny_llama_base
+from reference import (
+    LORA,
+    ROWS_FOR_CLI,
+    SINGLE_STEP_FLAGS,
+    DenseReference,
+    fit,
+    relative_error,
+    single_step,
+    tiny_llama_base,
+)
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -93,7 +102,7 @@ def test_cli_reproduces_dense_update(workspace, kind, normalization):
     for dtype, tolerance in (("float32", 1e-3), ("float64", 1e-4)):
         out = workspace["root"] / f"out-{kind}-{normalization}-{dtype}"
         code = main(
-            ["unlearn", "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file", workspace["train"],
+            ["unlearn", *SINGLE_STEP_FLAGS, "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file", workspace["train"],
              "--request", workspace[kind], "--output-dir", str(out), "--solver", "cg", "--curvature", "hessian",
              "--damping", str(damping), "--tol", "1e-8", "--max-iter", "500", "--loss-normalization", normalization,
              "--dtype", dtype, "--no_progress"]
@@ -113,7 +122,7 @@ def test_cli_reproduces_dense_update(workspace, kind, normalization):
 
 def test_output_is_a_loadable_peft_adapter_with_manifest_and_card(workspace):
     out = workspace["root"] / "loadable"
-    args = ["unlearn", "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file", workspace["train"],
+    args = ["unlearn", *SINGLE_STEP_FLAGS, "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file", workspace["train"],
             "--request", workspace["IR"], "--output-dir", str(out), "--damping", "1.0"]  # fmt: skip
     assert main(args) == 0
     assert {"adapter_model.safetensors", "adapter_config.json", MANIFEST_NAME, "README.md"} <= {
@@ -134,7 +143,7 @@ def test_output_is_a_loadable_peft_adapter_with_manifest_and_card(workspace):
 
 def test_damping_auto_is_saved_with_the_value_it_chose(workspace):
     out = workspace["root"] / "auto"
-    args = ["unlearn", "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file", workspace["train"],
+    args = ["unlearn", *SINGLE_STEP_FLAGS, "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file", workspace["train"],
             "--request", workspace["IR"], "--output-dir", str(out), "--damping", "auto", "--curvature", "ggn"]  # fmt: skip
     assert main(args) == 0
     manifest = json.loads((out / MANIFEST_NAME).read_text())
@@ -148,7 +157,7 @@ def test_an_output_dir_overlapping_an_input_is_refused_and_the_inputs_stay(works
     adapter = tmp_path / "runs" / "adapter"
     shutil.copytree(workspace["adapter"], adapter)
     digest = adapter_digest(adapter)
-    common = ["unlearn", "--model", workspace["base"], "--adapter", str(adapter), "--train-file", workspace["train"],
+    common = ["unlearn", *SINGLE_STEP_FLAGS, "--model", workspace["base"], "--adapter", str(adapter), "--train-file", workspace["train"],
               "--request", workspace["IR"], "--damping", "1.0", "--overwrite"]  # fmt: skip
     for out in (
         adapter,
@@ -162,7 +171,7 @@ def test_an_output_dir_overlapping_an_input_is_refused_and_the_inputs_stay(works
 
 def test_console_script_and_module_entry_points(workspace):
     out = workspace["root"] / "entry"
-    command = ["unlearn", "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file",
+    command = ["unlearn", *SINGLE_STEP_FLAGS, "--model", workspace["base"], "--adapter", workspace["adapter"], "--train-file",
                workspace["train"], "--request", workspace["RC"], "--output-dir", str(out), "--damping", "1.0"]  # fmt: skip
     run = subprocess.run([sys.executable, "-m", "hf_unlearn", *command], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
@@ -201,12 +210,12 @@ def test_new_flags_parse_numbers_and_auto():
         ["--damping", "0.5", "--solver", "lissa", "--lissa-scale", "20"]
     )
     assert (args.damping, args.lissa_scale) == (0.5, 20.0)
-    assert parser.parse_args_into_dataclasses([])[0].damping == 0.1
+    assert parser.parse_args_into_dataclasses([])[0].damping == 1e-3
     for bad in (["--damping", "-1"], ["--damping", "much"], ["--qp-lr", "0"], ["--refine-steps", "-1"]):
         with pytest.raises(ConfigurationError):
             parser.parse_args_into_dataclasses(bad)
     with pytest.raises(ConfigurationError, match="qp-lr"):
-        UnlearningArguments(solver="qp", qp_optimizer="adam")
+        single_step(solver="qp", qp_optimizer="adam")
 
 
 def test_nystrom_sketch_is_written_beside_the_output_and_reused_by_the_next_request(workspace):
@@ -217,7 +226,7 @@ def test_nystrom_sketch_is_written_beside_the_output_and_reused_by_the_next_requ
     first = root / "nystrom-1"
     with_ids = [{"id": i, **r} for i, r in enumerate(ROWS)]  # ids that survive the removal
     train = write_jsonl(root / "train-ids.jsonl", with_ids)
-    assert main(["unlearn", *common, *solve, "--adapter", workspace["adapter"], "--train-file", train,
+    assert main(["unlearn", *SINGLE_STEP_FLAGS, *common, *solve, "--adapter", workspace["adapter"], "--train-file", train,
                  "--request", workspace["IR"], "--output-dir", str(first), "--preconditioner", "nystrom",
                  "--nystrom-rank", "32", "--tol", "1e-5"]) == 0  # fmt: skip
     record = json.loads((first / MANIFEST_NAME).read_text())["nystrom_sketch"]
@@ -229,7 +238,7 @@ def test_nystrom_sketch_is_written_beside_the_output_and_reused_by_the_next_requ
     deltas = {}
     for name, extra in (("nystrom", ["--preconditioner", "nystrom"]), ("plain", [])):
         out = root / f"nystrom-2-{name}"
-        assert main(["unlearn", *common, *solve, "--adapter", str(first), "--train-file", edited, "--request", workspace["RC"],
+        assert main(["unlearn", *SINGLE_STEP_FLAGS, *common, *solve, "--adapter", str(first), "--train-file", edited, "--request", workspace["RC"],
                      "--output-dir", str(out), "--tol", "1e-9", "--dtype", "float64", *extra]) == 0  # fmt: skip
         names = list(load_file(f"{out}/adapter_model.safetensors"))
         deltas[name] = adapter_vector(out, names) - adapter_vector(first, names)

@@ -124,10 +124,10 @@ def test_two_processes_equal_one_process(workspace, one_process, launcher):
 def test_hessian_under_fsdp_or_zero3_launch_fails_early(workspace, monkeypatch, capsys):
     out = workspace["root"] / "fsdp"
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert main([*workspace["args"], "--output-dir", str(out)]) == 4
+    assert main([*workspace["args"], "--curvature", "hessian", "--output-dir", str(out)]) == 4
     assert "FSDP" in capsys.readouterr().err and not out.exists()
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    assert main([*workspace["args"], "--output-dir", str(out)]) == 4
+    assert main([*workspace["args"], "--curvature", "hessian", "--output-dir", str(out)]) == 4
     assert "ZeRO-3" in capsys.readouterr().err and not out.exists()

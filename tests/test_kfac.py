@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from reference import (
+    SINGLE_STEP_FLAGS,
     DenseReference,
     MaskedRegressionTask,
     dense_ggn,
@@ -14,6 +15,7 @@ from reference import (
     loop_normaliser,
     regression_rows,
     relative_error,
+    single_step,
     tiny_llama,
     token_rows,
 )
@@ -22,7 +24,6 @@ from hf_unlearn import (
     CausalLMTask,
     ConfigurationError,
     KFACFactors,
-    UnlearningArguments,
     UnlearningRequest,
     unlearn,
 )
@@ -320,9 +321,7 @@ def test_direct_kfac_solve_is_the_block_inverse_at_any_size(monkeypatch):
     expected = -torch.linalg.solve(
         dense + damping * torch.eye(space.numel, dtype=torch.float64), request_gradient(m)
     )
-    args = UnlearningArguments(
-        solver="direct", curvature="kfac", damping=damping, dtype="float64", progress=False
-    )
+    args = single_step(solver="direct", curvature="kfac", damping=damping, dtype="float64", progress=False)
     result = unlearn(m, ROWS, REQUEST, args)
     assert relative_error(space.vector() - theta, expected) < 1e-10
     s = result.stats
@@ -335,7 +334,7 @@ def test_direct_kfac_solve_is_the_block_inverse_at_any_size(monkeypatch):
             fresh_model(),
             ROWS,
             REQUEST,
-            UnlearningArguments(solver="direct", curvature="ggn", progress=False),
+            single_step(solver="direct", curvature="ggn", progress=False),
         )
 
 
@@ -344,8 +343,8 @@ def test_unlearn_with_a_kfac_preconditioner_gives_the_cg_update(preconditioner):
     args = dict(solver="cg", curvature="ggn", damping=0.05, tol=1e-10, dtype="float64", progress=False)
     plain, pre = fresh_model(), fresh_model()
     theta = ParameterSpace(plain).vector().clone()
-    r0 = unlearn(plain, ROWS, REQUEST, UnlearningArguments(**args))
-    r1 = unlearn(pre, ROWS, REQUEST, UnlearningArguments(**args, preconditioner=preconditioner))
+    r0 = unlearn(plain, ROWS, REQUEST, single_step(**args))
+    r1 = unlearn(pre, ROWS, REQUEST, single_step(**args, preconditioner=preconditioner))
     d0, d1 = ParameterSpace(plain).vector() - theta, ParameterSpace(pre).vector() - theta
     assert relative_error(d1, d0) < 1e-8
     assert r1.stats["preconditioner"] == preconditioner and "preconditioner" not in r0.stats
@@ -370,13 +369,13 @@ def test_uncovered_parameters_are_refused_by_kfac_and_scaled_by_one_over_damping
 
 def test_arguments_are_validated():
     with pytest.raises(ConfigurationError, match="preconditioner"):
-        UnlearningArguments(solver="direct", preconditioner="kfac")
+        single_step(solver="direct", preconditioner="kfac")
     with pytest.raises(ConfigurationError, match="kfac_targets"):
-        UnlearningArguments(kfac_targets="true")
+        single_step(kfac_targets="true")
     with pytest.raises(ConfigurationError, match="curvature_samples"):
-        UnlearningArguments(curvature="kfac", curvature_samples=0)
+        single_step(curvature="kfac", curvature_samples=0)
     with pytest.raises(ConfigurationError, match="woodbury"):
-        UnlearningArguments(solver="woodbury", curvature="kfac")
+        single_step(solver="woodbury", curvature="kfac")
 
 
 def test_a_factor_pass_refuses_an_adapted_lm_head_and_says_why():
@@ -530,11 +529,61 @@ def test_capture_with_training_records_its_conditions_and_refuses_other_losses(t
         ).train()  # fmt: skip
 
 
+def test_optional_capture_logs_and_skips_what_it_cannot_describe(tmp_path, caplog):
+    """`required=False` (the training paths' default): an adapted lm_head or label smoothing is logged and trained
+    without factors; `required=True` refuses both before the first step."""
+    from peft import LoraConfig, get_peft_model
+    from reference import tiny_llama_base
+    from transformers import Trainer
+
+    from hf_unlearn import CurvatureCaptureCallback
+
+    def head_model():
+        return get_peft_model(tiny_llama_base(seed=1), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+
+    for model, extra, reason in (
+        (head_model, {}, "output layer"),
+        (lora_model, {"label_smoothing_factor": 0.1}, "label_smoothing"),
+    ):
+        with pytest.raises(ConfigurationError, match=reason):
+            Trainer(
+                model=model(), args=trainer_args(tmp_path, **extra), train_dataset=ROWS,
+                data_collator=CausalLMTask().collate, callbacks=[CurvatureCaptureCallback()],
+            ).train()  # fmt: skip
+        optional = CurvatureCaptureCallback(required=False)
+        with caplog.at_level("WARNING", logger="hf_unlearn.capture"):
+            Trainer(
+                model=model(), args=trainer_args(tmp_path, **extra), train_dataset=ROWS,
+                data_collator=CausalLMTask().collate, callbacks=[optional],
+            ).train()  # fmt: skip
+        assert optional.factors is None and reason in optional.skipped and reason in caplog.text
+
+
+def test_unlearn_trainer_hands_the_edited_sets_factors_to_the_next_request(tmp_path):
+    """By default the trainer captures; the first request's quadratic estimate uses the training run's factors,
+    the second the edited set's factors the first handed on (never the training run's again)."""
+    from hf_unlearn import UnlearningArguments, UnlearnTrainer
+
+    trainer = UnlearnTrainer(
+        model=lora_model().double(), args=trainer_args(tmp_path), train_dataset=ROWS,
+        data_collator=CausalLMTask().collate, unlearning_args=UnlearningArguments(dtype="float64", progress=False),
+    )  # fmt: skip
+    trainer.train()
+    first = trainer.unlearn(UnlearningRequest(remove=[2]))
+    assert first.stats["objective_estimate_choice"]["kind"] == "quadratic"
+    assert first.stats["curvature_factors"]["origin"] == "training"
+    edited = [row for i, row in enumerate(ROWS) if i != 2]
+    second = trainer.unlearn(UnlearningRequest(remove=[5]), train_dataset=edited)
+    record = second.stats["curvature_factors"]
+    assert record["origin"] == "updated by a request" and record["num_rows"] == len(edited)
+    assert record["digest"] == first.curvature_factors.digest()
+
+
 def test_unlearn_trainer_captures_saves_and_unlearns_with_the_factors(tmp_path):
     from hf_unlearn import UnlearnTrainer
 
     m = lora_model().double()
-    args = UnlearningArguments(
+    args = single_step(
         curvature="ekfac",
         solver="direct",
         damping=0.05,
@@ -574,9 +623,7 @@ def test_unlearning_callback_can_capture_and_use_the_factors(tmp_path):
 
     callback = UnlearningCallback(
         REQUEST,
-        UnlearningArguments(
-            curvature="kfac", solver="direct", damping=0.05, capture_curvature=True, progress=False
-        ),
+        single_step(curvature="kfac", solver="direct", damping=0.05, capture_curvature=True, progress=False),
     )
     Trainer(
         model=lora_model(), args=trainer_args(tmp_path), train_dataset=ROWS, data_collator=CausalLMTask().collate,
@@ -633,7 +680,7 @@ def test_cli_kfac_computes_or_reads_the_factors_beside_the_adapter(tmp_path):
 
     def run(adapter, out, *extra):
         return main(
-            ["unlearn", "--model", str(tmp_path / "base"), "--adapter", str(adapter), "--train-file",
+            ["unlearn", *SINGLE_STEP_FLAGS, "--model", str(tmp_path / "base"), "--adapter", str(adapter), "--train-file",
              str(tmp_path / "train.jsonl"), "--request", str(tmp_path / "request.jsonl"), "--output-dir", str(out),
              "--curvature", "kfac", "--solver", "direct", "--damping", "0.05", "--dtype", "float64", "--no_progress",
              *extra]
@@ -721,7 +768,7 @@ def test_cli_train_captures_factors_that_unlearn_then_uses(tmp_path):
         ["--curvature", "ggn", "--preconditioner", "kfac"],
     ):
         out = tmp_path / f"out-{extra[1]}"
-        assert main(["unlearn", *common, "--adapter", str(tmp_path / "adapter"), "--request",
+        assert main(["unlearn", *SINGLE_STEP_FLAGS, *common, "--adapter", str(tmp_path / "adapter"), "--request",
                      str(tmp_path / "request.jsonl"), "--output-dir", str(out), "--damping", "0.1",
                      "--max-iter", "500", "--tol", "1e-5", "--no_progress", *extra]) == 0  # fmt: skip
         manifest = json.loads((out / MANIFEST_NAME).read_text())
@@ -785,7 +832,7 @@ def test_refine_steps_recompute_kfac_factors_at_each_step():
     refined = fresh_model()
     space = ParameterSpace(refined)
     theta_star = space.vector().clone()
-    r2 = unlearn(refined, ROWS, REQUEST, UnlearningArguments(**args, refine_steps=steps))
+    r2 = unlearn(refined, ROWS, REQUEST, single_step(**args, refine_steps=steps))
     assert len(r2.stats["refine"]) == steps and all(s["block_inverse"] == "kfac" for s in r2.stats["refine"])
 
     model = fresh_model().eval()

@@ -5,14 +5,22 @@ import json
 
 import pytest
 import torch
-from reference import DenseReference, dense_ggn, fit, loop_normaliser, relative_error, tiny_llama, token_rows
+from reference import (
+    DenseReference,
+    dense_ggn,
+    fit,
+    loop_normaliser,
+    relative_error,
+    single_step,
+    tiny_llama,
+    token_rows,
+)
 
 from hf_unlearn import (
     CausalLMTask,
     ConfigurationError,
     NystromSketch,
     TrainingSet,
-    UnlearningArguments,
     UnlearningRequest,
     sketch_curvature,
     unlearn,
@@ -98,8 +106,8 @@ def test_unlearn_with_the_nystrom_preconditioner_gives_the_cg_update_and_hands_o
     plain, pre, again = fresh_model(), fresh_model(), fresh_model()
     theta = ParameterSpace(plain).vector().clone()
     P = theta.numel()
-    r0 = unlearn(plain, ROWS, REQUEST, UnlearningArguments(**args))
-    r1 = unlearn(pre, ROWS, REQUEST, UnlearningArguments(**args, preconditioner="nystrom", nystrom_rank=P))
+    r0 = unlearn(plain, ROWS, REQUEST, single_step(**args))
+    r1 = unlearn(pre, ROWS, REQUEST, single_step(**args, preconditioner="nystrom", nystrom_rank=P))
     d0, d1 = ParameterSpace(plain).vector() - theta, ParameterSpace(pre).vector() - theta
     assert relative_error(d1, d0) < 1e-8
     # a full-rank sketch downdated to the edited curvature is an exact preconditioner (up to the null space)
@@ -109,14 +117,10 @@ def test_unlearn_with_the_nystrom_preconditioner_gives_the_cg_update_and_hands_o
     assert record["downdate_rows"] == 3 and record["downdates"] == 1 and record["curvature"] == "ggn"
     assert r1.nystrom_sketch.info["downdates"] == 1 and r0.nystrom_sketch is None
     # a sketch handed in is used as given (no products) and downdated again
-    sketch = sketch_curvature(
-        again, ROWS, UnlearningArguments(**args, preconditioner="nystrom", nystrom_rank=P)
-    )
+    sketch = sketch_curvature(again, ROWS, single_step(**args, preconditioner="nystrom", nystrom_rank=P))
     assert relative_error(sketch.products, dense_ggn(again, ROWS, "token") @ sketch.test_matrix) < 1e-10
     assert sketch.info["rows"] == len(ROWS) and sketch.info["curvature"] == "ggn"
-    r2 = unlearn(
-        again, ROWS, REQUEST, UnlearningArguments(**args, preconditioner="nystrom"), nystrom_sketch=sketch
-    )
+    r2 = unlearn(again, ROWS, REQUEST, single_step(**args, preconditioner="nystrom"), nystrom_sketch=sketch)
     assert (
         r2.stats["nystrom_sketch"]["origin"] == "given"
         and r2.stats["nystrom_sketch"]["products_in_unlearning"] == 0
@@ -141,20 +145,20 @@ def test_sketch_files_round_trip_and_are_checked(tmp_path):
 
 def test_bad_nystrom_settings_are_refused():
     with pytest.raises(ConfigurationError, match="nystrom_rank must be"):
-        UnlearningArguments(preconditioner="nystrom", nystrom_rank=0)
+        single_step(preconditioner="nystrom", nystrom_rank=0)
     with pytest.raises(ConfigurationError, match="solver 'direct'"):
-        UnlearningArguments(preconditioner="nystrom", curvature="kfac")
+        single_step(preconditioner="nystrom", curvature="kfac")
     with pytest.raises(ConfigurationError, match="between 1 and the number"):
         NystromSketch.compute(Dense(torch.eye(4, dtype=torch.float64)), rank=5)
     model = fresh_model()
     wrong = NystromSketch.compute(Dense(torch.eye(4, dtype=torch.float64)), rank=2, curvature="ggn")
-    args = UnlearningArguments(curvature="ggn", preconditioner="nystrom", damping=0.1, progress=False)
+    args = single_step(curvature="ggn", preconditioner="nystrom", damping=0.1, progress=False)
     with pytest.raises(ConfigurationError, match="over 4 parameters.*--curvature-factors pass"):
         unlearn(model, ROWS, REQUEST, args, nystrom_sketch=wrong)
 
 
 def test_an_explicit_curvature_factors_choice_wins_over_a_sketch_handed_in():
-    args = UnlearningArguments(
+    args = single_step(
         curvature="ggn",
         preconditioner="nystrom",
         nystrom_rank=8,
@@ -180,10 +184,10 @@ def test_a_sampled_sketch_is_downdated_by_its_own_request_rows_and_fits_the_samp
     plain, pre = fresh_model(), fresh_model()
     theta = ParameterSpace(plain).vector().clone()
     P = theta.numel()
-    r0 = unlearn(plain, ROWS, REQUEST, UnlearningArguments(**args))
+    r0 = unlearn(plain, ROWS, REQUEST, single_step(**args))
     r1 = unlearn(
         pre, ROWS, REQUEST,
-        UnlearningArguments(**args, preconditioner="nystrom", nystrom_rank=P, curvature_samples=6),
+        single_step(**args, preconditioner="nystrom", nystrom_rank=P, curvature_samples=6),
     )  # fmt: skip
     d0, d1 = ParameterSpace(plain).vector() - theta, ParameterSpace(pre).vector() - theta
     assert relative_error(d1, d0) < 1e-8
@@ -202,7 +206,7 @@ def test_a_sampled_sketch_is_downdated_by_its_own_request_rows_and_fits_the_samp
     sketch.save(tmp_path)
     assert NystromSketch.load(tmp_path).info["row_digests"] == sketch.info["row_digests"]
     # a request with no row in the sample leaves the sketch as it is (no products)
-    sketched = UnlearningArguments(**args, preconditioner="nystrom", nystrom_rank=8, curvature_samples=6)
+    sketched = single_step(**args, preconditioner="nystrom", nystrom_rank=8, curvature_samples=6)
     given = sketch_curvature(fresh_model(), ROWS, sketched)
     r2 = unlearn(fresh_model(), ROWS, UnlearningRequest(remove=[2]), sketched, nystrom_sketch=given)
     assert r2.stats["nystrom_sketch"]["downdate_rows"] == 0
@@ -218,21 +222,21 @@ def test_a_request_after_a_removal_curves_on_the_rows_of_the_sampled_sketch():
         hessian_samples=6, preconditioner="nystrom", nystrom_rank=8, curvature_samples=6,
     )  # fmt: skip
     model = fresh_model()
-    first = unlearn(model, ROWS, REQUEST, UnlearningArguments(**args))
+    first = unlearn(model, ROWS, REQUEST, single_step(**args))
     new7 = REQUEST.resolve(TrainingSet(ROWS), CausalLMTask()).new[0]
     rows = [new7 if i == 7 else r for i, r in enumerate(ROWS) if i != 2]  # the training file as edited
     second = unlearn(
         model,
         rows,
         UnlearningRequest(remove=[4]),
-        UnlearningArguments(**args),
+        single_step(**args),
         nystrom_sketch=first.nystrom_sketch,
     )
     assert second.stats["nystrom_sketch"]["solve_sample_is_sketch_sample"]
     assert second.stats["nystrom_sketch"]["downdate_rows"] == 1
     # the exact update with the GGN of the sketch's rows minus the removed one, normalised by those rows
     ref_model = fresh_model()
-    unlearn(ref_model, ROWS, REQUEST, UnlearningArguments(**args))  # θ₁ again, deterministically
+    unlearn(ref_model, ROWS, REQUEST, single_step(**args))  # θ₁ again, deterministically
     ref = DenseReference(ref_model, "token")
     b = -ref.grad_sum([rows[4]]) / loop_normaliser(rows, "token")
     G = dense_ggn(ref_model, [rows[i] for i in (3, 5, 6, 7, 8)], "token", loop_normaliser(rows[3:9], "token"))
@@ -240,12 +244,12 @@ def test_a_request_after_a_removal_curves_on_the_rows_of_the_sampled_sketch():
     assert relative_error(torch.cat([d.reshape(-1) for d in second.delta.values()]), expected) < 1e-8
     # a sketch whose row digests were made with another digest key is refused (it cannot find its rows)
     with using_digest_key(DigestKey.generate()), pytest.raises(ConfigurationError, match="digest key"):
-        unlearn(fresh_model(), rows, UnlearningRequest(remove=[5]), UnlearningArguments(**args),
+        unlearn(fresh_model(), rows, UnlearningRequest(remove=[5]), single_step(**args),
                 nystrom_sketch=second.nystrom_sketch)  # fmt: skip
     # a sketch that holds rows of another training set is refused, not silently used for the sample
     with pytest.raises(ConfigurationError, match="not in this training set"):
         unlearn(
-            fresh_model(), ROWS, UnlearningRequest(remove=[0]), UnlearningArguments(**args),
+            fresh_model(), ROWS, UnlearningRequest(remove=[0]), single_step(**args),
             nystrom_sketch=second.nystrom_sketch,
         )  # fmt: skip
 
@@ -253,7 +257,7 @@ def test_a_request_after_a_removal_curves_on_the_rows_of_the_sampled_sketch():
 def test_a_sketch_of_the_original_rows_is_not_handed_on_as_the_edited_sets():
     """With `curvature_data="original"` the sketch is not downdated, so it does not describe the edited
     training set the next request sees: it is not handed on (nor saved beside the output)."""
-    args = UnlearningArguments(
+    args = single_step(
         preconditioner="nystrom", curvature="ggn", curvature_data="original", damping=0.05, dtype="float64",
         progress=False,
     )  # fmt: skip

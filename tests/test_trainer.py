@@ -7,14 +7,21 @@ import datasets
 import pytest
 import torch
 from peft import PeftModel
-from reference import DenseReference, relative_error, tiny_llama, tiny_llama_base, token_rows, train_tokenizer
+from reference import (
+    DenseReference,
+    relative_error,
+    single_step,
+    tiny_llama,
+    tiny_llama_base,
+    token_rows,
+    train_tokenizer,
+)
 from safetensors.torch import load_file
 from transformers import DataCollatorForSeq2Seq, TrainerCallback, TrainingArguments
 
 from hf_unlearn import (
     CausalLMTask,
     ConfigurationError,
-    UnlearningArguments,
     UnlearningRequest,
     UnlearnTrainer,
     unlearn,
@@ -61,7 +68,7 @@ def make_trainer(tmp_path, collator: str = "task", dtype=torch.float64, **unlear
         train_dataset=dataset,
         data_collator=data_collator,
         callbacks=[capture],
-        unlearning_args=UnlearningArguments(dtype="float64", progress=False, **unlearning),
+        unlearning_args=single_step(dtype="float64", progress=False, **unlearning),
     )
     trainer.capture = capture
     return trainer
@@ -85,7 +92,7 @@ def trained(tmp_path_factory):
 
 
 def unlearn_and_restore(trainer, **unlearning):
-    trainer.unlearning_args = UnlearningArguments(progress=False, **unlearning)
+    trainer.unlearning_args = single_step(progress=False, **unlearning)
     space = ParameterSpace(trainer.model)
     before = space.vector().clone()
     result = trainer.unlearn(REQUEST)
@@ -103,7 +110,7 @@ def test_unlearn_after_train_matches_dense_reference_and_unlearn(trained):
         reference_copy,
         ROWS,
         REQUEST,
-        UnlearningArguments(dtype="float64", damping=damping, tol=1e-12, progress=False),
+        single_step(dtype="float64", damping=damping, tol=1e-12, progress=False),
     )
     result, delta, applied = unlearn_and_restore(trainer, dtype="float64", damping=damping, tol=1e-12)
     print(f"after train(): relative error vs dense {relative_error(delta, expected):.2e}")
@@ -201,7 +208,7 @@ def test_hessian_curvature_under_fsdp_or_zero3_fails_early(tmp_path, monkeypatch
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(ConfigurationError, match="ZeRO-3"):
-        unlearn(trainer.model, ROWS, REQUEST, UnlearningArguments(progress=False))
+        unlearn(trainer.model, ROWS, REQUEST, single_step(progress=False))
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # ZeRO-2 keeps whole parameters: allowed
     trainer.unlearning_args.damping = 10.0
     trainer.unlearn(UnlearningRequest(remove=[0]))
@@ -227,7 +234,7 @@ def test_l2_regularization_trains_and_unlearns_the_same_objective(trained, tmp_p
     ref = DenseReference(copy.deepcopy(trainer.model).double(), "token")
     expected = ref.update(ROWS, OLD, NEW_ROWS, 0.1, mu=0.5)
     without_mu = ref.update(ROWS, OLD, NEW_ROWS, 0.1)
-    trainer.unlearning_args = UnlearningArguments(
+    trainer.unlearning_args = single_step(
         dtype="float64", l2_regularization=0.5, damping=0.1, tol=1e-10, max_iter=500, progress=False
     )
     result = trainer.unlearn(REQUEST)
@@ -239,7 +246,7 @@ def test_l2_regularization_trains_and_unlearns_the_same_objective(trained, tmp_p
 def test_unlearn_hands_the_nystrom_sketch_on_to_the_next_request(tmp_path):
     trainer = make_trainer(tmp_path)
     trainer.train()
-    trainer.unlearning_args = UnlearningArguments(
+    trainer.unlearning_args = single_step(
         dtype="float64",
         curvature="ggn",
         damping=0.1,

@@ -7,14 +7,13 @@ import datasets
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from reference import LORA, DenseReference, relative_error, tiny_llama_base, train_tokenizer
+from reference import LORA, DenseReference, relative_error, single_step, tiny_llama_base, train_tokenizer
 from test_callback import Snapshot
 from tokenizers import decoders
 from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from hf_unlearn import (
     InvalidRequestError,
-    UnlearningArguments,
     UnlearningCallback,
     UnlearningRequest,
     UnlearnTrainer,
@@ -78,7 +77,7 @@ def test_unlearn_trainer_with_lm_collator_takes_text_replacements_by_id(tmp_path
         train_dataset=dataset,
         data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
         processing_class=tok,
-        unlearning_args=UnlearningArguments(dtype="float64", damping=5.0, tol=1e-12, progress=False),
+        unlearning_args=single_step(dtype="float64", damping=5.0, tol=1e-12, progress=False),
     )
     trainer.train()
     request = UnlearningRequest(
@@ -113,7 +112,7 @@ def test_callback_in_plain_trainer_replaces_the_response_of_a_prompt_masked_row(
     rows = [masked(t) for t in texts]
     callback = UnlearningCallback(
         UnlearningRequest(replace={2: {"response": " It is 0."}, 6: {"prompt": "Six?", "response": " Six."}}),
-        UnlearningArguments(dtype="float64", damping=5.0, tol=1e-12, progress=False),
+        single_step(dtype="float64", damping=5.0, tol=1e-12, progress=False),
     )
     trainer = Trainer(
         model=lora_model(tok),
@@ -141,7 +140,7 @@ def test_callback_in_sft_trainer_encodes_text_replacements_as_sft_trainer_does(t
             remove=[1],
             replace={3: {"response": " It is 99."}, 5: {"prompt": "What is five?", "completion": " Five."}},
         ),
-        UnlearningArguments(damping=5.0, tol=1e-10, dtype="float64", progress=False),
+        single_step(damping=5.0, tol=1e-10, dtype="float64", progress=False),
     )
     sft_args = trl.SFTConfig(num_train_epochs=2, max_length=64, **common_args(tmp_path))
     trainer = trl.SFTTrainer(
@@ -208,7 +207,7 @@ def test_sft_encoder_truncates_as_sft_trainer_does():
 def test_callback_refuses_a_bad_request_before_the_first_step(tmp_path, request_, message):
     tok = tokenizer()
     rows = [encode(tok, t["prompt"], t["response"]) for t in map(qa, range(6))]
-    callback = UnlearningCallback(request_, UnlearningArguments(damping=5.0, progress=False))
+    callback = UnlearningCallback(request_, single_step(damping=5.0, progress=False))
     trainer = Trainer(
         model=lora_model(tok, dtype=torch.float32),
         args=TrainingArguments(max_steps=3, **common_args(tmp_path)),
@@ -230,7 +229,7 @@ def test_callback_refuses_a_replacement_without_loss_tokens_before_the_first_ste
     rows = [lm_row(tok, t["prompt"], t["response"]) for t in texts]
     # a replacement of prompt tokens only: every label -100
     bad = {"input_ids": rows[2]["input_ids"], "labels": [-100] * len(rows[2]["input_ids"])}
-    callback = UnlearningCallback(UnlearningRequest(replace={2: bad}), UnlearningArguments(progress=False))
+    callback = UnlearningCallback(UnlearningRequest(replace={2: bad}), single_step(progress=False))
     trainer = Trainer(
         model=lora_model(tok, dtype=torch.float32),
         args=TrainingArguments(max_steps=3, **common_args(tmp_path)),

@@ -11,11 +11,13 @@ from reference import (
     fit,
     regression_rows,
     relative_error,
+    single_step,
     tiny_llama,
+    tiny_llama_base,
     token_rows,
 )
 
-from hf_unlearn import CausalLMTask, SolverError, UnlearningArguments, UnlearningRequest, unlearn
+from hf_unlearn import CausalLMTask, SolverError, UnlearningRequest, unlearn
 from hf_unlearn.params import ParameterSpace
 
 ROWS = token_rows(12, seed=0)
@@ -51,7 +53,7 @@ def flat(result, model):
 
 def run(model, request, **kwargs):
     before = ParameterSpace(model).vector().clone()
-    result = unlearn(model, ROWS, request, UnlearningArguments(dtype="float64", progress=False, **kwargs))
+    result = unlearn(model, ROWS, request, single_step(dtype="float64", progress=False, **kwargs))
     delta = flat(result, model)
     assert relative_error(ParameterSpace(model).vector() - before, delta) < 1e-12  # applied in place
     ParameterSpace(model).add_(-delta)  # restore θ* for the next test
@@ -115,7 +117,7 @@ def test_float32_computation_restores_model_dtype_and_mode(trained):
     model = fit(tiny_llama(seed=0, dtype=torch.float32), CausalLMTask(), ROWS)
     model.train()
     request, old, new = REQUESTS["mixed"]
-    result = unlearn(model, ROWS, request, UnlearningArguments(damping=0.2, progress=False))
+    result = unlearn(model, ROWS, request, single_step(damping=0.2, progress=False))
     assert model.training and all(p.dtype == torch.float32 for p in model.parameters())
     assert result.stats["converged"] and result.delta_norm > 0
 
@@ -127,7 +129,7 @@ def test_unconverged_solve_changes_nothing(trained):
             trained,
             ROWS,
             REQUESTS["IR"][0],
-            UnlearningArguments(dtype="float64", damping=0.5, max_iter=2, tol=1e-12, progress=False),
+            single_step(dtype="float64", damping=0.5, max_iter=2, tol=1e-12, progress=False),
         )
     assert torch.equal(ParameterSpace(trained).vector(), before)
 
@@ -140,7 +142,7 @@ def test_non_finite_gradients_are_refused_before_any_solve():
     space.params[0].data.fill_(float("nan"))  # e.g. an adapter saved from a run that diverged
     before = space.vector().clone()
     with pytest.raises(DataError, match="not finite"):
-        unlearn(model, ROWS, REQUESTS["IR"][0], UnlearningArguments(damping=0.2, progress=False))
+        unlearn(model, ROWS, REQUESTS["IR"][0], single_step(damping=0.2, progress=False))
     torch.testing.assert_close(space.vector(), before, rtol=0, atol=0, equal_nan=True)  # nothing was changed
 
 
@@ -179,7 +181,7 @@ def test_response_correction_equals_exact_refit(regression, normalization):
         model,
         rows,
         UnlearningRequest(replace={5: {"y": [3.0, -2.0]}}),
-        UnlearningArguments(
+        single_step(
             solver="direct", damping=0.0, dtype="float64", loss_normalization=normalization, progress=False
         ),
         task=task,
@@ -228,12 +230,12 @@ def test_one_step_on_the_edited_curvature_equals_the_exact_refit(regression, nor
     expected = regularized_refit(model, task, edit(rows), normalization, mu, M)
     args = {"damping": 0.0, "dtype": "float64", "loss_normalization": normalization, "progress": False}
     result = unlearn(
-        model, rows, request, UnlearningArguments(solver="direct", l2_regularization=mu, **args), task=task
+        model, rows, request, single_step(solver="direct", l2_regularization=mu, **args), task=task
     )
     assert result.stats["curvature_data"] == "edited" and result.stats["l2_regularization"] == mu
     assert relative_error(space.vector(), expected) < 1e-10
     space.add_(-flat(result, model))
-    unlearn(model, rows, request, UnlearningArguments(curvature_data="original", l2_regularization=mu, **args | {"progress": False}), task=task)  # fmt: skip
+    unlearn(model, rows, request, single_step(curvature_data="original", l2_regularization=mu, **args | {"progress": False}), task=task)  # fmt: skip
     if kind == "IR":  # the removed rows' curvature is still in ∇²R: only first order
         assert 1e-6 < relative_error(space.vector(), expected) < 0.05
     else:  # RC leaves the Hessian unchanged
@@ -265,7 +267,7 @@ def test_refine_with_l2_regularization_reaches_the_regularized_refit(regression)
             model,
             rows,
             request,
-            UnlearningArguments(refine_steps=1, l2_regularization=l2, **common),
+            single_step(refine_steps=1, l2_regularization=l2, **common),
             task=task,
         )
         assert (relative_error(space.vector(), expected) < 1e-9) is close
@@ -282,7 +284,7 @@ def test_removal_approximates_exact_refit_with_the_right_sign_and_scale(regressi
         model,
         rows,
         UnlearningRequest(remove=[11]),
-        UnlearningArguments(
+        single_step(
             solver="cg",
             damping=0.0,
             tol=1e-12,
@@ -340,7 +342,7 @@ def test_woodbury_refuses_other_curvatures_and_zero_damping(trained):
     from hf_unlearn import ConfigurationError
 
     with pytest.raises(ConfigurationError, match="fisher"):
-        UnlearningArguments(solver="woodbury", curvature="hessian")
+        single_step(solver="woodbury", curvature="hessian")
     with pytest.raises(ConfigurationError, match="damping > 0"):
         run(trained, REQUESTS["IR"][0], curvature="fisher", solver="woodbury", damping=0.0)
 
@@ -355,7 +357,7 @@ def test_lissa_and_qp_through_unlearn_and_divergence_changes_nothing(regression)
     theta_star = space.vector().clone()
     request = UnlearningRequest(replace={5: {"y": [3.0, -2.0]}})
     common = {"dtype": "float64", "damping": 0.0, "progress": False}
-    exact = unlearn(model, rows, request, UnlearningArguments(solver="direct", **common), task=task)
+    exact = unlearn(model, rows, request, single_step(solver="direct", **common), task=task)
     exact_delta = space.vector() - theta_star
     space.set_(theta_star)
     for solver, limit in (("lissa", 0.10), ("qp", 0.30)):
@@ -363,7 +365,7 @@ def test_lissa_and_qp_through_unlearn_and_divergence_changes_nothing(regression)
             model,
             rows,
             request,
-            UnlearningArguments(solver=solver, max_iter=1000, seed=3, **common),
+            single_step(solver=solver, max_iter=1000, seed=3, **common),
             task=task,
         )
         assert relative_error(space.vector() - theta_star, exact_delta) < limit
@@ -374,7 +376,7 @@ def test_lissa_and_qp_through_unlearn_and_divergence_changes_nothing(regression)
             model,
             rows,
             request,
-            UnlearningArguments(solver="lissa", lissa_scale=1e-3, max_iter=50, **common),
+            single_step(solver="lissa", lissa_scale=1e-3, max_iter=50, **common),
             task=task,
         )
     assert torch.equal(space.vector(), theta_star)
@@ -745,7 +747,7 @@ def test_one_refine_step_reaches_the_exact_refit_after_removal(regression, norma
         model,
         rows,
         UnlearningRequest(remove=[11, 40]),
-        UnlearningArguments(progress=False, **args),
+        single_step(progress=False, **args),
         task=task,
     )
     one_step = space.vector().clone()
@@ -754,7 +756,7 @@ def test_one_refine_step_reaches_the_exact_refit_after_removal(regression, norma
         model,
         rows,
         UnlearningRequest(remove=[11, 40]),
-        UnlearningArguments(progress=False, refine_steps=1, **args),
+        single_step(progress=False, refine_steps=1, **args),
         task=task,
     )
     assert relative_error(one_step, expected) > 1e-6  # one step alone is only first order
@@ -773,3 +775,64 @@ def test_adaptive_refine_from_zero_damping_raises_lambda_instead_of_retrying_the
     assert "non-positive curvature" in result.stats["first_trial_rejected_because"]
     assert steps[1]["damping"] > 0 and steps[2]["damping"] in (steps[1]["damping"], 3 * steps[1]["damping"])
     assert any(s["accepted"] for s in steps) and delta.norm() > 0
+
+
+def test_defaults_refine_on_the_quadratic_estimate_at_a_cost_independent_of_the_training_set(trained):
+    """`UnlearningArguments()`: 'auto' chooses the quadratic estimate, and with the training set's K-FAC factors
+    given, the rows through the model are the same for 12 training rows as for 24 (the request's rows only)."""
+    from hf_unlearn import UnlearningArguments
+
+    request = REQUESTS["mixed"][0]
+    work = []
+    for rows in (ROWS, ROWS + token_rows(12, seed=5)):
+        before = ParameterSpace(trained).vector().clone()
+        factors = kfac_of(trained, rows, DenseReference(trained, "token").normaliser(rows))
+        args = UnlearningArguments(dtype="float64", progress=False)
+        result = unlearn(trained, rows, request, args, curvature_factors=factors)
+        ParameterSpace(trained).set_(before)
+        choice = result.stats["objective_estimate_choice"]
+        assert (choice["asked"], choice["kind"]) == ("auto", "quadratic"), choice
+        assert len(result.stats["refine"]) == args.refine_steps + 1 and result.stats["converged"]
+        edited = result.request.edited_rows(rows)
+        assert result.curvature_factors.info["num_rows"] == len(edited)  # the edited set's, handed on
+        products = result.stats["curvature_products"] + sum(
+            step.get("curvature_products") or 0 for step in result.stats["refine"]
+        )
+        work.append(
+            result.stats["work_rows"] | {"product:ggn": result.stats["work_rows"]["product:ggn"] / products}
+        )
+    # gradients and losses over the same rows; every curvature product over the request's new rows only
+    assert work[0] == work[1] == work[0] | {"product:ggn": len(REQUESTS["mixed"][2])}, work
+
+
+@pytest.mark.parametrize(
+    "settings, because",
+    [
+        ({"refine_steps": 0, "refine_damping": "fixed"}, "single fixed step"),
+        ({"curvature": "kfac", "solver": "direct"}, "curvature 'kfac'"),
+        ({"curvature_data": "original"}, "original rows"),
+        ({"preconditioner": "nystrom"}, "preconditioner 'nystrom'"),
+        ({"solver": "lissa"}, "solver 'lissa'"),
+    ],
+)
+def test_auto_falls_back_to_the_full_objective_and_says_why(trained, settings, because):
+    from hf_unlearn import UnlearningArguments
+    from hf_unlearn.eraser import choose_objective_estimate
+
+    choice = choose_objective_estimate(UnlearningArguments(**settings), trained, ParameterSpace(trained))
+    assert choice["kind"] == "full" and because in choice["because"], choice
+    explicit = choose_objective_estimate(
+        UnlearningArguments(objective_estimate="full"), trained, ParameterSpace(trained)
+    )
+    assert explicit == {"kind": "full", "asked": "full", "because": "asked for"}
+
+
+def test_auto_takes_the_full_objective_when_the_output_layer_is_adapted():
+    from peft import LoraConfig, get_peft_model
+
+    from hf_unlearn import UnlearningArguments
+    from hf_unlearn.eraser import choose_objective_estimate
+
+    model = get_peft_model(tiny_llama_base(seed=0), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    choice = choose_objective_estimate(UnlearningArguments(), model, ParameterSpace(model))
+    assert choice["kind"] == "full" and "output layer is adapted" in choice["because"], choice

@@ -119,6 +119,29 @@ def linear_blocks(model: torch.nn.Module, space) -> tuple[list[LinearBlock], lis
     return blocks, uncovered
 
 
+def adapted_output_layer(model: torch.nn.Module, blocks: list[LinearBlock]) -> str | None:
+    """The name of a block inside the model's output layer (lm_head), which K-FAC cannot model: the loss
+    computes the logits at the loss positions only, while K-FAC models per-token layers. None if there is none."""
+    owners = (model, getattr(model, "base_model", None))
+    heads = [getattr(m, "get_output_embeddings", lambda: None)() for m in owners]
+    inside = {id(sub) for head in heads if isinstance(head, torch.nn.Module) for sub in head.modules()}
+    return next((b.name for b in blocks if id(b.module) in inside), None)
+
+
+def kfac_coverage_problem(model: torch.nn.Module, space) -> str | None:
+    """Why K-FAC cannot model every trainable parameter of `model` as a per-token Linear block; None if it can."""
+    blocks, uncovered = linear_blocks(model, space)
+    if uncovered:
+        return (
+            f"{len(uncovered)} trainable parameters are outside any covered nn.Linear (e.g. {uncovered[:2]})"
+        )
+    if not blocks:
+        return "the model has no trainable nn.Linear layer"
+    if head := adapted_output_layer(model, blocks):
+        return f"the output layer is adapted ({head}), and K-FAC models per-token layers only"
+    return None
+
+
 def block_matrix(block: LinearBlock, vs: list[torch.Tensor]) -> torch.Tensor:
     """A tangent's block as one (out, in') matrix: `[V_W  v_b]` (the bias as the last column)."""
     parts = []
