@@ -231,7 +231,18 @@ def unlearn(
                     model, task, space, all_rows, edited, M, mu, norm, batches, processes, show
                 )  # fmt: skip
                 build_curvature = _full_curvature(
-                    args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked, sketch
+                    args,
+                    model,
+                    task,
+                    space,
+                    all_rows,
+                    resolved,
+                    M,
+                    batches,
+                    processes,
+                    factors,
+                    picked,
+                    sketch,
                 )
             else:
                 build_curvature = tilted.curvature
