@@ -413,7 +413,8 @@ def unlearn_command(argv: list[str]) -> int:
         print(
             f"Unlearned {result.request.kind_counts()} with {args.solver}: {s['iterations']} iterations, "
             f"relative residual {s['relative_residual']:.2e}{inexact}, |Δθ| = {result.delta_norm:.4g}, "
-            f"{result.timings['total_seconds']:.1f} s; forget-set loss {check['summary']}. Wrote {out}"
+            f"{result.timings['total_seconds']:.1f} s; forget-set loss {s['forget_loss_before']:.4g} → "
+            f"{s['forget_loss_after']:.4g} per token ({check['summary']}). Wrote {out}"
         )
         if check["warning"]:
             print(f"hf-unlearn unlearn: warning: {check['warning']}", file=sys.stderr)
@@ -429,21 +430,24 @@ OVER_FORGETTING_BASE_RATIO = 1.1  # removed rows' loss vs the base model's (neve
 def judge_forgetting(before: float, after: float, reference: str, reference_loss: float, auc=None) -> dict:
     """The forget-set loss change against what retraining would plausibly give: the held-out rows' loss (and
     the membership AUC of the removed rows against them; retraining gives about 0.5), else the base model's
-    loss on the removed rows themselves. `warning` names an over-forgetting that makes the rows stand out."""
-    summary = f"{before:.4g} → {after:.4g} per token"
+    loss on the removed rows themselves. `warning` names an over-forgetting that makes the rows stand out.
+
+    The record is written beside the adapter, so it holds no loss of the removed rows (`before`, `after`, the
+    base model's on them): with the published adapter or base model, such a figure tests guesses of their
+    content. The success line prints `before` and `after` to the user who ran the request."""
     if reference == "held-out rows":
-        summary += f" (held-out rows {reference_loss:.4g}; membership AUC {auc:.2f}, retraining ≈ 0.5)"
+        summary = f"held-out rows {reference_loss:.4g}; membership AUC {auc:.2f}, retraining ≈ 0.5"
         over = auc < OVER_FORGETTING_AUC
         why = (
             f"the removed rows now have a higher loss than held-out rows (membership AUC {auc:.2f}; retraining "
             "would give about 0.5)"
         )
     else:
-        summary += f" (base model without the adapter {reference_loss:.4g})"
         over = after > OVER_FORGETTING_BASE_RATIO * reference_loss
+        summary = f"{'above' if over else 'not above'} the base model's without the adapter"
         why = (
-            f"the removed rows' loss {after:.4g} is above the base model's {reference_loss:.4g}, which never saw "
-            "them: retraining would plausibly leave it at or below that"
+            f"the removed rows' loss is more than {OVER_FORGETTING_BASE_RATIO:g}× the base model's, which never "
+            "saw them: retraining would plausibly leave it at or below that"
         )
     warning = (
         f"{why}; over-forgetting makes them stand out to a membership-inference attack. A larger --damping "
@@ -453,11 +457,8 @@ def judge_forgetting(before: float, after: float, reference: str, reference_loss
     )
     return {
         "definition": "cross-entropy per loss token (token-weighted mean, as hf-unlearn evaluate)",
-        "forget_loss_before": before,
-        "forget_loss_after": after,
         "reference": reference,
-        "reference_loss": reference_loss,
-        **({"membership_auc": auc} if auc is not None else {}),
+        **({"reference_loss": reference_loss, "membership_auc": auc} if auc is not None else {}),
         "over_forgetting": over,
         "warning": warning,
         "summary": summary,

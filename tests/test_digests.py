@@ -122,3 +122,50 @@ def test_an_earlier_runs_key_is_required(trained, tmp_path):
     other.write_text(DigestKey.generate().secret.hex())
     assert main([*args, "--digest-key", str(other)]) == 4
     assert main([*args, "--digest-key", str(trained["train"].parent / DIGEST_KEY_NAME)]) == 0
+
+
+def test_no_figure_written_next_to_the_adapter_singles_out_a_removed_code(trained, tmp_path):
+    """The removed row's forget-set loss under the published adapter (or the input adapter, or the base model)
+    is a function of its content: written with any precision, hashing is not needed to test guesses. One
+    removed row (its loss is then the forget-set loss), with held-out rows and without."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_unlearn.evaluation import per_example
+    from hf_unlearn.objective import CausalLMTask
+
+    rows, root = trained["rows"], trained["root"]
+    request = tmp_path / "request.jsonl"
+    request.write_text(line({"op": "remove", "id": "r4"}))
+    held_out = tmp_path / "held_out.jsonl"
+    rng = random.Random(1)
+    held_out.write_text(
+        "".join(line(code_row(20 + i, tuple(rng.randrange(10) for _ in range(4)))) for i in range(6))
+    )
+    outs = [tmp_path / "with_held_out", tmp_path / "without"]
+    for out, extra in zip(outs, (["--held-out-file", str(held_out)], [])):
+        assert main(["unlearn", "--model", str(root / "base"), "--adapter", str(trained["adapter"]), "--train-file",
+                     str(trained["train"]), "--request", str(request), "--output-dir", str(out), "--curvature", "ggn",
+                     "--damping", "0.1", "--no-progress", *extra]) == 0  # fmt: skip
+    codes = list(itertools.product(range(10), repeat=4))
+    guesses = [code_row(4, code) for code in codes]
+    truth = codes.index(tuple(DIGITS.index(t) for t in rows[4]["input_ids"][4:]))
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    task = CausalLMTask()
+
+    def losses(model):
+        return per_example(model, task, guesses, batch_size=2000)["loss"]
+
+    figures = {"base": losses(base)}
+    for name, adapter in (("input", trained["adapter"]), *(zip(("with_held_out", "without"), outs))):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), str(adapter))
+        figures[name] = losses(model)
+    for out in outs:
+        numbers = {float(x) for x in re.findall(r"\d+\.\d+(?:e[-+]?\d+)?", written_text(out))}
+        for name, values in figures.items():
+            for x in numbers:
+                if abs(values[truth] - x) <= 1e-3 * abs(x):  # the true code fits a written figure
+                    fitting = sum(abs(v - x) <= 1e-3 * abs(x) for v in values)
+                    assert fitting > len(codes) // 10, (
+                        f"{out.name}: {x} (a loss under {name}) singles the removed code out of {fitting} guesses"
+                    )
