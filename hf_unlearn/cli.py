@@ -774,6 +774,9 @@ def choose_threads() -> dict:
 def main(argv: list[str] | None = None) -> int:
     from .errors import UnlearningError
     from .io import WRITTEN
+    from .quiet import hide_uninformative_warnings
+
+    hide_uninformative_warnings()
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
