@@ -643,7 +643,7 @@ def unkeyed_digest_files(folder: Path) -> list[str]:
 
 def push_command(argv: list[str]) -> int:
     from .errors import ConfigurationError
-    from .io import MANIFEST_NAME
+    from .io import MANIFEST_NAME, files_to_publish
 
     # The directory is positional, as in `hf-unlearn push OUT --repo-id ...`.
     if argv and not argv[0].startswith("-"):
@@ -662,15 +662,13 @@ def push_command(argv: list[str]) -> int:
             "hf_unlearn): anyone could test guesses of a removed row against them. Unlearn again with this version "
             "(keyed digests), or delete those digests, before publishing."
         )
-    files = sorted(  # hidden files (a leading '.' in the path below the folder) stay local
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files, local = files_to_publish(folder)  # hidden files and the curvature working files stay local
     if args.dry_run:
         print(f"Would upload to {args.repo_id} ({'private' if args.private else 'public'}):")
         for p in files:
             print(f"  {p.relative_to(folder)}\t{p.stat().st_size} bytes")
+        if local:
+            print(f"Kept local (derived from the training rows): {', '.join(p.name for p in local)}")
         return 0
     from huggingface_hub import HfApi
 

@@ -319,6 +319,33 @@ TOOL_FILES = frozenset(
 )
 
 
+# The owner's working files for the next request, derived from the training rows: K-FAC factors are raw sums
+# over the rows' positions, a Nyström sketch a product of their curvature, each of the edited set. Two versions
+# (the input adapter's and the output's, or two outputs of a sequence of requests) differ by the removed rows'
+# terms, which the base model computes for a guess (layer 0's input factor from the tokens alone: a removed
+# 4-digit code comes out to its digits' order). `hf-unlearn push` keeps them local.
+LOCAL_FILES = frozenset(
+    {
+        "curvature_factors.safetensors",
+        "curvature_factors.json",
+        "nystrom_sketch.safetensors",
+        "nystrom_sketch.json",
+    }
+)
+
+
+def files_to_publish(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files of an adapter directory that `hf-unlearn push` uploads, and the `LOCAL_FILES` it keeps back
+    (hidden files, with a leading '.' in their path below `folder`, stay local too, unlisted)."""
+    files = sorted(
+        p
+        for p in Path(folder).rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    local = [p for p in files if str(p.relative_to(folder)) in LOCAL_FILES]
+    return [p for p in files if p not in local], local
+
+
 def foreign_files(directory: Path, also: set[str] = frozenset()) -> list[str]:
     """Names in `directory` that hf_unlearn does not write (nor `also`), sorted; subdirectories end in '/'."""
     return sorted(

@@ -169,3 +169,35 @@ def test_no_figure_written_next_to_the_adapter_singles_out_a_removed_code(traine
                     assert fitting > len(codes) // 10, (
                         f"{out.name}: {x} (a loss under {name}) singles the removed code out of {fitting} guesses"
                     )
+
+
+def test_push_keeps_the_curvature_working_files_local(trained, tmp_path, capsys, monkeypatch):
+    """Saved K-FAC factors and Nyström sketches are sums over the training rows: two published versions would
+    differ by a removed row's terms, which the base model computes for a guess. They stay with the owner."""
+    import shutil
+
+    import huggingface_hub
+
+    out = tmp_path / "out"
+    shutil.copytree(trained["out"], out)
+    assert (out / "nystrom_sketch.safetensors").is_file()
+    for name in ("curvature_factors.json", "curvature_factors.safetensors"):
+        (out / name).write_text("stand-in")
+    capsys.readouterr()
+    assert main(["push", str(out), "--repo-id", "me/x", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines[1:-1]]
+    assert not [name for name in listed if name.startswith(("nystrom_sketch", "curvature_factors"))]
+    assert "adapter_model.safetensors" in listed and lines[-1].startswith("Kept local")
+    calls = []
+
+    class Recorder:
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def upload_folder(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    assert main(["push", str(out), "--repo-id", "me/x"]) == 0
+    assert sorted(calls[0]["allow_patterns"]) == listed

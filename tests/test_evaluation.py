@@ -138,7 +138,9 @@ def test_evaluate_command(workspace, tmp_path, capsys):  # noqa: F811
             # (|log p| ≲ 10 here), and a KL is a mean of differences of them, so it is exact to an absolute
             # ~10·eps, not to a relative 1e-4 of a KL of 4e-4 (measured: 7e-8 off).
             float32_kl_error = 16 * torch.finfo(torch.float32).eps
-            assert report[split]["kl_to_reference"] == pytest.approx(kl / tokens, rel=1e-5, abs=float32_kl_error)
+            assert report[split]["kl_to_reference"] == pytest.approx(
+                kl / tokens, rel=1e-5, abs=float32_kl_error
+            )
             assert report[split]["kl_to_reference"] > 1e-4
         losses = {
             split: [(lambda S, T: S.item() / T)(*loop_loss_sum(model, r)) for r in rows]
