@@ -413,8 +413,8 @@ def unlearn_command(argv: list[str]) -> int:
         print(
             f"Unlearned {result.request.kind_counts()} with {args.solver}: {s['iterations']} iterations, "
             f"relative residual {s['relative_residual']:.2e}{inexact}, |Δθ| = {result.delta_norm:.4g}, "
-            f"{result.timings['total_seconds']:.1f} s; {describe_steps(s)}; forget-set loss {check['summary']}. "
-            f"Wrote {out}"
+            f"{result.timings['total_seconds']:.1f} s; {describe_steps(s)}; forget-set loss "
+            f"{s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g} per token ({check['summary']}). Wrote {out}"
         )
         if check["warning"]:
             print(f"hf-unlearn unlearn: warning: {check['warning']}", file=sys.stderr)
@@ -442,21 +442,24 @@ OVER_FORGETTING_BASE_RATIO = 1.1  # removed rows' loss vs the base model's (neve
 def judge_forgetting(before: float, after: float, reference: str, reference_loss: float, auc=None) -> dict:
     """The forget-set loss change against what retraining would plausibly give: the held-out rows' loss (and
     the membership AUC of the removed rows against them; retraining gives about 0.5), else the base model's
-    loss on the removed rows themselves. `warning` names an over-forgetting that makes the rows stand out."""
-    summary = f"{before:.4g} → {after:.4g} per token"
+    loss on the removed rows themselves. `warning` names an over-forgetting that makes the rows stand out.
+
+    The record is written beside the adapter, so it holds no loss of the removed rows (`before`, `after`, the
+    base model's on them): with the published adapter or base model, such a figure tests guesses of their
+    content. The success line prints `before` and `after` to the user who ran the request."""
     if reference == "held-out rows":
-        summary += f" (held-out rows {reference_loss:.4g}; membership AUC {auc:.2f}, retraining ≈ 0.5)"
+        summary = f"held-out rows {reference_loss:.4g}; membership AUC {auc:.2f}, retraining ≈ 0.5"
         over = auc < OVER_FORGETTING_AUC
         why = (
             f"the removed rows now have a higher loss than held-out rows (membership AUC {auc:.2f}; retraining "
             "would give about 0.5)"
         )
     else:
-        summary += f" (base model without the adapter {reference_loss:.4g})"
         over = after > OVER_FORGETTING_BASE_RATIO * reference_loss
+        summary = f"{'above' if over else 'not above'} the base model's without the adapter"
         why = (
-            f"the removed rows' loss {after:.4g} is above the base model's {reference_loss:.4g}, which never saw "
-            "them: retraining would plausibly leave it at or below that"
+            f"the removed rows' loss is more than {OVER_FORGETTING_BASE_RATIO:g}× the base model's, which never "
+            "saw them: retraining would plausibly leave it at or below that"
         )
     warning = (
         f"{why}; over-forgetting makes them stand out to a membership-inference attack. A larger --damping "
@@ -466,11 +469,8 @@ def judge_forgetting(before: float, after: float, reference: str, reference_loss
     )
     return {
         "definition": "cross-entropy per loss token (token-weighted mean, as hf-unlearn evaluate)",
-        "forget_loss_before": before,
-        "forget_loss_after": after,
         "reference": reference,
-        "reference_loss": reference_loss,
-        **({"membership_auc": auc} if auc is not None else {}),
+        **({"reference_loss": reference_loss, "membership_auc": auc} if auc is not None else {}),
         "over_forgetting": over,
         "warning": warning,
         "summary": summary,
@@ -655,7 +655,7 @@ def unkeyed_digest_files(folder: Path) -> list[str]:
 
 def push_command(argv: list[str]) -> int:
     from .errors import ConfigurationError
-    from .io import MANIFEST_NAME
+    from .io import MANIFEST_NAME, files_to_publish
 
     # The directory is positional, as in `hf-unlearn push OUT --repo-id ...`.
     if argv and not argv[0].startswith("-"):
@@ -674,15 +674,13 @@ def push_command(argv: list[str]) -> int:
             "hf_unlearn): anyone could test guesses of a removed row against them. Unlearn again with this version "
             "(keyed digests), or delete those digests, before publishing."
         )
-    files = sorted(  # hidden files (a leading '.' in the path below the folder) stay local
-        p
-        for p in folder.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
-    )
+    files, local = files_to_publish(folder)  # hidden files and the curvature working files stay local
     if args.dry_run:
         print(f"Would upload to {args.repo_id} ({'private' if args.private else 'public'}):")
         for p in files:
             print(f"  {p.relative_to(folder)}\t{p.stat().st_size} bytes")
+        if local:
+            print(f"Kept local (derived from the training rows): {', '.join(p.name for p in local)}")
         return 0
     from huggingface_hub import HfApi
 
@@ -786,6 +784,9 @@ def choose_threads() -> dict:
 def main(argv: list[str] | None = None) -> int:
     from .errors import UnlearningError
     from .io import WRITTEN
+    from .quiet import hide_uninformative_warnings
+
+    hide_uninformative_warnings()
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

@@ -414,8 +414,11 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
         if finite and not stats.relative_residual < 1.0:
             problems.append(
                 f"{args.solver} diverged: after {stats.iterations} mini-batch steps the relative residual is "
-                f"{stats.relative_residual:.3g} (≥ 1, worse than no update); lower --qp-lr, raise --lissa-scale "
-                "or --stochastic-batch-size"
+                f"{stats.relative_residual:.3g} (≥ 1, worse than no update); "
+                + {"lissa": "raise --lissa-scale", "qp": "lower --qp-lr"}.get(
+                    args.solver, "lower the step size"
+                )
+                + " or raise --stochastic-batch-size"
             )
     elif not stats.converged:
         problems.append(
@@ -428,10 +431,12 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
             problems.append(
                 "--allow-inexact keeps only a result better than no update (relative residual < 1)"
             )
+        message = "; ".join(problems)
         raise SolverError(
-            "; ".join(problems).capitalize()
-            + "; nothing was changed. Raise --max-iter or --damping, loosen --tol, "
-            "or pass --allow-inexact to keep an inexact (finite) result."
+            message[0].upper()
+            + message[1:]
+            + "; nothing was changed. Raise --max-iter or --damping, loosen --tol"
+            + ("." if args.allow_inexact else ", or pass --allow-inexact to keep an inexact (finite) result.")
         )
     return problems
 

@@ -90,13 +90,28 @@ def build_manifest(result, args, digest_key=None, **context) -> dict:
         **context,
         "request": result.request.summary(key),
         "arguments": args.to_dict(),
-        "solver": result.stats,
+        "solver": {k: v for k, v in result.stats.items() if k not in REMOVED_ROWS_FIGURES},
         **{k: result.stats[k] for k in ("curvature_factors", "nystrom_sketch") if k in result.stats},
         "delta_norm": result.delta_norm,
         "timings": result.timings,
         "num_processes": result.stats["num_processes"],
         "versions": library_versions(),
     }
+
+
+# Figures of the request's old rows that anyone holding the published adapter (or the input adapter, or the
+# base model) can compute for a guess of their content: written with any precision, they test guesses as an
+# unkeyed digest would (one removed 4-digit code is singled out of 10⁴ by its loss). Kept in the Python
+# API's result and the CLI's success line, never written beside an adapter.
+REMOVED_ROWS_FIGURES = frozenset(
+    {
+        "forget_loss_before",
+        "forget_loss_after",
+        "forget_loss_change_predicted",
+        "forget_loss_change_measured",
+        "b_norm",
+    }
+)
 
 
 def _unkeyed(value) -> bool:
@@ -153,21 +168,22 @@ def model_card_section(manifest: dict) -> str:
             if s.get("inexact")
             else ""
         )
-        + f"- Forget-set loss (cross-entropy per loss token over the removed or replaced rows' old versions, as "
-        f"`hf-unlearn evaluate` reports it): {s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g}"
         + (
-            f" (first-order prediction of the change: {s['forget_loss_change_predicted']:+.4g})"
-            if s.get("forget_loss_change_predicted") is not None
+            f"- Forget-set loss (cross-entropy per loss token over the removed or replaced rows' old versions, as "
+            f"`hf-unlearn evaluate` reports it) against what retraining would give: "
+            f"{manifest['forget_check']['summary']}.\n"
+            if manifest.get("forget_check")
             else ""
         )
-        + (f"; {manifest['forget_check']['summary']}" if manifest.get("forget_check") else "")
-        + ".\n"
         + (
             f"- Earlier unlearning runs of this adapter: {len(manifest['history'])} (see `history` in the manifest).\n"
             if manifest.get("history")
             else ""
         )
-        + f"\nThe full audit record (digests of the affected rows, never their content) is `{MANIFEST_NAME}`.\n"
+        + f"\nThe full audit record (digests of the affected rows, never their content) is `{MANIFEST_NAME}`. "
+        "This card and the manifest hold no loss of the affected rows, which would let anyone test guesses of "
+        "their content; "
+        "`hf-unlearn evaluate --forget-file` measures it for whoever has them.\n"
     )
 
 
@@ -301,6 +317,33 @@ TOOL_FILES = frozenset(
         *TOKENIZER_FILES,
     }
 )
+
+
+# The owner's working files for the next request, derived from the training rows: K-FAC factors are raw sums
+# over the rows' positions, a Nyström sketch a product of their curvature, each of the edited set. Two versions
+# (the input adapter's and the output's, or two outputs of a sequence of requests) differ by the removed rows'
+# terms, which the base model computes for a guess (layer 0's input factor from the tokens alone: a removed
+# 4-digit code comes out to its digits' order). `hf-unlearn push` keeps them local.
+LOCAL_FILES = frozenset(
+    {
+        "curvature_factors.safetensors",
+        "curvature_factors.json",
+        "nystrom_sketch.safetensors",
+        "nystrom_sketch.json",
+    }
+)
+
+
+def files_to_publish(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The files of an adapter directory that `hf-unlearn push` uploads, and the `LOCAL_FILES` it keeps back
+    (hidden files, with a leading '.' in their path below `folder`, stay local too, unlisted)."""
+    files = sorted(
+        p
+        for p in Path(folder).rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    local = [p for p in files if str(p.relative_to(folder)) in LOCAL_FILES]
+    return [p for p in files if p not in local], local
 
 
 def foreign_files(directory: Path, also: set[str] = frozenset()) -> list[str]:

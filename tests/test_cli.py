@@ -252,3 +252,42 @@ def test_nystrom_sketch_is_written_beside_the_output_and_reused_by_the_next_requ
         "nystrom_sketch" not in manifest and not (root / "nystrom-2-plain" / "nystrom_sketch.json").exists()
     )
     assert relative_error(deltas["nystrom"], deltas["plain"]) < 1e-6
+
+
+def test_the_commands_hide_known_uninformative_third_party_warnings_only(monkeypatch):
+    import warnings
+
+    from hf_unlearn import cli
+
+    noise = [
+        ("`is_gradient_checkpointing` is deprecated and will be removed in v6. Use `is_activation_checkpointing` "
+         "instead.", FutureWarning),
+        ("`gradient_checkpointing` is deprecated and will be removed in v6. Use `activation_checkpointing` "
+         "instead.", FutureWarning),
+        ("Could not find a config file in /models/gguf - will assume that the vocabulary was not modified.",
+         UserWarning),
+        ("'pin_memory' argument is set as true but no accelerator is found, then device pinned memory won't be "
+         "used.", UserWarning),
+    ]  # fmt: skip
+    unrelated = [
+        (
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+            DeprecationWarning,
+        ),  # other kind
+        ("Could not find a tokenizer in /models/gguf", UserWarning),
+        ("the removed rows stand out", UserWarning),
+    ]
+
+    def command(argv):
+        for message, category in noise + unrelated:
+            warnings.warn(message, category, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "push_command", command)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        command([])  # a program using the library sees them all
+        assert len(shown) == len(noise + unrelated)
+        del shown[:]
+        assert cli.main(["push", "out", "--dry-run"]) == 0
+    assert [(str(w.message), w.category) for w in shown] == unrelated

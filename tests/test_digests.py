@@ -122,3 +122,82 @@ def test_an_earlier_runs_key_is_required(trained, tmp_path):
     other.write_text(DigestKey.generate().secret.hex())
     assert main([*args, "--digest-key", str(other)]) == 4
     assert main([*args, "--digest-key", str(trained["train"].parent / DIGEST_KEY_NAME)]) == 0
+
+
+def test_no_figure_written_next_to_the_adapter_singles_out_a_removed_code(trained, tmp_path):
+    """The removed row's forget-set loss under the published adapter (or the input adapter, or the base model)
+    is a function of its content: written with any precision, hashing is not needed to test guesses. One
+    removed row (its loss is then the forget-set loss), with held-out rows and without."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_unlearn.evaluation import per_example
+    from hf_unlearn.objective import CausalLMTask
+
+    rows, root = trained["rows"], trained["root"]
+    request = tmp_path / "request.jsonl"
+    request.write_text(line({"op": "remove", "id": "r4"}))
+    held_out = tmp_path / "held_out.jsonl"
+    rng = random.Random(1)
+    held_out.write_text(
+        "".join(line(code_row(20 + i, tuple(rng.randrange(10) for _ in range(4)))) for i in range(6))
+    )
+    outs = [tmp_path / "with_held_out", tmp_path / "without"]
+    for out, extra in zip(outs, (["--held-out-file", str(held_out)], [])):
+        assert main(["unlearn", "--model", str(root / "base"), "--adapter", str(trained["adapter"]), "--train-file",
+                     str(trained["train"]), "--request", str(request), "--output-dir", str(out), "--curvature", "ggn",
+                     "--damping", "0.1", "--no-progress", *extra]) == 0  # fmt: skip
+    codes = list(itertools.product(range(10), repeat=4))
+    guesses = [code_row(4, code) for code in codes]
+    truth = codes.index(tuple(DIGITS.index(t) for t in rows[4]["input_ids"][4:]))
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    task = CausalLMTask()
+
+    def losses(model):
+        return per_example(model, task, guesses, batch_size=2000)["loss"]
+
+    figures = {"base": losses(base)}
+    for name, adapter in (("input", trained["adapter"]), *(zip(("with_held_out", "without"), outs))):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "base"), str(adapter))
+        figures[name] = losses(model)
+    for out in outs:
+        numbers = {float(x) for x in re.findall(r"\d+\.\d+(?:e[-+]?\d+)?", written_text(out))}
+        for name, values in figures.items():
+            for x in numbers:
+                if abs(values[truth] - x) <= 1e-3 * abs(x):  # the true code fits a written figure
+                    fitting = sum(abs(v - x) <= 1e-3 * abs(x) for v in values)
+                    assert fitting > len(codes) // 10, (
+                        f"{out.name}: {x} (a loss under {name}) singles the removed code out of {fitting} guesses"
+                    )
+
+
+def test_push_keeps_the_curvature_working_files_local(trained, tmp_path, capsys, monkeypatch):
+    """Saved K-FAC factors and Nyström sketches are sums over the training rows: two published versions would
+    differ by a removed row's terms, which the base model computes for a guess. They stay with the owner."""
+    import shutil
+
+    import huggingface_hub
+
+    out = tmp_path / "out"
+    shutil.copytree(trained["out"], out)
+    assert (out / "nystrom_sketch.safetensors").is_file()
+    for name in ("curvature_factors.json", "curvature_factors.safetensors"):
+        (out / name).write_text("stand-in")
+    capsys.readouterr()
+    assert main(["push", str(out), "--repo-id", "me/x", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in lines[1:-1]]
+    assert not [name for name in listed if name.startswith(("nystrom_sketch", "curvature_factors"))]
+    assert "adapter_model.safetensors" in listed and lines[-1].startswith("Kept local")
+    calls = []
+
+    class Recorder:
+        def create_repo(self, repo_id, **kwargs):
+            pass
+
+        def upload_folder(self, **kwargs):
+            calls.append(kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Recorder)
+    assert main(["push", str(out), "--repo-id", "me/x"]) == 0
+    assert sorted(calls[0]["allow_patterns"]) == listed

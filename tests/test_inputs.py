@@ -114,6 +114,8 @@ def test_allow_inexact_never_keeps_a_result_worse_than_no_update(trained, tmp_pa
     assert main(unlearn_args(trained, tmp_path / "worse", *diverging)) == 5
     err = capsys.readouterr().err
     assert "better than no update" in err and not (tmp_path / "worse").exists()
+    # advice that fits: LiSSA's own step, and not the flag the user already gave
+    assert "raise --lissa-scale" in err and "--qp-lr" not in err and "pass --allow-inexact" not in err
     # an unconverged CG result (residual < 1) is kept with the flag and named in the success line
     assert (
         main(
