@@ -263,7 +263,7 @@ def default_method(suite: dict):
 def llmeraser_reference(
     lab: Lab, original: Path, train: TrainingSet, request: UnlearningRequest, out: Path, seed=0, **_
 ):
-    """What the released LLMEraser code does (DESIGN §3), reproduced to compare with honestly."""
+    """What the released LLMEraser code does (docs/method.md §2, 'The update'), reproduced to compare with honestly."""
     resolved = request.resolve(train, lab.task)
     model = lab.load(original, trainable=True)
     space, procs = ParameterSpace(model), Processes()

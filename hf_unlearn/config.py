@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 @dataclass
 class UnlearningArguments:
-    """How to compute the LLMEraser update `Δθ = −(C + λI)⁻¹ b` (see DESIGN.md §2–3).
+    """How to compute the LLMEraser update `Δθ = −(C + λI)⁻¹ b` (see docs/method.md §2–3).
 
     Field names mirror the `hf-unlearn unlearn` flags: `max_iter` is `--max-iter`, and so on.
     """
@@ -229,7 +229,7 @@ class UnlearningArguments:
         default=5,
         metadata={
             "help": "Extra damped Newton steps on the tilted edited objective after the first step "
-            "(DESIGN §2 'Beyond one step'); each costs a gradient pass and a solve — over the request's rows only "
+            "(docs/method.md §2 'Beyond one step'); each costs a gradient pass and a solve — over the request's rows only "
             "with objective_estimate quadratic or sample, over the edited training set with full. "
             "--refine-steps 0 --refine-damping fixed is the single LLMEraser update."
         },
@@ -237,7 +237,7 @@ class UnlearningArguments:
     refine_damping: str = field(
         default="line_search",
         metadata={
-            "help": "Damping of the refinement steps: 'fixed' (every step uses --damping, DESIGN §2) or "
+            "help": "Damping of the refinement steps: 'fixed' (every step uses --damping, docs/method.md §2) or "
             "'adaptive' (Levenberg–Marquardt on the tilted edited objective R̃: the one-step update is the first "
             "trial, and a step is kept only if it lowers R̃; λ is then divided by 3, but never below --damping, "
             "and multiplied by 3 after a rejected step; --refine-steps + 1 trials, each also costing a loss pass "

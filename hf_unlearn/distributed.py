@@ -1,4 +1,4 @@
-"""Data-parallel sums across processes (DESIGN §4): each process owns a shard, results are summed."""
+"""Data-parallel sums across processes (docs/method.md §4): each process owns a shard, results are summed."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def sharded_training_setup(model: torch.nn.Module | None = None, accelerator=Non
 
 
 def check_curvature_supported(curvature: str, model: torch.nn.Module | None = None, accelerator=None) -> None:
-    """Fail early where the curvature operator cannot run (DESIGN §4): exact Hessian-vector products need
+    """Fail early where the curvature operator cannot run (docs/method.md §4): exact Hessian-vector products need
     a double backward through whole, unsharded parameters, which FSDP and DeepSpeed ZeRO-3 do not give."""
     if curvature != "hessian":
         return

@@ -1,4 +1,4 @@
-"""The LLMEraser update: request -> b -> solve -> apply (DESIGN §2).
+"""The LLMEraser update: request -> b -> solve -> apply (docs/method.md §2).
 
 Δθ = −(C + λI)⁻¹ b,   b = (1/M) [ Σ_{a∈A} ∇ℓ(a; θ*) − Σ_{o∈O} ∇ℓ(o; θ*) ],   θ ← θ* + Δθ
 """
@@ -361,7 +361,7 @@ def prepare_curvature(
 
 
 def request_rhs(model, task, space, resolved, batches, norm, processes, M, show=False):
-    """`(b, Σ∇ℓ(old))` of a resolved request: b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)) at the current θ (DESIGN §2).
+    """`(b, Σ∇ℓ(old))` of a resolved request: b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)) at the current θ (docs/method.md §2).
 
     `batches(rows)` makes this process's `Batches`; `show` adds progress bars."""
     g_old = gradient_sum(

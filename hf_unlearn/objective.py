@@ -1,6 +1,6 @@
 """The loss contract: the one definition of the per-example loss ℓ, `S`, `T` and the normaliser `M`.
 
-DESIGN §2: `S(z; θ)` is the sum of an example's token losses and `T(z)` its number of loss tokens.
+docs/method.md §2: `S(z; θ)` is the sum of an example's token losses and `T(z)` its number of loss tokens.
 Under `"token"` normalisation `ℓ = S` and `M = Σ_i T(z_i)`; under `"example"`, `ℓ = S/T` and `M = n`.
 The training objective is `R(θ) = (1/M) Σ_i ℓ(z_i; θ)`.
 

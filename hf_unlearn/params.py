@@ -64,7 +64,7 @@ def computation_mode(model: torch.nn.Module, dtype: torch.dtype):
                 originals[name] = (t, t.dtype)
                 t.data = t.data.to(dtype)
         model.eval()
-        # CPU SDPA has no double backward: force the math kernel (DESIGN §6).
+        # CPU SDPA has no double backward: force the math kernel (docs/curvature-and-solvers.md).
         with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
             yield
     finally:

@@ -199,7 +199,7 @@ class Edit:
 
 @dataclass
 class ResolvedRequest:
-    """A request checked against the training set; `old` and `new` are the multisets O and A of DESIGN §2."""
+    """A request checked against the training set; `old` and `new` are the multisets O and A of docs/method.md §2."""
 
     edits: list[Edit]
 

@@ -9,7 +9,7 @@
 The unlearning reads the rows in the order of the raw `train_dataset` (the Trainer's loader shuffles them,
 which does not matter: request ids name rows by their "id" column, else their index), with the fields and the
 data collator the Trainer trains with, so the loss it differentiates is the loss that was trained. It runs on the unwrapped
-model, sharded across the Trainer's processes with explicit sums (DESIGN §4).
+model, sharded across the Trainer's processes with explicit sums (docs/method.md §4).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The rows are encoded and collated by the same `CausalLMTask` that `hf-unlearn unlearn` reads them with, and
 the Trainer's loss (token sum / number of loss tokens, `num_items_in_batch`) is the `"token"` normalisation
-of DESIGN §2, so the adapter written here is exactly what the unlearning assumes was trained.
+of docs/method.md §2, so the adapter written here is exactly what the unlearning assumes was trained.
 """
 
 from __future__ import annotations

@@ -115,7 +115,7 @@ def loop_normaliser(rows, normalization) -> float:
 
 
 class DenseReference:
-    """Exact DESIGN §2 quantities for a model, over flat θ, by loops and `torch.func`."""
+    """Exact docs/method.md §2 quantities for a model, over flat θ, by loops and `torch.func`."""
 
     def __init__(self, model, normalization: str, ell=None, normaliser=None):
         self.model = model.eval()

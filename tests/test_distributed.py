@@ -1,4 +1,4 @@
-"""Exact data-parallel unlearning (DESIGN §4): two gloo CPU processes give the one-process result.
+"""Exact data-parallel unlearning (docs/method.md §4): two gloo CPU processes give the one-process result.
 
 The CLI runs under `torchrun --standalone --nproc_per_node 2` and under
 `accelerate launch --multi_gpu --num_processes 2` with `ACCELERATE_USE_CPU=true`, in float64, on a tiny

@@ -258,7 +258,7 @@ def test_hub_ready_card_and_push_dry_run(workspace, tmp_path, capsys, monkeypatc
     assert "## Unlearning" in card.text and "2 IR" in card.text
     capsys.readouterr()
     assert main(["push", str(out), "--repo-id", "me/tiny-unlearned", "--dry-run"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert listed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME])
     assert main(["push", workspace["adapter"], "--repo-id", "me/x", "--dry-run"]) == 4
 
@@ -321,7 +321,7 @@ def test_push_dry_run_lists_the_files_of_a_relative_parent_path(workspace, tmp_p
     monkeypatch.chdir(tmp_path / "elsewhere")
     capsys.readouterr()
     assert main(["push", "../out", "--repo-id", "me/x", "--dry-run"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
     assert listed == sorted(["README.md", "adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME])
 
 

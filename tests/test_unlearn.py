@@ -190,7 +190,7 @@ def test_response_correction_equals_exact_refit(regression, normalization):
 
 
 def regularized_refit(model, task, rows, normalization, mu, M):
-    """The exact minimiser of (1/M) Σ_rows ℓ + (μ/2)‖θ‖², with M given (DESIGN §2 keeps it fixed)."""
+    """The exact minimiser of (1/M) Σ_rows ℓ + (μ/2)‖θ‖², with M given (docs/method.md §2 keeps it fixed)."""
     from hf_unlearn.objective import example_losses
 
     def ell(m, row):

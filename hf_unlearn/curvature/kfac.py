@@ -1,6 +1,6 @@
 """K-FAC and EK-FAC curvature of the trainable `nn.Linear` layers: factors, block inverse, operators.
 
-What the factors approximate (DESIGN §2, `R(θ) = (1/M) Σ_i ℓ(z_i; θ)` over the rows the factors were
+What the factors approximate (docs/method.md §2, `R(θ) = (1/M) Σ_i ℓ(z_i; θ)` over the rows the factors were
 computed on). Take one trainable Linear layer `s = W a (+ b)` with `W` (out, in). At every position
 `k = (example i, token t)` where the layer runs (positions with attention mask 1; every row of its input
 when there is no mask), write `a_k` (in,) for its input, with a trailing 1 appended when the bias is
