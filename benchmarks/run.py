@@ -217,7 +217,25 @@ def objective(lab: Lab) -> dict:
     return {"l2_regularization": lab.args.l2_regularization}
 
 
-def solver_method(solver: str, settings: dict):
+# The single LLMEraser update on the exact Hessian — UnlearningArguments' defaults when these suites were designed.
+# Every method starts from it and states what it changes; only `default` takes today's defaults.
+SINGLE_STEP = {
+    "curvature": "hessian",
+    "damping": 0.1,
+    "tol": 1e-6,
+    "max_iter": 200,
+    "refine_steps": 0,
+    "refine_damping": "fixed",
+    "objective_estimate": "full",
+}
+
+
+def arguments(**settings) -> UnlearningArguments:
+    """`UnlearningArguments` of the single update with `settings`."""
+    return UnlearningArguments(**{**SINGLE_STEP, **settings})
+
+
+def solver_method(solver: str, settings: dict, base: dict = SINGLE_STEP):
     """`unlearn` with `settings`; `curvature_factors="captured"` means the factors saved beside the original
     adapter during its training. Returns the solve's product counts for the results row."""
 
@@ -227,7 +245,14 @@ def solver_method(solver: str, settings: dict):
         if options.get("curvature_factors") == "captured":
             options["curvature_factors"] = str(original)
         args = UnlearningArguments(
-            solver=solver, progress=False, allow_inexact=True, **objective(lab), **options
+            **{
+                **base,
+                "solver": solver,
+                "progress": False,
+                "allow_inexact": True,
+                **objective(lab),
+                **options,
+            }
         )
         result = unlearn(model, train, request, args, task=lab.task)
         model.save_pretrained(out)
@@ -255,7 +280,9 @@ def default_method(suite: dict):
     def run(lab: Lab, original: Path, train: TrainingSet, request: UnlearningRequest, out: Path, **_):
         saved = (original / "curvature_factors.json").is_file()
         factors = {"curvature_factors": str(original)} if saved else {}
-        return solver_method(UnlearningArguments().solver, factors)(lab, original, train, request, out)
+        return solver_method(UnlearningArguments().solver, factors, base={})(
+            lab, original, train, request, out
+        )
 
     return run
 
@@ -341,9 +368,7 @@ def reference_delta(lab: Lab, original: Path, train, request, settings: dict) ->
     """Δθ of a fully converged float64 CG solve of the same update (the oracle for param_rel_err)."""
     model = lab.load(original, trainable=True)
     oracle = {**objective(lab), **settings, "tol": 1e-9, "max_iter": 5000, "dtype": "float64"}
-    result = unlearn(
-        model, train, request, UnlearningArguments(solver="cg", progress=False, **oracle), task=lab.task
-    )
+    result = unlearn(model, train, request, arguments(solver="cg", progress=False, **oracle), task=lab.task)
     lab.drop(model)
     return torch.cat([result.delta[k].double().reshape(-1) for k in sorted(result.delta)])
 
@@ -531,9 +556,7 @@ def nystrom_sketch(lab: Lab, original: Path, train: TrainingSet, suite: dict) ->
     adapter, amortised over every request (its cost goes into the rows, apart from the request's)."""
     per_method = suite.get("per_method", {})
     settings = {**suite["unlearning"], **per_method.get("cg", {}), **per_method.get("cg+nystrom", {})}
-    args = UnlearningArguments(
-        solver="cg", preconditioner="nystrom", progress=False, **objective(lab), **settings
-    )
+    args = arguments(solver="cg", preconditioner="nystrom", progress=False, **objective(lab), **settings)
     model = lab.load(original, trainable=True)
     start = time.perf_counter()
     sketch = sketch_curvature(model, train, args, task=lab.task)

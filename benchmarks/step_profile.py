@@ -13,9 +13,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from run import SUITES, make_lab, objective, write_report
+from run import SUITES, arguments, make_lab, objective, write_report
 
-from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, unlearn
+from hf_unlearn import TrainingSet, UnlearningRequest, unlearn
 from hf_unlearn.demo import edited_rows, metric_rows
 from hf_unlearn.demo_data import generate
 from hf_unlearn.params import ParameterSpace
@@ -41,7 +41,7 @@ def profile(kind: str, size: int, seed: int, workdir: Path) -> dict:
     model = lab.load(original, trainable=True)
     space = ParameterSpace(model)
     theta_star = space.vector().clone()
-    args = UnlearningArguments(solver="cg", progress=False, **objective(lab), **suite["unlearning"])
+    args = arguments(solver="cg", progress=False, **objective(lab), **suite["unlearning"])
     stats = unlearn(model, train, request, args, task=lab.task).stats
     delta = space.vector() - theta_star  # (P,)
     lab.drop(model)

@@ -526,7 +526,7 @@ class EvaluateArguments:
         },
     )
     min_k: float = field(
-        default=0.4, metadata={"help": "Min-K%++'s k: the fraction of lowest tokens scored."}
+        default=0.4, metadata={"help": "Min-K%%++'s k: the fraction of lowest tokens scored."}
     )
     tokenizer: str | None = field(
         default=None,

@@ -383,6 +383,15 @@ def test_help_shows_dashed_flags_once_with_their_defaults_once(capsys):
     assert "unrecognized arguments: --capture-curvature" in capsys.readouterr().err
 
 
+def test_every_command_prints_its_help(capsys):
+    from hf_unlearn.cli import COMMANDS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exit:
+            main([command, "--help"])
+        assert exit.value.code == 0 and "usage: hf-unlearn" in capsys.readouterr().out, command
+
+
 def test_thread_count_is_chosen_by_the_load(monkeypatch):
     from hf_unlearn import cli
 
