@@ -227,6 +227,7 @@ SINGLE_STEP = {
     "refine_steps": 0,
     "refine_damping": "fixed",
     "objective_estimate": "full",
+    "kept_loss_tolerance": float("inf"),
 }
 
 
@@ -257,7 +258,14 @@ def solver_method(solver: str, settings: dict, base: dict = SINGLE_STEP):
         result = unlearn(model, train, request, args, task=lab.task)
         model.save_pretrained(out)
         lab.drop(model)
-        keys = ("iterations", "curvature_products", "work_rows", "inexact", "objective_estimate_choice")
+        keys = (
+            "iterations",
+            "curvature_products",
+            "work_rows",
+            "inexact",
+            "objective_estimate_choice",
+            "retain_check",
+        )
         row = {k: result.stats.get(k) for k in keys}
         # the rest of the solve's curvature work: mini-batch products (lissa, qp) and refinement solves
         row |= {k: result.stats[k] for k in ("sample_products", "scale_row_products") if k in result.stats}
@@ -869,8 +877,8 @@ def scaling_table(report: dict) -> str:
     nexts = {(r["n_train"], r["task"]): r for r in rows if r["method"] == "retrain-next-seed"}
     lines = [
         "| n | task | method | gap closed (next seed) | KL to retrained (next seed) | exact match (unl. / orig. / retr.) "
-        "| time / retraining | row passes / retraining | within spread |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| time / retraining | row passes / retraining | within spread | kept rows' loss (before → after) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if r["method"] in ("retrain", "retrain-next-seed"):
@@ -880,9 +888,15 @@ def scaling_table(report: dict) -> str:
         lines.append(
             f"| {r['n_train']} | {r['task']} | {r['method']} | {_fmt(r['gap_closed'])} ({_fmt(ref['gap_closed'])}) "
             f"| {r['kl_to_retrained']:.3g} ({ref['kl_to_retrained']:.3g}) | {_exact_match(r)} "
-            f"| {r['seconds'] / r['retrain_seconds']:.3f} | {passes} | {'yes' if r.get('within_spread') else 'no'} |"
+            f"| {r['seconds'] / r['retrain_seconds']:.3f} | {passes} | {'yes' if r.get('within_spread') else 'no'} "
+            f"| {_kept_loss(r)} |"
         )
     return "\n".join(lines)
+
+
+def _kept_loss(row: dict) -> str:
+    check = row.get("retain_check")
+    return "—" if not check else f"{check['loss_before']:.3g} → {check['loss_after']:.3g}"
 
 
 def plot_scaling(report: dict, path: Path) -> None:

@@ -247,6 +247,15 @@ class UnlearningArguments:
             "choices": list(REFINE_DAMPINGS),
         },
     )
+    kept_loss_tolerance: float = field(
+        default=0.1,
+        metadata={
+            "help": "Largest rise of the kept rows' loss (cross-entropy per token, on a seeded sample of 32 of the "
+            "rows the request keeps) a result may have: retraining leaves it close to where training left it. Above "
+            "it the request is solved again with λ ten times larger, up to 5 times (the manifest lists the "
+            "attempts). inf turns the retries off."
+        },
+    )
     dtype: str = field(
         default="float32",
         metadata={"help": "Precision of the unlearning computation.", "choices": list(DTYPES)},
@@ -331,6 +340,10 @@ class UnlearningArguments:
         if not (self.tol > 0 and math.isfinite(self.tol)):
             raise ConfigurationError(f"tol must be a positive number, got {self.tol!r}.")
         _choice("refine_damping", self.refine_damping, REFINE_DAMPINGS)
+        if not self.kept_loss_tolerance >= 0:
+            raise ConfigurationError(
+                f"kept_loss_tolerance must be ≥ 0 (inf: no retries), got {self.kept_loss_tolerance!r}."
+            )
         if int(self.refine_steps) < 0:
             raise ConfigurationError(f"refine_steps must be ≥ 0, got {self.refine_steps!r}.")
         for name in ("max_iter", "batch_size", "stochastic_batch_size"):

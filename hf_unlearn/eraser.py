@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,8 @@ from .refinement import FullTilted, KeptSample, QuadraticTilted, SampledTilted, 
 from .request import ResolvedRequest, UnlearningRequest
 from .solvers import SOLVERS
 from .solvers.base import SolverStats
+
+logger = logging.getLogger(__name__)
 
 FORGET_LOSS_DEFINITION = (
     "cross-entropy per loss token over the old versions (token-weighted mean, as hf-unlearn evaluate)"
@@ -208,66 +211,93 @@ def unlearn(
             "lissa_scale": args.lissa_scale,
             "preconditioner": preconditioner,
         }
-        t = time.perf_counter()
-        # Δθ = −(C + μI + λI)⁻¹ b: the objective's L2 term adds μI (it does not change b)
-        try:
-            delta, stats = solve(curvature, damping + mu, -b, **solver_options)
-            problems = _check(delta, stats, args)
-        except NonPositiveCurvatureError as e:
-            if args.refine_damping != "adaptive":
-                raise
-            # Levenberg–Marquardt: the first trial is rejected, and `refine` retries with a larger λ
-            delta, problems = e, []
-            stats = SolverStats(  # no solve: x = 0, relative residual 1
-                args.solver, 0, 1.0, False, extra={"first_trial_rejected_because": str(e)}
-            )
-        timings["solver_seconds"] = time.perf_counter() - t
-
         if args.refine_steps or args.refine_damping != "fixed":
-            t = time.perf_counter()
             if tilted is None:
                 edited = resolved.edited_rows(all_rows)
                 tilted = FullTilted(
                     model, task, space, all_rows, edited, M, mu, norm, batches, processes, show
                 )  # fmt: skip
                 build_curvature = _full_curvature(
-                    args,
-                    model,
-                    task,
-                    space,
-                    all_rows,
-                    resolved,
-                    M,
-                    batches,
-                    processes,
-                    factors,
-                    picked,
-                    sketch,
-                )
+                    args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked, sketch
+                )  # fmt: skip
             else:
                 build_curvature = tilted.curvature
-            delta, extra_stats["refine"] = refine(
-                tilted,
-                space,
-                (delta, curvature, b),
-                damping,
-                args,
-                solve,
-                _check,
-                build_curvature,
-                solver_options,
-            )
-            timings["refine_seconds"] = time.perf_counter() - t
-            if not delta.any():
-                problems.append(
-                    f"no step lowered the tilted edited objective (refine_damping {args.refine_damping!r})"
+
+        def solve_and_refine(damping):
+            """Δθ for `damping`: the one-step update, then the refinement steps; the parameters stay at θ*."""
+            refine_record = None
+            t = time.perf_counter()
+            # Δθ = −(C + μI + λI)⁻¹ b: the objective's L2 term adds μI (it does not change b)
+            try:
+                delta, stats = solve(curvature, damping + mu, -b, **solver_options)
+                problems = _check(delta, stats, args)
+            except NonPositiveCurvatureError as e:
+                if args.refine_damping != "adaptive":
+                    raise
+                # Levenberg–Marquardt: the first trial is rejected, and `refine` retries with a larger λ
+                delta, problems = e, []
+                stats = SolverStats(  # no solve: x = 0, relative residual 1
+                    args.solver, 0, 1.0, False, extra={"first_trial_rejected_because": str(e)}
                 )
-                if not args.allow_inexact:
-                    raise SolverError(
-                        f"refine_damping {args.refine_damping!r} kept no step (none lowered the tilted edited "
-                        "objective): nothing was changed. Raise --damping or --refine-steps, or use --refine-damping "
-                        "fixed."
+            timings["solver_seconds"] = time.perf_counter() - t
+
+            if args.refine_steps or args.refine_damping != "fixed":
+                t = time.perf_counter()
+                delta, refine_record = refine(
+                    tilted,
+                    space,
+                    (delta, curvature, b),
+                    damping,
+                    args,
+                    solve,
+                    _check,
+                    build_curvature,
+                    solver_options,
+                )
+                timings["refine_seconds"] = time.perf_counter() - t
+                if not delta.any():
+                    problems.append(
+                        f"no step lowered the tilted edited objective (refine_damping {args.refine_damping!r})"
                     )
+                    if not args.allow_inexact:
+                        raise SolverError(
+                            f"refine_damping {args.refine_damping!r} kept no step (none lowered the tilted edited "
+                            "objective): nothing was changed. Raise --damping or --refine-steps, or use --refine-damping "
+                            "fixed."
+                        )
+
+            return delta, stats, problems, refine_record
+
+        # Kept-rows check: cross-entropy per loss token on a seeded sample of the rows the request keeps (a
+        # fixed cost). Retraining leaves their loss close to where training left it; a result whose kept loss
+        # rose by more than `kept_loss_tolerance` went beyond what its quadratic model describes, and the
+        # request is solved again with λ ten times larger (at most KEPT_LOSS_RETRIES times).
+        edited_indices = {e.index for e in resolved.edits}
+        kept = [row for i, row in enumerate(all_rows) if i not in edited_indices]
+        kept_sample = sample_rows(kept, RETAIN_CHECK_ROWS, args.seed)
+        kept_batches = batches(kept_sample)
+        tokens_kept = normaliser(task, kept_sample, "token", args.batch_size)
+        retain_before = loss_sum(model, task, kept_batches, "token", processes) / tokens_kept
+        theta_star = space.vector().clone()
+        attempts = []
+        while True:
+            delta, stats, problems, refine_record = solve_and_refine(damping)
+            space.add_(delta)
+            retain_after = loss_sum(model, task, kept_batches, "token", processes) / tokens_kept
+            space.set_(theta_star)
+            attempts.append({"damping": damping, "kept_loss_after": retain_after})
+            tolerance = args.kept_loss_tolerance
+            if (
+                tolerance is None
+                or retain_after - retain_before <= tolerance
+                or len(attempts) > KEPT_LOSS_RETRIES
+            ):
+                break
+            damping = 10 * max(damping, 1e-3)
+        if refine_record is not None:
+            extra_stats["refine"] = refine_record
+        if len(attempts) > 1:
+            extra_stats["kept_loss_attempts"] = attempts
 
         # Forget-set check: cross-entropy per loss token over the old versions (as `hf-unlearn evaluate`),
         # measured, and predicted to first order (∇·Δθ, with the token normalisation whose ∇ b holds).
@@ -286,6 +316,7 @@ def unlearn(
         "forget_loss_change_predicted": predicted_change,
         "forget_loss_change_measured": forget_after - forget_before,
         "forget_loss_definition": FORGET_LOSS_DEFINITION,
+        "retain_check": retain_check(retain_before, retain_after, len(kept_sample)),
         "num_params": space.numel,
         "normaliser": M,
         "num_train": len(train),
@@ -304,6 +335,28 @@ def unlearn(
     result = UnlearningResult(delta_dict, stats_dict, resolved, timings, handed_on, estimate.next_factors)
     result.stats["delta_norm"] = result.delta_norm
     return result
+
+
+# The kept-rows check: rows sampled, and the rise of their loss (nats per token) that is named as a warning —
+# retraining fits the kept rows as training did, so their loss stays close to where training left it.
+RETAIN_CHECK_ROWS = 32
+RETAIN_RISE_WARNING = 0.5
+KEPT_LOSS_RETRIES = 5
+
+
+def retain_check(before: float, after: float, rows: int) -> dict:
+    """The kept rows' loss per token before and after the update, with a warning when it rose by more than
+    `RETAIN_RISE_WARNING` (the update then left the region its quadratic model describes)."""
+    warning = None
+    if after - before > RETAIN_RISE_WARNING:
+        warning = (
+            f"the loss of the rows the request keeps rose from {before:.3g} to {after:.3g} per token (a sample of "
+            f"{rows}), where retraining keeps it close to where training left it: the update went beyond what its "
+            "quadratic model describes (often: training far from converged, or few training rows). Compare with "
+            "a retrained adapter (hf-unlearn evaluate) before using this one."
+        )
+        logger.warning("Unlearning: %s", warning)
+    return {"rows": rows, "loss_before": before, "loss_after": after, "warning": warning}
 
 
 def sketch_curvature(

@@ -297,6 +297,7 @@ SINGLE_STEP = {
     "refine_steps": 0,
     "refine_damping": "fixed",
     "objective_estimate": "full",
+    "kept_loss_tolerance": float("inf"),
     "capture_curvature": False,
 }
 # the same as `hf-unlearn unlearn` flags (put first: a flag given again later wins)

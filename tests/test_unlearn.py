@@ -779,12 +779,13 @@ def test_adaptive_refine_from_zero_damping_raises_lambda_instead_of_retrying_the
 
 def test_defaults_refine_on_the_quadratic_estimate_at_a_cost_independent_of_the_training_set(trained):
     """`UnlearningArguments()`: 'auto' chooses the quadratic estimate, and with the training set's K-FAC factors
-    given, the rows through the model are the same for 12 training rows as for 24 (the request's rows only)."""
+    given, the rows through the model are the same for 40 training rows as for 80: the request's rows, and the
+    kept-rows check's fixed sample."""
     from hf_unlearn import UnlearningArguments
 
-    request = REQUESTS["mixed"][0]
+    request, old, new = REQUESTS["mixed"]
     work = []
-    for rows in (ROWS, ROWS + token_rows(12, seed=5)):
+    for rows in (ROWS + token_rows(28, seed=5), ROWS + token_rows(68, seed=5)):
         before = ParameterSpace(trained).vector().clone()
         factors = kfac_of(trained, rows, DenseReference(trained, "token").normaliser(rows))
         args = UnlearningArguments(dtype="float64", progress=False)
@@ -793,16 +794,19 @@ def test_defaults_refine_on_the_quadratic_estimate_at_a_cost_independent_of_the_
         choice = result.stats["objective_estimate_choice"]
         assert (choice["asked"], choice["kind"]) == ("auto", "quadratic"), choice
         assert len(result.stats["refine"]) == args.refine_steps + 1 and result.stats["converged"]
+        assert result.stats["retain_check"]["rows"] == 32
         edited = result.request.edited_rows(rows)
         assert result.curvature_factors.info["num_rows"] == len(edited)  # the edited set's, handed on
         products = result.stats["curvature_products"] + sum(
             step.get("curvature_products") or 0 for step in result.stats["refine"]
         )
-        work.append(
-            result.stats["work_rows"] | {"product:ggn": result.stats["work_rows"]["product:ggn"] / products}
-        )
-    # gradients and losses over the same rows; every curvature product over the request's new rows only
-    assert work[0] == work[1] == work[0] | {"product:ggn": len(REQUESTS["mixed"][2])}, work
+        rows_of = result.stats["work_rows"]
+        # the loss passes besides the two checks' (the kept sample and the old rows, before and after) are
+        # line-search trials, each over the new versions
+        trials = (rows_of["loss"] - 2 * 32 - 2 * len(old)) / len(new)
+        work.append(rows_of | {"product:ggn": rows_of["product:ggn"] / products, "loss": trials % 1})
+    # the same gradient rows; every curvature product and every trial over the request's new rows only
+    assert work[0] == work[1] == work[0] | {"product:ggn": len(new), "loss": 0}, work
 
 
 @pytest.mark.parametrize(
@@ -836,3 +840,12 @@ def test_auto_takes_the_full_objective_when_the_output_layer_is_adapted():
     model = get_peft_model(tiny_llama_base(seed=0), LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
     choice = choose_objective_estimate(UnlearningArguments(), model, ParameterSpace(model))
     assert choice["kind"] == "full" and "output layer is adapted" in choice["because"], choice
+
+
+def test_the_kept_rows_check_names_a_rise_of_their_loss(caplog):
+    from hf_unlearn.eraser import RETAIN_RISE_WARNING, retain_check
+
+    assert retain_check(0.9, 0.9 + RETAIN_RISE_WARNING * 0.9, 32)["warning"] is None
+    with caplog.at_level("WARNING", logger="hf_unlearn.eraser"):
+        check = retain_check(0.06, 4.4, 32)
+    assert "rose from 0.06 to 4.4" in check["warning"] and "rose from 0.06" in caplog.text

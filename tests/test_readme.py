@@ -1,0 +1,46 @@
+"""The README's quick starts run as written: its Python block, then its command-line block in the same directory."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def block(section: str, language: str) -> str:
+    """The first `language` code block under the README heading `section`."""
+    text = README.read_text()
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    found = re.search(rf"```{language}\n(.*?)```", text[start:end], re.S)
+    assert found, f"no {language} block under '## {section}'"
+    return found.group(1)
+
+
+def test_the_quick_starts_run_as_written(tmp_path):
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    script = tmp_path / "quick_start.py"
+    script.write_text(block("Quick start: in a Trainer", "python"))
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1].startswith("quadratic ")  # the default estimate ran
+    assert (tmp_path / "unlearned" / "unlearning_manifest.json").is_file()
+
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block("Quick start: command line", "bash")],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        "objective estimate quadratic" in done.stdout
+        and "Would upload to my-org/pins-unlearned" in done.stdout
+    )
+    assert (tmp_path / "unlearned" / "adapter_model.safetensors").is_file()
