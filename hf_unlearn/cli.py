@@ -431,6 +431,11 @@ def describe_steps(stats: dict) -> str:
     text = f"objective estimate {choice['kind']}, {kept} Newton step{'s' * (kept != 1)} over {over}"
     if choice["asked"] == "auto" and choice["kind"] == "full":
         text += f" (auto chose full: {choice['because']})"
+    if attempts := stats.get("kept_loss_attempts"):
+        text += (
+            f"; λ raised to {stats['damping']:g} after the kept rows' loss rose ({len(attempts)} attempts, "
+            f"kept-rows loss {stats['retain_check']['loss_before']:.3g} → {stats['retain_check']['loss_after']:.3g})"
+        )
     return text
 
 

@@ -56,8 +56,8 @@ class UnlearningArguments:
         default=1e-3,
         metadata={
             "help": "λ ≥ 0 added to the curvature of every step (makes a non-convex LoRA Hessian positive "
-            "definite; keeps K-FAC's block inverse defined when μ = 0). The refinement's end point does not depend "
-            "on it, only its speed. Or 'auto': "
+            "definite; keeps K-FAC's block inverse defined when μ = 0); the first λ the kept-rows check tries "
+            "(--kept-loss-tolerance). Or 'auto': "
             "estimate the extreme eigenvalues of C by Lanczos and choose λ = max(0, −2·λ_min) + 0.01·λ_max "
             "(recorded in the stats/manifest)."
         },
