@@ -90,7 +90,7 @@ def build_manifest(result, args, digest_key=None, **context) -> dict:
         **context,
         "request": result.request.summary(key),
         "arguments": args.to_dict(),
-        "solver": {k: v for k, v in result.stats.items() if k not in REMOVED_ROWS_FIGURES},
+        "solver": published_stats(result.stats),
         **{k: result.stats[k] for k in ("curvature_factors", "nystrom_sketch") if k in result.stats},
         "delta_norm": result.delta_norm,
         "timings": result.timings,
@@ -112,6 +112,25 @@ REMOVED_ROWS_FIGURES = frozenset(
         "b_norm",
     }
 )
+
+
+def published_stats(stats: dict) -> dict:
+    """The solver statistics written beside an adapter: without `REMOVED_ROWS_FIGURES`, and the kept-rows
+    check as its rise rounded to 0.01 nats (the rows' losses themselves, written with any precision, are
+    figures that coincide with a guess's loss as often as any other number)."""
+    out = {k: v for k, v in stats.items() if k not in REMOVED_ROWS_FIGURES}
+    if check := stats.get("retain_check"):
+        out["retain_check"] = {
+            "rows": check["rows"],
+            "loss_rise": round(check["loss_after"] - check["loss_before"], 2),
+            "warned": check["warning"] is not None,
+        }
+    if attempts := stats.get("kept_loss_attempts"):
+        before = stats["retain_check"]["loss_before"]
+        out["kept_loss_attempts"] = [
+            {"damping": a["damping"], "loss_rise": round(a["kept_loss_after"] - before, 2)} for a in attempts
+        ]
+    return out
 
 
 def _unkeyed(value) -> bool:

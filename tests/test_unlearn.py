@@ -1,5 +1,6 @@
 """The whole update against exact references: a dense float64 LLM computation and exact refitting."""
 
+import dataclasses
 import random
 
 import pytest
@@ -849,3 +850,28 @@ def test_the_kept_rows_check_names_a_rise_of_their_loss(caplog):
     with caplog.at_level("WARNING", logger="hf_unlearn.eraser"):
         check = retain_check(0.06, 4.4, 32)
     assert "rose from 0.06 to 4.4" in check["warning"] and "rose from 0.06" in caplog.text
+
+
+def test_a_kept_loss_rise_solves_again_with_tenfold_damping(trained):
+    """With a tolerance of 0, every attempt whose kept loss rose is followed by one with λ ×10, and the result is
+    the last attempt's — the same Δθ as asking for that λ without retries."""
+    from hf_unlearn import UnlearningArguments
+
+    request = REQUESTS["IR"][0]
+    before = ParameterSpace(trained).vector().clone()
+    args = UnlearningArguments(
+        dtype="float64", progress=False, kept_loss_tolerance=0.0, curvature_factors="pass"
+    )
+    result = unlearn(trained, ROWS, request, args)
+    delta = ParameterSpace(trained).vector() - before
+    ParameterSpace(trained).set_(before)
+    attempts = result.stats["kept_loss_attempts"]
+    assert [a["damping"] for a in attempts] == pytest.approx([1e-3 * 10**k for k in range(len(attempts))])
+    rises = [a["kept_loss_after"] - result.stats["retain_check"]["loss_before"] for a in attempts]
+    assert len(attempts) > 1 and all(r > 0 for r in rises[:-1]) and (rises[-1] <= 0 or len(attempts) == 6)
+    assert result.stats["damping"] == attempts[-1]["damping"]
+    assert result.stats["retain_check"]["loss_after"] == pytest.approx(attempts[-1]["kept_loss_after"])
+    again = dataclasses.replace(args, damping=attempts[-1]["damping"], kept_loss_tolerance=float("inf"))
+    unlearn(trained, ROWS, request, again)
+    assert relative_error(ParameterSpace(trained).vector() - before, delta) < 1e-10
+    ParameterSpace(trained).set_(before)
