@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -61,18 +61,21 @@ class DemoArguments:
         default="q_proj,v_proj", metadata={"help": "Comma-separated module names that get LoRA."}
     )
     batch_size: int = field(default=8, metadata={"help": "Training and unlearning batch size."})
-    # Unlearning flags: unset, each is `hf-unlearn unlearn`'s default (the quadratic estimate on the K-FAC factors
-    # captured while training the original adapter, with line-searched Newton steps over the request's rows).
-    curvature: str | None = field(
-        default=None, metadata={"help": "Unlearning curvature: hessian, ggn or fisher."}
-    )
-    damping: str | None = field(default=None, metadata={"help": "Unlearning damping λ, or 'auto'."})
-    refine_steps: int | None = field(default=None, metadata={"help": "Newton steps after the first."})
-    refine_damping: str | None = field(
-        default=None,
+    # Unlearning settings chosen for a CPU budget on SmolLM2: the single update on the GGN of a 16-row sample,
+    # 10 CG iterations, shortened by a line search until the edited objective drops. Not the library's default:
+    # with it (quadratic estimate, 5 Newton steps, kept-rows retries) one QM request ran over 12 minutes here
+    # (docs/method.md, benchmarks/README.md "The demo").
+    curvature: str = field(default="ggn", metadata={"help": "Unlearning curvature: hessian, ggn or fisher."})
+    damping: str = field(default="0.1", metadata={"help": "Unlearning damping λ, or 'auto'."})
+    refine_steps: int = field(default=0, metadata={"help": "Newton refinement steps after the first."})
+    refine_damping: str = field(
+        default="line_search",
         metadata={"help": "fixed, adaptive (Levenberg–Marquardt) or line_search, as in hf-unlearn unlearn."},
     )
-    max_iter: int | None = field(default=None, metadata={"help": "Maximum CG iterations per solve."})
+    max_iter: int = field(default=10, metadata={"help": "Maximum CG iterations per solve."})
+    hessian_samples: int | None = field(
+        default=16, metadata={"help": "Rows the curvature is estimated on (default 16; 0 for all)."}
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the training recipe (same for retraining)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -203,13 +206,22 @@ def run_demo(args: DemoArguments) -> dict:
     from .io import adapter_digest, build_manifest, save_unlearned_adapter
 
     # checked before any training: a bad flag fails now, not after the first fine-tuning
-    tuned = ("curvature", "damping", "refine_steps", "refine_damping", "max_iter")
     unlearning_args = UnlearningArguments(
+        solver="cg",
+        curvature=args.curvature,
+        damping=args.damping,
+        refine_steps=args.refine_steps,
+        refine_damping=args.refine_damping,
         l2_regularization=args.l2_regularization,
+        max_iter=args.max_iter,
+        tol=1e-4,
         batch_size=args.batch_size,
+        hessian_samples=args.hessian_samples or None,
+        objective_estimate="full",
+        kept_loss_tolerance=float("inf"),
         seed=args.seed,
         progress=args.progress,
-        **{name: getattr(args, name) for name in tuned if getattr(args, name) is not None},
+        allow_inexact=True,
     )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -223,9 +235,7 @@ def run_demo(args: DemoArguments) -> dict:
     )
     original = out / "adapters" / "original"
     print("[demo] fine-tuning the original adapter ...")
-    train_seconds = lab.train(rows, original, capture_curvature=True)
-    # the factors captured beside the original adapter, as `hf-unlearn unlearn` finds them there
-    unlearning_args = replace(unlearning_args, curvature_factors=str(original))
+    train_seconds = lab.train(rows, original)
 
     results = {"model": lab.model_name, "n_train": len(train), "train_seconds": train_seconds, "kinds": {}}
     for kind in ("IR", "QM", "RC"):

@@ -27,17 +27,8 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "demo"
-    argv = [
-        "demo",
-        "--model",
-        str(tmp_path / "model"),
-        "--output-dir",
-        str(out),
-        "--epochs",
-        "2",
-        "--lora-layers",
-        "2",
-    ]
+    argv = ["demo", "--model", str(tmp_path / "model"), "--output-dir", str(out), "--epochs", "2", "--lora-layers", "2",
+            "--max-iter", "5", "--damping", "1.0"]  # fmt: skip
     assert main(argv) == 0
     results = json.loads((out / "demo_results.json").read_text())
     assert results["n_train"] == len(demo_data.generate()["train"])
