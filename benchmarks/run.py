@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, sketch_curvature, tofu, unlearn
+from hf_unlearn.config import SINGLE_UPDATE
 from hf_unlearn.demo import METRICS, DemoArguments, Lab, edited_rows, metric_rows
 from hf_unlearn.demo_data import DemoSizes, generate
 from hf_unlearn.distributed import Processes
@@ -217,26 +218,13 @@ def objective(lab: Lab) -> dict:
     return {"l2_regularization": lab.args.l2_regularization}
 
 
-# The single LLMEraser update on the exact Hessian — UnlearningArguments' defaults when these suites were designed.
-# Every method starts from it and states what it changes; only `default` takes today's defaults.
-SINGLE_STEP = {
-    "curvature": "hessian",
-    "damping": 0.1,
-    "tol": 1e-6,
-    "max_iter": 200,
-    "refine_steps": 0,
-    "refine_damping": "fixed",
-    "objective_estimate": "full",
-    "kept_loss_tolerance": float("inf"),
-}
-
-
 def arguments(**settings) -> UnlearningArguments:
-    """`UnlearningArguments` of the single update with `settings`."""
-    return UnlearningArguments(**{**SINGLE_STEP, **settings})
+    """`UnlearningArguments` of the single update with `settings`: every method starts from the update these
+    suites were designed with and states what it changes; only `default` takes today's defaults."""
+    return UnlearningArguments(**{**SINGLE_UPDATE, **settings})
 
 
-def solver_method(solver: str, settings: dict, base: dict = SINGLE_STEP):
+def solver_method(solver: str, settings: dict, base: dict = SINGLE_UPDATE):
     """`unlearn` with `settings`; `curvature_factors="captured"` means the factors saved beside the original
     adapter during its training. Returns the solve's product counts for the results row."""
 

@@ -21,6 +21,20 @@ REFINE_DAMPINGS = ("fixed", "adaptive", "line_search")
 OBJECTIVE_ESTIMATES = ("auto", "full", "sample", "quadratic")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
+# The single LLMEraser update on the exact Hessian, as `UnlearningArguments()` computed it before the quadratic
+# estimate with refinement and the kept-rows check became the defaults (docs/method.md §2): what the tests' dense
+# references compute and what the benchmarks' methods start from. `UnlearningArguments(**SINGLE_UPDATE)`.
+SINGLE_UPDATE = {
+    "curvature": "hessian",
+    "damping": 0.1,
+    "tol": 1e-6,
+    "max_iter": 200,
+    "refine_steps": 0,
+    "refine_damping": "fixed",
+    "objective_estimate": "full",
+    "kept_loss_tolerance": float("inf"),
+}
+
 
 @dataclass
 class UnlearningArguments:

@@ -16,6 +16,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from hf_unlearn import UnlearningArguments, UnlearningTask
+from hf_unlearn.config import SINGLE_UPDATE
 from hf_unlearn.params import ParameterSpace
 
 VOCAB = 32
@@ -287,19 +288,8 @@ def dense_fisher(model, rows, normalization: str, M=None) -> torch.Tensor:
     return total / M
 
 
-# The single LLMEraser update on the exact Hessian — `UnlearningArguments`' defaults before the quadratic estimate
-# with refinement became the default (docs/method.md §2): what the dense references of the update compute.
-SINGLE_STEP = {
-    "curvature": "hessian",
-    "damping": 0.1,
-    "tol": 1e-6,
-    "max_iter": 200,
-    "refine_steps": 0,
-    "refine_damping": "fixed",
-    "objective_estimate": "full",
-    "kept_loss_tolerance": float("inf"),
-    "capture_curvature": False,
-}
+# The single update with no capture: what the dense references of the update compute.
+SINGLE_STEP = {**SINGLE_UPDATE, "capture_curvature": False}
 # the same as `hf-unlearn unlearn` flags (put first: a flag given again later wins)
 SINGLE_STEP_FLAGS = [
     f"--{name.replace('_', '-')}={value}"
