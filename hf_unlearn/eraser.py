@@ -286,12 +286,7 @@ def unlearn(
             retain_after = loss_sum(model, task, kept_batches, "token", processes) / tokens_kept
             space.set_(theta_star)
             attempts.append({"damping": damping, "kept_loss_after": retain_after})
-            tolerance = args.kept_loss_tolerance
-            if (
-                tolerance is None
-                or retain_after - retain_before <= tolerance
-                or len(attempts) > KEPT_LOSS_RETRIES
-            ):
+            if retain_after - retain_before <= args.kept_loss_tolerance or len(attempts) > KEPT_LOSS_RETRIES:
                 break
             damping = 10 * max(damping, 1e-3)
         if refine_record is not None:
