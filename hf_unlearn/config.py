@@ -32,6 +32,7 @@ SINGLE_UPDATE = {
     "refine_steps": 0,
     "refine_damping": "fixed",
     "objective_estimate": "full",
+    "refine_tol": 0.0,
     "kept_loss_tolerance": float("inf"),
 }
 
@@ -261,6 +262,15 @@ class UnlearningArguments:
             "choices": list(REFINE_DAMPINGS),
         },
     )
+    refine_tol: float = field(
+        default=0.1,
+        metadata={
+            "help": "Inexact Newton: when refining, each step's solve (the first included) stops at the relative "
+            "residual min(--refine-tol, ‖∇R̃(θ)‖/‖b‖), never below --tol — loose far from the minimiser, tighter "
+            "as the gradient shrinks. CG's first iterations already give a descent direction the line search "
+            "shortens if needed. 0 solves every step to --tol."
+        },
+    )
     kept_loss_tolerance: float = field(
         default=0.1,
         metadata={
@@ -319,6 +329,8 @@ class UnlearningArguments:
                 f"l2_regularization must be a finite number ≥ 0, got {self.l2_regularization!r}."
             )
         _choice("objective_estimate", self.objective_estimate, OBJECTIVE_ESTIMATES)
+        if not (0 <= self.refine_tol < 1):
+            raise ConfigurationError(f"refine_tol must be in [0, 1), got {self.refine_tol!r}.")
         if int(self.interacting_rows) < 0:
             raise ConfigurationError(f"interacting_rows must be ≥ 0, got {self.interacting_rows!r}.")
         if self.interacting_rows and self.objective_estimate != "sample":
@@ -367,6 +379,10 @@ class UnlearningArguments:
             raise ConfigurationError(
                 f"hessian_samples must be ≥ 1 (or unset for the whole training set), got {self.hessian_samples!r}."
             )
+
+    def newton_tol(self, gradient_norm: float, b_norm: float) -> float:
+        """The relative residual a refinement step's solve stops at (`refine_tol`'s forcing term)."""
+        return max(self.tol, min(self.refine_tol, gradient_norm / b_norm if b_norm > 0 else 0.0))
 
     @property
     def l2(self) -> float:

@@ -37,7 +37,15 @@ from .errors import ConfigurationError, DataError, NonPositiveCurvatureError, So
 from .gradients import WORK, Batches, gradient_sum, loss_sum
 from .objective import CausalLMTask, UnlearningTask, normaliser
 from .params import ParameterSpace, computation_mode
-from .refinement import FullTilted, KeptSample, QuadraticTilted, SampledTilted, choose_damping, refine
+from .refinement import (
+    FullTilted,
+    KeptLossGuard,
+    KeptSample,
+    QuadraticTilted,
+    SampledTilted,
+    choose_damping,
+    refine,
+)
 from .request import ResolvedRequest, UnlearningRequest
 from .solvers import SOLVERS
 from .solvers.base import SolverStats
@@ -211,7 +219,8 @@ def unlearn(
             "lissa_scale": args.lissa_scale,
             "preconditioner": preconditioner,
         }
-        if args.refine_steps or args.refine_damping != "fixed":
+        refining = bool(args.refine_steps) or args.refine_damping != "fixed"
+        if refining:
             if tilted is None:
                 edited = resolved.edited_rows(all_rows)
                 tilted = FullTilted(
@@ -223,14 +232,33 @@ def unlearn(
             else:
                 build_curvature = tilted.curvature
 
+        # Kept rows: cross-entropy per loss token on two disjoint seeded samples of the rows the request keeps
+        # (a fixed cost). Retraining leaves their loss close to where training left it. The line search keeps
+        # the first sample's rise within `kept_loss_tolerance` (a trust region, `KeptLossGuard`); the second
+        # measures the result (`retain_check`). Without a line search, a result whose rise there exceeds the
+        # tolerance went beyond what its estimate describes: the request is solved again with λ ten times
+        # larger (at most KEPT_LOSS_RETRIES times).
+        edited_indices = {e.index for e in resolved.edits}
+        kept = [row for i, row in enumerate(all_rows) if i not in edited_indices]
+        kept_samples = sample_rows(kept, 2 * RETAIN_CHECK_ROWS, args.seed)
+        guard_rows, kept_sample = kept_samples[::2], kept_samples[1::2] or kept_samples
+        guard = None
+        if args.refine_damping == "line_search" and math.isfinite(args.kept_loss_tolerance) and guard_rows:
+            guard = KeptLossGuard(
+                model, task, batches(guard_rows), normaliser(task, guard_rows, "token", args.batch_size),
+                args.kept_loss_tolerance, processes,
+            )  # fmt: skip
+
         def solve_and_refine(damping):
             """Δθ for `damping`: the one-step update, then the refinement steps; the parameters stay at θ*."""
             refine_record = None
             t = time.perf_counter()
             # Δθ = −(C + μI + λI)⁻¹ b: the objective's L2 term adds μI (it does not change b)
+            # refining, the first step is a Newton step too: solved to refine_tol's forcing term (∇R̃(θ*) = b)
+            tol = args.newton_tol(1.0, 1.0) if refining else args.tol
             try:
-                delta, stats = solve(curvature, damping + mu, -b, **solver_options)
-                problems = _check(delta, stats, args)
+                delta, stats = solve(curvature, damping + mu, -b, **(solver_options | {"tol": tol}))
+                problems = _check(delta, stats, args, tol)
             except NonPositiveCurvatureError as e:
                 if args.refine_damping != "adaptive":
                     raise
@@ -241,7 +269,7 @@ def unlearn(
                 )
             timings["solver_seconds"] = time.perf_counter() - t
 
-            if args.refine_steps or args.refine_damping != "fixed":
+            if refining:
                 t = time.perf_counter()
                 delta, refine_record = refine(
                     tilted,
@@ -253,28 +281,24 @@ def unlearn(
                     _check,
                     build_curvature,
                     solver_options,
+                    guard,
                 )
                 timings["refine_seconds"] = time.perf_counter() - t
                 if not delta.any():
-                    problems.append(
-                        f"no step lowered the tilted edited objective (refine_damping {args.refine_damping!r})"
-                    )
+                    why = "none lowered the tilted edited objective"
+                    if guard is not None and guard.rejections:
+                        why += (
+                            f" while keeping the kept rows' loss within {args.kept_loss_tolerance:g} of θ*'s"
+                        )
+                    problems.append(f"no step kept (refine_damping {args.refine_damping!r}): {why}")
                     if not args.allow_inexact:
                         raise SolverError(
-                            f"refine_damping {args.refine_damping!r} kept no step (none lowered the tilted edited "
-                            "objective): nothing was changed. Raise --damping or --refine-steps, or use --refine-damping "
-                            "fixed."
+                            f"refine_damping {args.refine_damping!r} kept no step ({why}): nothing was changed. "
+                            "Raise --damping, --refine-steps or --kept-loss-tolerance, or use --refine-damping fixed."
                         )
 
             return delta, stats, problems, refine_record
 
-        # Kept-rows check: cross-entropy per loss token on a seeded sample of the rows the request keeps (a
-        # fixed cost). Retraining leaves their loss close to where training left it; a result whose kept loss
-        # rose by more than `kept_loss_tolerance` went beyond what its quadratic model describes, and the
-        # request is solved again with λ ten times larger (at most KEPT_LOSS_RETRIES times).
-        edited_indices = {e.index for e in resolved.edits}
-        kept = [row for i, row in enumerate(all_rows) if i not in edited_indices]
-        kept_sample = sample_rows(kept, RETAIN_CHECK_ROWS, args.seed)
         kept_batches = batches(kept_sample)
         tokens_kept = normaliser(task, kept_sample, "token", args.batch_size)
         retain_before = loss_sum(model, task, kept_batches, "token", processes) / tokens_kept
@@ -286,11 +310,17 @@ def unlearn(
             retain_after = loss_sum(model, task, kept_batches, "token", processes) / tokens_kept
             space.set_(theta_star)
             attempts.append({"damping": damping, "kept_loss_after": retain_after})
-            if retain_after - retain_before <= args.kept_loss_tolerance or len(attempts) > KEPT_LOSS_RETRIES:
+            # with a guard, its sample bounded every step, and the check's sample measures the result out of it
+            rose = retain_after - retain_before > args.kept_loss_tolerance
+            if guard is not None or not rose or len(attempts) > KEPT_LOSS_RETRIES:
                 break
             damping = 10 * max(damping, 1e-3)
         if refine_record is not None:
             extra_stats["refine"] = refine_record
+        if guard is not None:
+            extra_stats["kept_loss_guard"] = {
+                "rows": len(guard_rows), "evaluations": guard.calls, "rejections": guard.rejections,
+            }  # fmt: skip
         if len(attempts) > 1:
             extra_stats["kept_loss_attempts"] = attempts
 
@@ -452,10 +482,11 @@ def choose_objective_estimate(args: UnlearningArguments, model, space) -> dict:
     return {"kind": "full", "asked": "auto", "because": reason}
 
 
-def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
+def _check(delta: torch.Tensor, stats, args: UnlearningArguments, tol: float | None = None) -> list[str]:
     """Why the solve is not exact (empty when it is); raises `SolverError` unless `allow_inexact` keeps a finite
-    result. Exact means converged (cg, direct) or, for budgeted mini-batch solvers (lissa, qp), better than no
-    update."""
+    result. Exact means converged to `tol` (default `args.tol`; cg, direct) or, for budgeted mini-batch solvers
+    (lissa, qp), better than no update."""
+    tol = args.tol if tol is None else tol
     finite = bool(torch.isfinite(delta).all())
     problems = [] if finite else ["the solver produced non-finite values"]
     if stats.extra.get("stochastic"):
@@ -471,7 +502,7 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments) -> list[str]:
     elif not stats.converged:
         problems.append(
             f"{args.solver} did not converge in {stats.iterations} iterations (relative residual "
-            f"{stats.relative_residual:.3g} > tol {args.tol:g})"
+            f"{stats.relative_residual:.3g} > tol {tol:g})"
         )
     worse = finite and not stats.relative_residual < 1.0  # no better than no update: never kept
     if problems and not (finite and args.allow_inexact and not worse):

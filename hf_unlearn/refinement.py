@@ -63,9 +63,10 @@ ARMIJO = 1e-4  # sufficient decrease: R̃(θ + t·d) ≤ R̃(θ) + ARMIJO·t·�
 MAX_HALVINGS = 8  # shortest trial step 2⁻⁸ of the Newton step
 
 
-def backtrack(tilted, space, start, step, value, slope):
+def backtrack(tilted, space, start, step, value, slope, guard=None):
     """Backtracking line search along `step` from θ = `start`: the first t in 1, ½, ¼, … with
-    R̃(θ + t·step) ≤ R̃(θ) + ARMIJO·t·slope (`slope` = ∇R̃(θ)ᵀstep, negative for a descent direction).
+    R̃(θ + t·step) ≤ R̃(θ) + ARMIJO·t·slope (`slope` = ∇R̃(θ)ᵀstep, negative for a descent direction) and, with
+    a `guard`, `guard()` true there (a trust region: see `KeptLossGuard`).
 
     `tilted()` is R̃ at the model's current θ. Returns `(t, R̃ at the new θ)` and leaves the parameters there;
     `(0.0, value)` at `start` when no length is accepted (or `step` is not a descent direction)."""
@@ -73,11 +74,33 @@ def backtrack(tilted, space, start, step, value, slope):
     for _ in range(MAX_HALVINGS + 1 if slope < 0 else 0):
         space.set_(start + length * step)
         new_value = tilted()
-        if new_value <= value + ARMIJO * length * slope:
+        if new_value <= value + ARMIJO * length * slope and (guard is None or guard()):
             return length, new_value
         length /= 2
     space.set_(start)
     return 0.0, value
+
+
+class KeptLossGuard:
+    """A trust region for the line search: true while the loss of a fixed sample of kept rows (cross-entropy
+    per loss token) has risen by at most `tolerance` since θ*. Retraining leaves the kept rows' loss close to
+    where training left it; a step beyond that has left the region the estimate of R̃ describes, whatever
+    the estimate says. Each call is one forward pass over the sample (`rows` passes counted in `calls`)."""
+
+    def __init__(self, model, task, batches, tokens: float, tolerance: float, processes):
+        self.model, self.task, self.batches, self.tokens = model, task, batches, tokens
+        self.tolerance, self.processes = tolerance, processes
+        self.before = self.loss()
+        self.calls, self.rejections = 0, 0
+
+    def loss(self) -> float:
+        return loss_sum(self.model, self.task, self.batches, "token", self.processes) / self.tokens
+
+    def __call__(self) -> bool:
+        self.calls += 1
+        inside = self.loss() - self.before <= self.tolerance
+        self.rejections += not inside
+        return inside
 
 
 class SumOperator:
@@ -275,24 +298,28 @@ class KeptSample:
         return [row for rows, _ in self.strata for row in rows]
 
 
-def refine(tilted, space, first_step, damping, args, solve, check, build_curvature, solver_options):
+def refine(
+    tilted, space, first_step, damping, args, solve, check, build_curvature, solver_options, guard=None
+):
     """`refine_steps` damped Newton steps on the tilted edited objective R̃ (see the module docstring).
 
-    `tilted` is a `FullTilted` or `SampledTilted` (R̃'s value and gradient at the model's θ, which starts at
-    θ*); `first_step = (Δθ, C, b)` is the one-step update (Δθ may be the `NonPositiveCurvatureError` its solve
-    raised); `build_curvature()` makes C at the current θ; `solve` and `check` are the first step's solver and
-    its result check. Each step solves `(C(θ) + (μ + λ)I) d = −∇R̃(θ)`:
+        `tilted` is a `FullTilted` or `SampledTilted` (R̃'s value and gradient at the model's θ, which starts at
+        θ*); `first_step = (Δθ, C, b)` is the one-step update (Δθ may be the `NonPositiveCurvatureError` its solve
+        raised); `build_curvature()` makes C at the current θ; `solve` and `check` are the first step's solver and
+        its result check. Each step solves `(C(θ) + (μ + λ)I) d = −∇R̃(θ)`, to the relative residual
+    `args.newton_tol(‖∇R̃(θ)‖, ‖b‖)` (inexact Newton):
 
-    - `refine_damping="fixed"`: from θ₁ = θ* + Δθ, `refine_steps` full steps with λ = `damping`;
-    - `"adaptive"` (Levenberg–Marquardt): the one-step update is the first trial; a step is kept only if it
-      lowers R̃, after which λ ← max(λ/3, damping); a rejected step (or a solve that meets non-positive
-      curvature) leaves θ and sets λ ← 3λ (from λ = 0: CG's suggested damping, else the 'auto' one);
-      `refine_steps + 1` trials;
-    - `"line_search"` (damped Newton): every step, the one-step update first, keeps λ = `damping` and is
-      shortened by halves until R̃ drops by the Armijo condition (`backtrack`); stops early when no length does.
+        - `refine_damping="fixed"`: from θ₁ = θ* + Δθ, `refine_steps` full steps with λ = `damping`;
+        - `"adaptive"` (Levenberg–Marquardt): the one-step update is the first trial; a step is kept only if it
+          lowers R̃, after which λ ← max(λ/3, damping); a rejected step (or a solve that meets non-positive
+          curvature) leaves θ and sets λ ← 3λ (from λ = 0: CG's suggested damping, else the 'auto' one);
+          `refine_steps + 1` trials;
+        - `"line_search"` (damped Newton): every step, the one-step update first, keeps λ = `damping` and is
+          shortened by halves until R̃ drops by the Armijo condition and `guard` (a `KeptLossGuard`, or None)
+          holds (`backtrack`); stops early when no length does.
 
-    Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the caller applies the total),
-    also when a step fails.
+        Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the caller applies the total),
+        also when a step fails.
     """
     adaptive = args.refine_damping == "adaptive"
     line_search = args.refine_damping == "line_search"
@@ -301,6 +328,7 @@ def refine(tilted, space, first_step, damping, args, solve, check, build_curvatu
     steps = []
     try:
         first_delta, first_curvature, b = first_step
+        b_norm = b.norm().item()
         lam, grad = damping, None
         if adaptive or line_search:  # the LLMEraser step is the first trial, kept only if it lowers R̃
             value, trials, first_pending = tilted.value(), args.refine_steps + 1, True
@@ -319,8 +347,9 @@ def refine(tilted, space, first_step, damping, args, solve, check, build_curvatu
                     if isinstance(first_delta, NonPositiveCurvatureError):
                         raise first_delta  # the caller's solve of this trial failed
                     step, stats = first_delta, None  # already solved by the caller
-                else:
-                    step, stats = solve(curvature, lam + mu, -grad, **solver_options)
+                else:  # inexact Newton: the solve's tolerance follows ‖∇R̃(θ)‖/‖b‖ (refine_tol)
+                    tol = args.newton_tol(grad.norm().item(), b_norm)
+                    step, stats = solve(curvature, lam + mu, -grad, **(solver_options | {"tol": tol}))
             except NonPositiveCurvatureError as e:
                 if not adaptive:
                     raise
@@ -329,8 +358,8 @@ def refine(tilted, space, first_step, damping, args, solve, check, build_curvatu
                 lam = raised(lam, curvature, grad, suggestion=e.suggested_damping - mu)
                 continue
             if stats is not None:
-                check(step, stats, args)
-            record = (stats.to_dict() if stats is not None else {}) | {
+                check(step, stats, args, tol)
+            record = (stats.to_dict() | {"tol": tol} if stats is not None else {}) | {
                 "first_step": first_pending,
                 "damping": lam,
                 "tilted_gradient_norm": grad.norm().item(),
@@ -340,8 +369,13 @@ def refine(tilted, space, first_step, damping, args, solve, check, build_curvatu
             before = space.vector().clone()
             if line_search:
                 record["tilted_objective_before"] = value
-                length, value = backtrack(tilted.value, space, before, step, value, grad.dot(step).item())
+                rejected = guard.rejections if guard is not None else 0
+                length, value = backtrack(
+                    tilted.value, space, before, step, value, grad.dot(step).item(), guard
+                )  # fmt: skip
                 record |= {"step_length": length, "tilted_objective_after": value, "accepted": length > 0}
+                if guard is not None:
+                    record["kept_loss_rejections"] = guard.rejections - rejected
                 steps.append(record)
                 if not length:  # no length lowers R̃ enough along this direction: stop here
                     break

@@ -18,7 +18,7 @@ from reference import (
     token_rows,
 )
 
-from hf_unlearn import CausalLMTask, SolverError, UnlearningRequest, unlearn
+from hf_unlearn import CausalLMTask, ConfigurationError, SolverError, UnlearningRequest, unlearn
 from hf_unlearn.params import ParameterSpace
 
 ROWS = token_rows(12, seed=0)
@@ -780,13 +780,13 @@ def test_adaptive_refine_from_zero_damping_raises_lambda_instead_of_retrying_the
 
 def test_defaults_refine_on_the_quadratic_estimate_at_a_cost_independent_of_the_training_set(trained):
     """`UnlearningArguments()`: 'auto' chooses the quadratic estimate, and with the training set's K-FAC factors
-    given, the rows through the model are the same for 40 training rows as for 80: the request's rows, and the
-    kept-rows check's fixed sample."""
+    given, the rows through the model are the same for 72 training rows as for 112: the request's rows, and the
+    kept-rows guard's and check's fixed samples (32 rows each)."""
     from hf_unlearn import UnlearningArguments
 
     request, old, new = REQUESTS["mixed"]
     work = []
-    for rows in (ROWS + token_rows(28, seed=5), ROWS + token_rows(68, seed=5)):
+    for rows in (ROWS + token_rows(60, seed=5), ROWS + token_rows(100, seed=5)):
         before = ParameterSpace(trained).vector().clone()
         factors = kfac_of(trained, rows, DenseReference(trained, "token").normaliser(rows))
         args = UnlearningArguments(dtype="float64", progress=False)
@@ -796,15 +796,18 @@ def test_defaults_refine_on_the_quadratic_estimate_at_a_cost_independent_of_the_
         assert (choice["asked"], choice["kind"]) == ("auto", "quadratic"), choice
         assert len(result.stats["refine"]) == args.refine_steps + 1 and result.stats["converged"]
         assert result.stats["retain_check"]["rows"] == 32
+        guard = result.stats["kept_loss_guard"]
+        assert guard["rows"] == 32
         edited = result.request.edited_rows(rows)
         assert result.curvature_factors.info["num_rows"] == len(edited)  # the edited set's, handed on
         products = result.stats["curvature_products"] + sum(
             step.get("curvature_products") or 0 for step in result.stats["refine"]
         )
         rows_of = result.stats["work_rows"]
-        # the loss passes besides the two checks' (the kept sample and the old rows, before and after) are
-        # line-search trials, each over the new versions
-        trials = (rows_of["loss"] - 2 * 32 - 2 * len(old)) / len(new)
+        # the loss passes besides the checks' (the kept sample and the old rows, before and after) and the
+        # guard's (its sample at θ* and at each evaluation) are line-search trials, each over the new versions
+        checks = 2 * 32 + 2 * len(old) + 32 * (1 + guard["evaluations"])
+        trials = (rows_of["loss"] - checks) / len(new)
         work.append(rows_of | {"product:ggn": rows_of["product:ggn"] / products, "loss": trials % 1})
     # the same gradient rows; every curvature product and every trial over the request's new rows only
     assert work[0] == work[1] == work[0] | {"product:ggn": len(new), "loss": 0}, work
@@ -854,13 +857,18 @@ def test_the_kept_rows_check_names_a_rise_of_their_loss(caplog):
 
 def test_a_kept_loss_rise_solves_again_with_tenfold_damping(trained):
     """With a tolerance of 0, every attempt whose kept loss rose is followed by one with λ ×10, and the result is
-    the last attempt's — the same Δθ as asking for that λ without retries."""
+    the last attempt's — the same Δθ as asking for that λ without retries. (Fixed Newton steps: a line search
+    keeps its steps inside the tolerance on a sample of its own, the next test.)"""
     from hf_unlearn import UnlearningArguments
 
     request = REQUESTS["IR"][0]
     before = ParameterSpace(trained).vector().clone()
     args = UnlearningArguments(
-        dtype="float64", progress=False, kept_loss_tolerance=0.0, curvature_factors="pass"
+        dtype="float64",
+        progress=False,
+        kept_loss_tolerance=0.0,
+        curvature_factors="pass",
+        refine_damping="fixed",
     )
     result = unlearn(trained, ROWS, request, args)
     delta = ParameterSpace(trained).vector() - before
@@ -875,3 +883,83 @@ def test_a_kept_loss_rise_solves_again_with_tenfold_damping(trained):
     unlearn(trained, ROWS, request, again)
     assert relative_error(ParameterSpace(trained).vector() - before, delta) < 1e-10
     ParameterSpace(trained).set_(before)
+
+
+def test_backtracking_with_a_guard_takes_the_first_length_both_accept():
+    from hf_unlearn.refinement import backtrack
+
+    class Line:  # θ on a line: R̃(t) = (t − 1)², a guard that holds for t ≤ ¼
+        def __init__(self):
+            self.t = torch.zeros(1, dtype=torch.float64)
+
+        def set_(self, v):
+            self.t = v.clone()
+
+    line = Line()
+    start, step = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+
+    def value():
+        return (line.t.item() - 1) ** 2
+
+    assert backtrack(value, line, start, step, 1.0, -2.0) == (1.0, 0.0)
+    length, new_value = backtrack(value, line, start, step, 1.0, -2.0, guard=lambda: line.t.item() <= 0.25)
+    assert (length, new_value) == (0.25, 0.5625) and line.t.item() == 0.25
+    assert backtrack(value, line, start, step, 1.0, -2.0, guard=lambda: False) == (0.0, 1.0)
+    assert line.t.item() == 0.0  # left at the start
+
+
+def test_the_line_search_keeps_the_kept_rows_guard_sample_within_the_tolerance(trained):
+    """The default line search with a tolerance below the rise its steps would cause: steps are shortened until
+    the guard sample's loss (per token, float64 loop) has risen by at most the tolerance."""
+    import math
+
+    from hf_unlearn import UnlearningArguments
+    from hf_unlearn.curvature.setup import sample_rows
+    from hf_unlearn.eraser import RETAIN_CHECK_ROWS
+
+    request, old, _ = REQUESTS["IR"]
+    kept = [row for i, row in enumerate(ROWS) if i not in old]
+    guard_rows = sample_rows(kept, 2 * RETAIN_CHECK_ROWS, 0)[::2]
+    ref = DenseReference(trained, "token")
+    loss = ref.objective(guard_rows)
+
+    def rise(tolerance):
+        args = UnlearningArguments(
+            dtype="float64", progress=False, curvature_factors="pass", kept_loss_tolerance=tolerance
+        )
+        before = ParameterSpace(trained).vector().clone()
+        result = unlearn(trained, ROWS, request, args)
+        delta = ParameterSpace(trained).vector() - before
+        ParameterSpace(trained).set_(before)
+        return (loss(ref.theta + delta) - loss(ref.theta)).item(), result
+
+    free, result = rise(math.inf)
+    assert "kept_loss_guard" not in result.stats and free > 0.01, free
+    tolerance = free / 4
+    guarded, result = rise(tolerance)
+    assert result.stats["kept_loss_guard"]["rejections"] > 0, result.stats["kept_loss_guard"]
+    assert 0 < guarded <= tolerance + 1e-12, (guarded, tolerance)
+
+
+def test_refinement_solves_each_step_to_the_inexact_newton_forcing_term(trained):
+    """Refining, every step's solve stops at min(refine_tol, ‖∇R̃‖/‖b‖), never below tol — the first step's
+    gradient is b, so it stops at refine_tol — and reaches it."""
+    from hf_unlearn import UnlearningArguments
+
+    request = REQUESTS["mixed"][0]
+    before = ParameterSpace(trained).vector().clone()
+    args = UnlearningArguments(
+        dtype="float64", progress=False, curvature_factors="pass", refine_tol=0.05, tol=1e-4
+    )
+    result = unlearn(trained, ROWS, request, args)
+    ParameterSpace(trained).set_(before)
+    b_norm = result.stats["b_norm"]
+    assert result.stats["relative_residual"] <= 0.05  # the first step's solve
+    solved = [s for s in result.stats["refine"] if not s["first_step"]]
+    assert solved, result.stats["refine"]
+    for s in solved:
+        expected = max(1e-4, min(0.05, s["tilted_gradient_norm"] / b_norm))
+        assert s["tol"] == pytest.approx(expected) and s["relative_residual"] <= expected, s
+    assert UnlearningArguments(refine_tol=0.0, tol=1e-6).newton_tol(0.5, 1.0) == 1e-6
+    with pytest.raises(ConfigurationError, match="refine_tol"):
+        UnlearningArguments(refine_tol=1.0)
