@@ -275,9 +275,10 @@ class UnlearningArguments:
         default=0.1,
         metadata={
             "help": "Largest rise of the kept rows' loss (cross-entropy per token, on a seeded sample of 32 of the "
-            "rows the request keeps) a result may have: retraining leaves it close to where training left it. Above "
-            "it the request is solved again with λ ten times larger, up to 5 times (the manifest lists the "
-            "attempts). inf turns the retries off."
+            "rows the request keeps) a step may cause: retraining leaves it close to where training left it. With "
+            "--refine-damping line_search every step is shortened until it holds (a trust region); otherwise a "
+            "result above it is solved again with λ ten times larger, up to 5 times (the manifest lists the "
+            "attempts). Another 32 kept rows measure the result (the manifest's retain_check). inf turns it off."
         },
     )
     dtype: str = field(
