@@ -279,7 +279,7 @@ def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: b
 
 
 def train_command(argv: list[str]) -> int:
-    from .cli import parse_arguments
+    from .cli_args import parse_arguments
 
     config, encoding = parse_arguments((TrainConfig, TextEncoding), argv, "hf-unlearn train")
     record = train_adapter(config, encoding)

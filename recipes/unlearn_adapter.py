@@ -15,12 +15,12 @@ from __future__ import annotations
 from transformers import HfArgumentParser
 
 from hf_unlearn import TextEncoding, UnlearningArguments, unlearn
-from hf_unlearn.cli import UnlearnPaths, prepare_unlearn, unlearn_digest_key
 from hf_unlearn.data import ExampleEncoder
 from hf_unlearn.distributed import barrier, join_process_group
 from hf_unlearn.eraser import default_task
 from hf_unlearn.io import adapter_digest, build_manifest, save_unlearned_adapter, training_data_record
 from hf_unlearn.models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
+from hf_unlearn.preflight import UnlearnPaths, prepare_unlearn, unlearn_digest_key
 from hf_unlearn.request import using_digest_key
 
 

@@ -13,6 +13,10 @@ os.environ.setdefault(
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from reference import LORA, REQUESTS_FOR_CLI, ROWS_FOR_CLI, fit, tiny_llama_base, write_jsonl  # noqa: E402
+
+from hf_unlearn import CausalLMTask  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -20,3 +24,20 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny Llama base and a LoRA adapter trained on `ROWS_FOR_CLI`, saved to disk, with the training file and
+    the request files of `REQUESTS_FOR_CLI` (paths by name: "base", "adapter", "train", "IR", "QM", "RC"), for
+    the command-line tests. Built once per test module; a module with its own `workspace` fixture uses that."""
+    root = tmp_path_factory.mktemp("cli")
+    base = tiny_llama_base(seed=3, dtype=torch.float32, exact=False)
+    base.save_pretrained(root / "base")
+    model = fit(get_peft_model(base, LoraConfig(**LORA)), CausalLMTask(), ROWS_FOR_CLI, steps=80)
+    model.save_pretrained(root / "adapter")
+    files = {"root": root, "base": str(root / "base"), "adapter": str(root / "adapter")}
+    files["train"] = write_jsonl(root / "train.jsonl", ROWS_FOR_CLI)
+    for kind, lines in REQUESTS_FOR_CLI.items():
+        files[kind] = write_jsonl(root / f"{kind}.jsonl", lines)
+    return files

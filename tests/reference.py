@@ -6,13 +6,14 @@ Everything here is deliberately naive: per-example and per-token Python loops, d
 
 from __future__ import annotations
 
+import json
 import random
 import types
 
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch.func import functional_call
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, TrainerCallback
 from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 from hf_unlearn import UnlearningArguments, UnlearningTask
@@ -89,6 +90,42 @@ def token_rows(n: int, seed: int = 0, min_len: int = 5, max_len: int = 10) -> li
 
 
 ROWS_FOR_CLI = token_rows(14, seed=7)
+REPLACEMENTS_FOR_CLI = {
+    # QM: new prompt tokens, same response tokens; RC: same prompt, new response.
+    "QM": (
+        3,
+        {"input_ids": [9, 9, 9] + ROWS_FOR_CLI[3]["input_ids"][ROWS_FOR_CLI[3]["labels"].count(-100) :]},
+    ),
+    "RC": (
+        5,
+        {"input_ids": ROWS_FOR_CLI[5]["input_ids"][: ROWS_FOR_CLI[5]["labels"].count(-100)] + [4, 5, 6]},
+    ),
+}
+REQUESTS_FOR_CLI = {  # the request files of the `workspace` fixture (conftest.py)
+    "IR": [{"op": "remove", "id": 2}, {"op": "remove", "id": 8}],
+    "QM": [
+        {
+            "op": "replace",
+            "id": 3,
+            **REPLACEMENTS_FOR_CLI["QM"][1],
+            "labels": [-100] * 3 + REPLACEMENTS_FOR_CLI["QM"][1]["input_ids"][3:],
+        }
+    ],
+    "RC": [
+        {
+            "op": "replace",
+            "id": 5,
+            **REPLACEMENTS_FOR_CLI["RC"][1],
+            "labels": [-100] * ROWS_FOR_CLI[5]["labels"].count(-100) + [4, 5, 6],
+        }
+    ],
+}
+
+
+def write_jsonl(path, rows) -> str:
+    """Write `rows` as a JSON-lines file at `path`; returns the path as a string (a command-line argument)."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 def loop_loss_sum(model, row) -> tuple[torch.Tensor, int]:
@@ -301,3 +338,26 @@ SINGLE_STEP_FLAGS = [
 def single_step(**overrides) -> UnlearningArguments:
     """`UnlearningArguments` of the single update on the exact Hessian, with `overrides`."""
     return UnlearningArguments(**{**SINGLE_STEP, **overrides})
+
+
+def common_args(tmp_path, **kwargs):
+    """`TrainingArguments` keywords of the Trainer tests: CPU, constant learning rate, nothing saved or logged."""
+    return dict(
+        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, learning_rate=2e-2,
+        lr_scheduler_type="constant", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=1000,
+        seed=0, use_cpu=True, **kwargs,
+    )  # fmt: skip
+
+
+class Snapshot(TrainerCallback):
+    """Saves the trained adapter (θ*) before the unlearning callback, listed after it, edits it; `model(base)`
+    rebuilds it in float64 on a fresh base (a deep copy would keep the Trainer's patched forward methods)."""
+
+    def __init__(self, directory):
+        self.directory = str(directory)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.save_pretrained(self.directory)
+
+    def model(self, base):
+        return PeftModel.from_pretrained(base, self.directory, is_trainable=True).double()

@@ -10,6 +10,8 @@ from peft import LoraConfig, PeftModel
 from reference import (
     LORA,
     DenseReference,
+    Snapshot,
+    common_args,
     relative_error,
     single_step,
     tiny_llama,
@@ -18,7 +20,7 @@ from reference import (
     train_tokenizer,
 )
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from hf_unlearn import (
     CausalLMTask,
@@ -34,34 +36,12 @@ _p = ROWS[6]["labels"].count(-100)
 RC_ROW = {"input_ids": ROWS[6]["input_ids"][:_p] + [3, 4, 5], "labels": [-100] * _p + [3, 4, 5]}
 
 
-class Snapshot(TrainerCallback):
-    """Saves the trained adapter (θ*) before the unlearning callback, listed after it, edits it; `model(base)`
-    rebuilds it in float64 on a fresh base (a deep copy would keep the Trainer's patched forward methods)."""
-
-    def __init__(self, directory):
-        self.directory = str(directory)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        model.save_pretrained(self.directory)
-
-    def model(self, base):
-        return PeftModel.from_pretrained(base, self.directory, is_trainable=True).double()
-
-
 def saved_delta(out, snapshot_model):
     """The written adapter minus θ*, in the order of `ParameterSpace`."""
     tensors = load_file(f"{out}/adapter_model.safetensors")
     space = ParameterSpace(snapshot_model)
     saved = [tensors[n.replace(".default", "")].double().reshape(-1) for n in space.names]
     return torch.cat(saved) - space.vector()
-
-
-def common_args(tmp_path, **kwargs):
-    return dict(
-        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, learning_rate=2e-2,
-        lr_scheduler_type="constant", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=1000,
-        seed=0, use_cpu=True, **kwargs,
-    )  # fmt: skip
 
 
 def test_callback_in_plain_trainer_matches_dense_reference(tmp_path):

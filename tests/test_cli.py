@@ -6,68 +6,25 @@ import sys
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from reference import (
-    LORA,
+    REPLACEMENTS_FOR_CLI,
+    REQUESTS_FOR_CLI,
     ROWS_FOR_CLI,
     SINGLE_STEP_FLAGS,
     DenseReference,
-    fit,
     relative_error,
     single_step,
-    tiny_llama_base,
+    write_jsonl,
 )
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from hf_unlearn import CausalLMTask
 from hf_unlearn.cli import main
 from hf_unlearn.io import MANIFEST_NAME, adapter_digest
 
 ROWS = ROWS_FOR_CLI
-REPLACEMENTS = {
-    # QM: new prompt tokens, same response tokens; RC: same prompt, new response.
-    "QM": (3, {"input_ids": [9, 9, 9] + ROWS[3]["input_ids"][ROWS[3]["labels"].count(-100) :]}),
-    "RC": (5, {"input_ids": ROWS[5]["input_ids"][: ROWS[5]["labels"].count(-100)] + [4, 5, 6]}),
-}
-REQUESTS = {
-    "IR": [{"op": "remove", "id": 2}, {"op": "remove", "id": 8}],
-    "QM": [
-        {
-            "op": "replace",
-            "id": 3,
-            **REPLACEMENTS["QM"][1],
-            "labels": [-100] * 3 + REPLACEMENTS["QM"][1]["input_ids"][3:],
-        }
-    ],
-    "RC": [
-        {
-            "op": "replace",
-            "id": 5,
-            **REPLACEMENTS["RC"][1],
-            "labels": [-100] * ROWS[5]["labels"].count(-100) + [4, 5, 6],
-        }
-    ],
-}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    base = tiny_llama_base(seed=3, dtype=torch.float32, exact=False)
-    base.save_pretrained(root / "base")
-    model = fit(get_peft_model(base, LoraConfig(**LORA)), CausalLMTask(), ROWS, steps=80)
-    model.save_pretrained(root / "adapter")
-    files = {"root": root, "base": str(root / "base"), "adapter": str(root / "adapter")}
-    files["train"] = write_jsonl(root / "train.jsonl", ROWS)
-    for kind, lines in REQUESTS.items():
-        files[kind] = write_jsonl(root / f"{kind}.jsonl", lines)
-    return files
+REPLACEMENTS, REQUESTS = REPLACEMENTS_FOR_CLI, REQUESTS_FOR_CLI
 
 
 def dense_update(workspace, kind, normalization, damping):

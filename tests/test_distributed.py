@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from reference import LORA, fit, relative_error, tiny_llama_base, token_rows
+from reference import LORA, fit, relative_error, tiny_llama_base, token_rows, write_jsonl
 from safetensors.torch import load_file
 
 from hf_unlearn import CausalLMTask
@@ -33,11 +33,6 @@ REQUEST = [
         "labels": [-100, -100, 4, 5, 6],
     },
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 def subprocess_env(**extra):

@@ -7,9 +7,17 @@ import pytest
 import scipy.stats
 import torch
 from peft import LoraConfig, get_peft_model
-from reference import LORA, fit, loop_loss_sum, tiny_llama, tiny_llama_base, token_rows, train_tokenizer
+from reference import (
+    LORA,
+    fit,
+    loop_loss_sum,
+    tiny_llama,
+    tiny_llama_base,
+    token_rows,
+    train_tokenizer,
+    write_jsonl,
+)
 from reference import ROWS_FOR_CLI as ROWS
-from test_cli import workspace  # noqa: F401  (fixture)
 
 from hf_unlearn import CausalLMTask, demo_data
 from hf_unlearn.cli import main
@@ -100,9 +108,7 @@ def load_adapter_model(files, adapter, dtype=torch.float32):
     return PeftModel.from_pretrained(base, str(adapter)).eval()
 
 
-def test_evaluate_command(workspace, tmp_path, capsys):  # noqa: F811
-    from test_cli import write_jsonl
-
+def test_evaluate_command(workspace, tmp_path, capsys):
     forget_rows, test_rows = ROWS[:3], token_rows(4, seed=123)  # responses of different lengths
     forget = write_jsonl(tmp_path / "forget.jsonl", forget_rows)
     test = write_jsonl(tmp_path / "test.jsonl", test_rows)
@@ -162,7 +168,7 @@ def test_evaluate_command(workspace, tmp_path, capsys):  # noqa: F811
     assert not (tmp_path / "no").exists()
 
 
-def test_kl_to_a_reference_adapter_on_the_same_base_equals_two_models(workspace, tmp_path):  # noqa: F811
+def test_kl_to_a_reference_adapter_on_the_same_base_equals_two_models(workspace, tmp_path):
     def load(adapter):
         return load_adapter_model(workspace, adapter)
 
@@ -384,8 +390,6 @@ def test_evaluate_adapter_and_compare_match_loops(text_models):
 def test_evaluate_command_compares_original_unlearned_and_retrained(tmp_path, capsys):
     """Three adapters on one base, text rows from the TOFU-style generator: one table, and a JSON whose
     numbers match float64 loops, scipy's KS test and MUSE's PrivLeak formula."""
-    from test_cli import write_jsonl
-
     tokenizer = train_tokenizer()
     base = tiny_llama_base(seed=2, dtype=torch.float32, exact=False, vocab_size=len(tokenizer))
     base.save_pretrained(tmp_path / "base")

@@ -6,17 +6,12 @@ import random
 
 import pytest
 import torch
-from reference import tiny_llama_base, token_rows, train_tokenizer
+from reference import tiny_llama_base, token_rows, train_tokenizer, write_jsonl
 
 from hf_unlearn.cli import main
 from hf_unlearn.io import MANIFEST_NAME, TOKENIZER_FILES, file_digest
 
 ROWS = [{"id": f"r{i}", **row} for i, row in enumerate(token_rows(12, seed=11))]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from reference import ROWS_FOR_CLI as ROWS
-from reference import token_rows
-from test_cli import workspace, write_jsonl  # noqa: F401  (fixture)
+from reference import token_rows, write_jsonl
 
 from hf_unlearn import TrainingSet
 from hf_unlearn.cli import main
@@ -42,7 +41,7 @@ BAD_REQUESTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_request_exits_with_message_and_writes_nothing(workspace, tmp_path, case, capsys):  # noqa: F811
+def test_bad_request_exits_with_message_and_writes_nothing(workspace, tmp_path, case, capsys):
     lines, code, message = BAD_REQUESTS[case]
     request = write_jsonl(tmp_path / "request.jsonl", lines)
     out = tmp_path / "out"
@@ -51,7 +50,7 @@ def test_bad_request_exits_with_message_and_writes_nothing(workspace, tmp_path, 
     assert no_output(out)
 
 
-def test_bad_arguments_and_inputs(workspace, tmp_path, capsys):  # noqa: F811
+def test_bad_arguments_and_inputs(workspace, tmp_path, capsys):
     out = tmp_path / "out"
     request = workspace["IR"]
     (tmp_path / "empty").mkdir()
@@ -71,7 +70,7 @@ def test_bad_arguments_and_inputs(workspace, tmp_path, capsys):  # noqa: F811
         assert no_output(out)
 
 
-def test_adapter_that_does_not_fit_the_base(workspace, tmp_path, capsys):  # noqa: F811
+def test_adapter_that_does_not_fit_the_base(workspace, tmp_path, capsys):
     bad = tmp_path / "bad_adapter"
     shutil.copytree(workspace["adapter"], bad)
     from safetensors.torch import load_file, save_file
@@ -88,7 +87,7 @@ def test_adapter_that_does_not_fit_the_base(workspace, tmp_path, capsys):  # noq
     assert no_output(out)
 
 
-def test_existing_output_needs_overwrite(workspace, tmp_path, capsys):  # noqa: F811
+def test_existing_output_needs_overwrite(workspace, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -97,7 +96,7 @@ def test_existing_output_needs_overwrite(workspace, tmp_path, capsys):  # noqa: 
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_unconverged_solve_writes_nothing_unless_allowed(workspace, tmp_path, capsys):  # noqa: F811
+def test_unconverged_solve_writes_nothing_unless_allowed(workspace, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(base_args(workspace, workspace["IR"], out, "--max-iter", "1", "--tol", "1e-12")) == 5
     assert "did not converge" in capsys.readouterr().err and no_output(out)
@@ -112,7 +111,7 @@ def test_unconverged_solve_writes_nothing_unless_allowed(workspace, tmp_path, ca
     assert "Inexact result" in (out / "README.md").read_text()
 
 
-def test_run_killed_part_way_leaves_nothing_at_the_output_path(workspace, tmp_path):  # noqa: F811
+def test_run_killed_part_way_leaves_nothing_at_the_output_path(workspace, tmp_path):
     out = tmp_path / "out"
     argv = base_args(
         workspace, workspace["IR"], out, "--tol", "1e-300", "--max-iter", "100000000", "--allow-inexact"
@@ -130,7 +129,7 @@ def test_run_killed_part_way_leaves_nothing_at_the_output_path(workspace, tmp_pa
     assert not out.exists()
 
 
-def test_interrupted_write_leaves_nothing(workspace, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_interrupted_write_leaves_nothing(workspace, tmp_path, monkeypatch, capsys):
     from peft import PeftModel
 
     original = PeftModel.save_pretrained
@@ -146,7 +145,7 @@ def test_interrupted_write_leaves_nothing(workspace, tmp_path, monkeypatch, caps
     assert no_output(out)
 
 
-def test_manifest_is_an_audit_trail_without_content(workspace, tmp_path, monkeypatch):  # noqa: F811
+def test_manifest_is_an_audit_trail_without_content(workspace, tmp_path, monkeypatch):
     import hf_unlearn.io
 
     stats, build_manifest = {}, hf_unlearn.io.build_manifest
@@ -199,7 +198,7 @@ def test_manifest_is_an_audit_trail_without_content(workspace, tmp_path, monkeyp
     assert s["forget_loss_change_measured"] > 0 and s["forget_loss_change_predicted"] > 0  # removal raises it
 
 
-def test_sequential_requests_are_checked_and_chained(workspace, tmp_path, capsys):  # noqa: F811
+def test_sequential_requests_are_checked_and_chained(workspace, tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", [{"id": f"r{i}", **row} for i, row in enumerate(ROWS)])
     first = write_jsonl(tmp_path / "first.jsonl", [{"op": "remove", "id": "r2"}])
     out1, out2 = tmp_path / "out1", tmp_path / "out2"
@@ -227,7 +226,7 @@ def test_sequential_requests_are_checked_and_chained(workspace, tmp_path, capsys
     assert history[0]["request"]["kinds"] == {"IR": 1}
 
 
-def test_same_inputs_give_byte_identical_adapters(workspace, tmp_path):  # noqa: F811
+def test_same_inputs_give_byte_identical_adapters(workspace, tmp_path):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
         assert main(base_args(workspace, workspace["RC"], out, "--hessian-samples", "8", "--seed", "3")) == 0
@@ -236,7 +235,7 @@ def test_same_inputs_give_byte_identical_adapters(workspace, tmp_path):  # noqa:
     )
 
 
-def test_only_safetensors_are_loaded(workspace, tmp_path, capsys):  # noqa: F811
+def test_only_safetensors_are_loaded(workspace, tmp_path, capsys):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     shutil.copy(os.path.join(workspace["adapter"], "adapter_config.json"), pickled)
@@ -249,7 +248,7 @@ def test_only_safetensors_are_loaded(workspace, tmp_path, capsys):  # noqa: F811
     assert "only safetensors" in capsys.readouterr().err
 
 
-def test_hub_ready_card_and_push_dry_run(workspace, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_hub_ready_card_and_push_dry_run(workspace, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert main([*base_args(workspace, workspace["IR"], out), "--base-model-id", "my-org/tiny-llama"]) == 0
     card = ModelCard.load(out / "README.md")
@@ -291,7 +290,7 @@ def test_top_level_usage_and_unknown_command(capsys):
     assert "unknown command 'forget'" in capsys.readouterr().err
 
 
-def test_remote_code_is_not_run_unless_asked(workspace, tmp_path, capsys):  # noqa: F811
+def test_remote_code_is_not_run_unless_asked(workspace, tmp_path, capsys):
     """A base model directory that ships its own modelling code is refused without --trust-remote-code."""
     custom = tmp_path / "custom"
     shutil.copytree(workspace["base"], custom)
@@ -313,7 +312,7 @@ def test_remote_code_is_not_run_unless_asked(workspace, tmp_path, capsys):  # no
     assert not marker.exists() and no_output(tmp_path / "out")
 
 
-def test_push_dry_run_lists_the_files_of_a_relative_parent_path(workspace, tmp_path, capsys, monkeypatch):  # noqa: F811
+def test_push_dry_run_lists_the_files_of_a_relative_parent_path(workspace, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     assert main(base_args(workspace, workspace["IR"], out)) == 0
     (out / ".scratch").write_text("local only")
@@ -326,7 +325,7 @@ def test_push_dry_run_lists_the_files_of_a_relative_parent_path(workspace, tmp_p
 
 
 def test_card_and_evaluate_report_one_forget_loss_and_the_check_against_held_out_rows(
-    workspace,  # noqa: F811
+    workspace,
     tmp_path,
     capsys,
 ):
@@ -408,7 +407,7 @@ def test_thread_count_is_chosen_by_the_load(monkeypatch):
     assert cli.choose_threads() == {"threads": 4, "rule": "OMP_NUM_THREADS"} and chosen == [1, 2]
 
 
-def test_push_refuses_a_manifest_with_unkeyed_row_digests(workspace, tmp_path, capsys):  # noqa: F811
+def test_push_refuses_a_manifest_with_unkeyed_row_digests(workspace, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(base_args(workspace, workspace["IR"], out)) == 0
     manifest = json.loads((out / MANIFEST_NAME).read_text())

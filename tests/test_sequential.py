@@ -4,18 +4,13 @@ import json
 
 import pytest
 import torch
-from reference import tiny_llama_base, token_rows
+from reference import tiny_llama_base, token_rows, write_jsonl
 
 from hf_unlearn.cli import main
 from hf_unlearn.data import read_jsonl
 from hf_unlearn.io import MANIFEST_NAME
 
 ROWS = token_rows(12, seed=13)
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

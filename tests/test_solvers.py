@@ -1,5 +1,6 @@
 import pytest
 import torch
+from reference import relative_error as relerr
 
 from hf_unlearn import ConfigurationError, NonPositiveCurvatureError
 from hf_unlearn.solvers import conjugate_gradient, direct_solve
@@ -105,10 +106,6 @@ def finite_sum():
         Processes(),
     )
     return op, dense_matrix(op)
-
-
-def relerr(x, exact):
-    return ((x - exact).norm() / exact.norm()).item()
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.01])

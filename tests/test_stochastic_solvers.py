@@ -5,6 +5,7 @@ in which the previous rule (scale 1.5·(λ_max(C) + λ)) diverged on the quick b
 import pytest
 import torch
 from reference import MaskedRegressionTask, regression_rows
+from reference import relative_error as relerr
 
 from hf_unlearn.curvature import HessianOperator
 from hf_unlearn.distributed import Processes
@@ -33,10 +34,6 @@ def regression_operator(heavy: int, factor: float, n: int = 60, seed: int = 3):
         )
 
     return op(rows), [dense_matrix(op([r])) for r in rows]
-
-
-def relerr(x, exact):
-    return ((x - exact).norm() / exact.norm()).item()
 
 
 @pytest.fixture(scope="module")

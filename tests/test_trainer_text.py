@@ -7,8 +7,16 @@ import datasets
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from reference import LORA, DenseReference, relative_error, single_step, tiny_llama_base, train_tokenizer
-from test_callback import Snapshot
+from reference import (
+    LORA,
+    DenseReference,
+    Snapshot,
+    common_args,
+    relative_error,
+    single_step,
+    tiny_llama_base,
+    train_tokenizer,
+)
 from tokenizers import decoders
 from transformers import DataCollatorForLanguageModeling, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -43,14 +51,6 @@ def lora_model(tok, seed=0, dtype=torch.float64):
     base = tiny_llama_base(seed=seed, dtype=dtype, vocab_size=len(tok))
     base.config.pad_token_id = tok.pad_token_id
     return get_peft_model(base, LoraConfig(**LORA, init_lora_weights=False)).to(dtype)
-
-
-def common_args(tmp_path, **kwargs):
-    return dict(
-        output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, learning_rate=2e-2,
-        lr_scheduler_type="constant", save_strategy="no", report_to=[], disable_tqdm=True, logging_steps=1000,
-        seed=0, use_cpu=True, **kwargs,
-    )  # fmt: skip
 
 
 def lm_row(tok, prompt, response):

@@ -1,0 +1,69 @@
+"""Command-line argument parsing of the `hf-unlearn` commands: `HfArgumentParser` over the commands' argument
+dataclasses, with dashed flags, a bad argument raised as `ConfigurationError`, and the flags that do not belong
+to a command removed. Used by cli.py and by `hf-unlearn train` (training.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+# Flags of a shared argument dataclass that make no sense for a command: not offered (nor accepted) there.
+HIDDEN = {  # training only (UnlearnTrainer / the callback)
+    "hf-unlearn unlearn": {"capture_curvature"},
+    "hf-unlearn prepare": {"capture_curvature"},
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: …)" only where the help does not already say what the default is, and not for None."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
+
+
+def _tidy(parser, prog: str) -> None:
+    """Flags shown with dashes only (the underscore spellings stay accepted), a `--no-x` flag described as what it
+    does, and flags that do not belong to `prog` removed."""
+    for action in list(parser._actions):
+        if action.dest in HIDDEN.get(prog, ()):
+            parser._remove_action(action)
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            for option in action.option_strings:
+                parser._option_string_actions.pop(option, None)
+            parser.set_defaults(**{action.dest: action.default})
+            continue
+        if not action.option_strings or "--help" in action.option_strings:
+            continue
+        dashed = list(dict.fromkeys(o.replace("_", "-") for o in action.option_strings))
+        for option in dashed:
+            parser._option_string_actions.setdefault(option, action)
+        action.option_strings = dashed
+        if isinstance(action, argparse._StoreFalseAction) and dashed[0].startswith("--no-"):
+            positive = "--" + dashed[0][len("--no-") :]
+            what = action.help.rstrip(".") if action.help else ""
+            action.help = f"Turn off {positive}" + (f" ({what[:1].lower() + what[1:]})." if what else ".")
+            action.default = argparse.SUPPRESS  # the positive flag's default is the one that applies
+
+
+def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
+    """`HfArgumentParser(types).parse_args_into_dataclasses(argv)`, with an unknown flag or a malformed value
+    raised as `ConfigurationError` (exit code 4, a bad argument) instead of a traceback or argparse's exit 2."""
+    from transformers import HfArgumentParser
+
+    from .errors import ConfigurationError
+
+    parser = HfArgumentParser(types, prog=prog, formatter_class=_HelpFormatter)
+    _tidy(parser, prog)
+
+    def error(message):
+        raise ConfigurationError(f"{message} (see `{prog} --help`).")
+
+    parser.error = error
+    *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if rest:
+        error(f"unrecognized arguments: {' '.join(rest)}")
+    return tuple(parsed)
