@@ -14,6 +14,7 @@ from pathlib import Path
 from .errors import ConfigurationError, OutputExistsError
 
 MANIFEST_NAME = "unlearning_manifest.json"
+TRAINING_RECORD = "training_record.json"  # written beside an adapter by hf-unlearn train
 MANIFEST_FORMAT = "hf_unlearn.manifest/1"
 
 
@@ -210,7 +211,6 @@ def recorded_objective(adapter_dir: str | Path) -> dict | None:
     """The objective `adapter_dir` was trained on, from its training record (hf-unlearn train) or, for an
     unlearned adapter, its manifest: {"l2_regularization": μ or None, "text_encoding": {...} or None,
     "loss_normalization": str or None}; None when neither file is there."""
-    from .training import TRAINING_RECORD
 
     record, manifest = Path(adapter_dir) / TRAINING_RECORD, Path(adapter_dir) / MANIFEST_NAME
     if record.is_file():
@@ -232,7 +232,6 @@ def recorded_training_data(adapter_dir: str | Path) -> dict | None:
     """What `adapter_dir`'s records say its training file must be (`training_data_record`): for a trained
     adapter the file it was trained on (training record), for an unlearned one that file as edited by the
     request (manifest `edited_training_data`, which `hf-unlearn apply-request` writes); None when unknown."""
-    from .training import TRAINING_RECORD
 
     record, manifest = Path(adapter_dir) / TRAINING_RECORD, Path(adapter_dir) / MANIFEST_NAME
     if manifest.is_file():
@@ -249,7 +248,6 @@ def recorded_training_data(adapter_dir: str | Path) -> dict | None:
 def recorded_base_model_weights(adapter_dir: str | Path) -> tuple[dict | None, str | None]:
     """`(weights, file)`: the base model weights' fingerprint (`model_weights_fingerprint`) that `adapter_dir`'s
     manifest or training record holds, and which file holds it; `(None, None)` when neither does."""
-    from .training import TRAINING_RECORD
 
     for name in (MANIFEST_NAME, TRAINING_RECORD):
         path = Path(adapter_dir) / name

@@ -17,6 +17,7 @@ import torch
 
 from .data import ExampleEncoder, TextEncoding, TrainingSet
 from .errors import ConfigurationError
+from .io import TRAINING_RECORD
 
 
 @dataclass
@@ -103,9 +104,6 @@ class TrainConfig:
     @property
     def target_modules(self) -> list[str]:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
-
-
-TRAINING_RECORD = "training_record.json"
 
 
 @dataclass
