@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .config import UnlearningArguments
+from .curvature.kfac import KFACFactors
 from .data import ExampleEncoder, TrainingSet
 from .demo_data import DIR as DEMO_FILES
 from .errors import ConfigurationError
@@ -61,20 +62,23 @@ class DemoArguments:
         default="q_proj,v_proj", metadata={"help": "Comma-separated module names that get LoRA."}
     )
     batch_size: int = field(default=8, metadata={"help": "Training and unlearning batch size."})
-    # Unlearning settings chosen for a CPU budget on SmolLM2: the single update on the GGN of a 16-row sample,
-    # 10 CG iterations, shortened by a line search until the edited objective drops. Not the library's default:
-    # with it (quadratic estimate, 5 Newton steps, kept-rows retries) one QM request ran over 12 minutes here
-    # (docs/method.md, benchmarks/README.md "The demo").
-    curvature: str = field(default="ggn", metadata={"help": "Unlearning curvature: hessian, ggn or fisher."})
-    damping: str = field(default="0.1", metadata={"help": "Unlearning damping λ, or 'auto'."})
-    refine_steps: int = field(default=0, metadata={"help": "Newton refinement steps after the first."})
-    refine_damping: str = field(
-        default="line_search",
-        metadata={"help": "fixed, adaptive (Levenberg–Marquardt) or line_search, as in hf-unlearn unlearn."},
+    # Unlearning: `hf-unlearn unlearn`'s defaults (K-FAC factors captured while training the original adapter,
+    # the quadratic estimate, line-searched Newton steps); each flag given replaces one of them.
+    curvature: str | None = field(
+        default=None, metadata={"help": "Unlearning curvature (default: unlearn's)."}
     )
-    max_iter: int = field(default=10, metadata={"help": "Maximum CG iterations per solve."})
+    damping: str | None = field(default=None, metadata={"help": "Unlearning damping λ (default: unlearn's)."})
+    refine_steps: int | None = field(
+        default=None, metadata={"help": "Newton refinement steps after the first (default: unlearn's)."}
+    )
+    refine_damping: str | None = field(
+        default=None, metadata={"help": "fixed, adaptive or line_search (default: unlearn's)."}
+    )
+    max_iter: int | None = field(
+        default=None, metadata={"help": "Maximum CG iterations per solve (default: unlearn's)."}
+    )
     hessian_samples: int | None = field(
-        default=16, metadata={"help": "Rows the curvature is estimated on (default 16; 0 for all)."}
+        default=None, metadata={"help": "Rows the curvature is estimated on (default: unlearn's)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the training recipe (same for retraining)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
@@ -206,22 +210,17 @@ def run_demo(args: DemoArguments) -> dict:
     from .io import adapter_digest, build_manifest, save_unlearned_adapter
 
     # checked before any training: a bad flag fails now, not after the first fine-tuning
+    given = {
+        name: getattr(args, name)
+        for name in ("curvature", "damping", "refine_steps", "refine_damping", "max_iter", "hessian_samples")
+        if getattr(args, name) is not None
+    }
     unlearning_args = UnlearningArguments(
-        solver="cg",
-        curvature=args.curvature,
-        damping=args.damping,
-        refine_steps=args.refine_steps,
-        refine_damping=args.refine_damping,
         l2_regularization=args.l2_regularization,
-        max_iter=args.max_iter,
-        tol=1e-4,
         batch_size=args.batch_size,
-        hessian_samples=args.hessian_samples or None,
-        objective_estimate="full",
-        kept_loss_tolerance=float("inf"),
         seed=args.seed,
         progress=args.progress,
-        allow_inexact=True,
+        **given,
     )
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +234,9 @@ def run_demo(args: DemoArguments) -> dict:
     )
     original = out / "adapters" / "original"
     print("[demo] fine-tuning the original adapter ...")
-    train_seconds = lab.train(rows, original)
+    train_seconds = lab.train(rows, original, capture_curvature=True)  # the factors unlearn's default uses
+    captured = (original / "curvature_factors.json").is_file()  # skipped, with a warning, where K-FAC cannot
+    factors = KFACFactors.load(original) if captured else None
 
     results = {"model": lab.model_name, "n_train": len(train), "train_seconds": train_seconds, "kinds": {}}
     for kind in ("IR", "QM", "RC"):
@@ -244,7 +245,7 @@ def run_demo(args: DemoArguments) -> dict:
         print(f"[demo] {kind}: unlearning {len(resolved.edits)} rows ...")
         model = lab.load(original, trainable=True)
         start = time.perf_counter()
-        result = unlearn(model, train, request, unlearning_args, task=lab.task)
+        result = unlearn(model, train, request, unlearning_args, task=lab.task, curvature_factors=factors)
         seconds = time.perf_counter() - start
         manifest = build_manifest(
             result,

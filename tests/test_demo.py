@@ -50,6 +50,9 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tmp_path):
         assert set(manifest["request"]["kinds"]) == {kind}
         assert manifest["input_adapter"]["digest"] == original_digest
         assert manifest["solver"]["l2_regularization"] == 0.01  # the objective the demo trains
+        # unlearn's default path, on the K-FAC factors captured while training the original adapter
+        assert manifest["solver"]["objective_estimate_choice"]["kind"] == "quadratic"
+        assert manifest["solver"]["curvature_factors"]["origin"] == "training"
         assert results["kinds"][kind]["step_applied"] == (manifest["delta_norm"] > 0)
         assert (out / "adapters" / f"retrained_{kind}" / "adapter_model.safetensors").exists()
     probe = results["kinds"]["QM"]["trigger_probe"]
