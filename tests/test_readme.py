@@ -44,3 +44,20 @@ def test_the_quick_starts_run_as_written(tmp_path):
         and "Would upload to my-org/pins-unlearned" in done.stdout
     )
     assert (tmp_path / "unlearned" / "adapter_model.safetensors").is_file()
+
+
+def test_the_package_description_has_no_links_that_break_off_the_repository():
+    """PyPI shows setup.cfg's long description without the repository's files: a relative link or image there
+    (the README's demo plot) breaks, so the description is its own file, with absolute links only."""
+    import configparser
+
+    root = README.parent
+    config = configparser.ConfigParser()
+    config.read(root / "setup.cfg")
+    source = config["metadata"]["long_description"].removeprefix("file:").strip()
+    text = (root / source).read_text()
+    targets = re.findall(r"\]\(([^)\s]+)", text) + re.findall(r'src="([^"]+)"', text)
+    assert [t for t in targets if not re.match(r"https?://", t)] == []
+    assert source in (root / "MANIFEST.in").read_text()  # in the source distribution
+    # the README itself has relative links (its plot): it cannot be the description
+    assert re.findall(r"\]\((?!https?://)", README.read_text())
