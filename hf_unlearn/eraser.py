@@ -47,7 +47,7 @@ from .refinement import (
     refine,
 )
 from .request import ResolvedRequest, UnlearningRequest
-from .solvers import SOLVERS
+from .solvers import make_solve
 from .solvers.base import SolverStats
 
 logger = logging.getLogger(__name__)
@@ -207,18 +207,7 @@ def unlearn(
             damping, extra_stats["damping_auto"] = choose_damping(curvature, b, args.seed)
             timings["damping_seconds"] = time.perf_counter() - t
 
-        solve = SOLVERS[args.solver]
-        solver_options = {
-            "tol": args.tol,
-            "max_iter": args.max_iter,
-            "progress": show and processes.is_main,
-            "seed": args.seed,
-            "stochastic_batch_size": args.stochastic_batch_size,
-            "qp_optimizer": args.qp_optimizer,
-            "qp_lr": args.qp_lr,
-            "lissa_scale": args.lissa_scale,
-            "preconditioner": preconditioner,
-        }
+        solve = make_solve(args, preconditioner, show and processes.is_main)
         refining = bool(args.refine_steps) or args.refine_damping != "fixed"
         if refining:
             if tilted is None:
@@ -257,7 +246,7 @@ def unlearn(
             # refining, the first step is a Newton step too: solved to refine_tol's forcing term (∇R̃(θ*) = b)
             tol = args.newton_tol(1.0, 1.0) if refining else args.tol
             try:
-                delta, stats = solve(curvature, damping + mu, -b, **(solver_options | {"tol": tol}))
+                delta, stats = solve(curvature, damping + mu, -b, tol)
                 problems = _check(delta, stats, args, tol)
             except NonPositiveCurvatureError as e:
                 if args.refine_damping != "adaptive":
@@ -280,7 +269,6 @@ def unlearn(
                     solve,
                     _check,
                     build_curvature,
-                    solver_options,
                     guard,
                 )
                 timings["refine_seconds"] = time.perf_counter() - t

@@ -298,9 +298,7 @@ class KeptSample:
         return [row for rows, _ in self.strata for row in rows]
 
 
-def refine(
-    tilted, space, first_step, damping, args, solve, check, build_curvature, solver_options, guard=None
-):
+def refine(tilted, space, first_step, damping, args, solve, check, build_curvature, guard=None):
     """`refine_steps` damped Newton steps on the tilted edited objective R̃ (see the module docstring).
 
         `tilted` is a `FullTilted` or `SampledTilted` (R̃'s value and gradient at the model's θ, which starts at
@@ -349,7 +347,7 @@ def refine(
                     step, stats = first_delta, None  # already solved by the caller
                 else:  # inexact Newton: the solve's tolerance follows ‖∇R̃(θ)‖/‖b‖ (refine_tol)
                     tol = args.newton_tol(grad.norm().item(), b_norm)
-                    step, stats = solve(curvature, lam + mu, -grad, **(solver_options | {"tol": tol}))
+                    step, stats = solve(curvature, lam + mu, -grad, tol)
             except NonPositiveCurvatureError as e:
                 if not adaptive:
                     raise

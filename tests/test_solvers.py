@@ -192,3 +192,21 @@ def test_woodbury_in_float32_is_accurate_and_reports_its_residual():
         )) / damping  # fmt: skip
         assert ((x.double() - exact).norm() / exact.norm()).item() < 1e-4
         assert stats.converged == (stats.relative_residual <= 1e-4)
+
+
+@pytest.mark.parametrize("solver", ["cg", "direct", "lissa", "qp"])
+def test_make_solve_passes_each_solver_its_own_options_and_an_unknown_one_fails(finite_sum, solver):
+    """Every solver gets exactly its options from the arguments (no `**_` swallowing a misspelt one): through
+    `make_solve` each runs on the finite-sum problem and lands near the exact solve; an option a solver does not
+    take is a TypeError."""
+    from hf_unlearn import UnlearningArguments
+    from hf_unlearn.solvers import SOLVERS, make_solve
+
+    op, C = finite_sum
+    rhs = torch.randn(op.size, dtype=torch.float64)
+    exact = torch.linalg.solve(C + 0.1 * torch.eye(op.size, dtype=torch.float64), rhs)
+    args = UnlearningArguments(solver=solver, max_iter=2000, seed=1)
+    x, stats = make_solve(args)(op, 0.1, rhs, 1e-8)
+    assert stats.solver == solver and relerr(x, exact) < (1e-6 if solver in ("cg", "direct") else 0.3)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        SOLVERS[solver](op, 0.1, rhs, tol=1e-6, max_iter=10, lisa_scale=2.0)

@@ -15,6 +15,27 @@ SOLVERS = {
     "qp": qp_solve,
 }
 
+
+def make_solve(args, preconditioner=None, progress: bool = False):
+    """`solve(curvature, damping, rhs, tol) -> (x, SolverStats)` for `args.solver` (an `UnlearningArguments`),
+    passing that solver exactly its own options: a solver that does not take an option fails loudly instead of
+    ignoring it. `direct` is exact and takes no tolerance; `preconditioner` is conjugate gradient's."""
+    name = args.solver
+    if name == "direct":
+        return lambda curvature, damping, rhs, tol: direct_solve(curvature, damping, rhs, progress=progress)
+    if name == "woodbury":
+        return lambda curvature, damping, rhs, tol: woodbury_solve(curvature, damping, rhs, tol=tol)
+    options = {"max_iter": args.max_iter, "progress": progress}
+    if name == "cg":
+        options["preconditioner"] = preconditioner
+    else:  # the stochastic solvers
+        options |= {"seed": args.seed, "stochastic_batch_size": args.stochastic_batch_size}
+        options |= {"lissa_scale": args.lissa_scale} if name == "lissa" else {}
+        options |= {"qp_optimizer": args.qp_optimizer, "qp_lr": args.qp_lr} if name == "qp" else {}
+    solver = SOLVERS[name]
+    return lambda curvature, damping, rhs, tol: solver(curvature, damping, rhs, tol=tol, **options)
+
+
 __all__ = [
     "SOLVERS",
     "SolverStats",
@@ -22,6 +43,7 @@ __all__ = [
     "dense_matrix",
     "direct_solve",
     "lissa_solve",
+    "make_solve",
     "qp_solve",
     "woodbury_solve",
 ]

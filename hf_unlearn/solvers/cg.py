@@ -19,7 +19,6 @@ def conjugate_gradient(
     progress: bool = False,
     preconditioner=None,
     callback=None,
-    **_,
 ):
     """Solve (C + λI) x = rhs by (preconditioned) conjugate gradient from x = 0.
 

@@ -29,7 +29,7 @@ def dense_matrix(curvature, progress: bool = False) -> torch.Tensor:
     return (C + C.T) / 2
 
 
-def direct_solve(curvature, damping: float, rhs: torch.Tensor, *, progress: bool = False, **_):
+def direct_solve(curvature, damping: float, rhs: torch.Tensor, *, progress: bool = False):
     """Solve (C + λI) x = rhs exactly: by Cholesky of the dense matrix (raises when C + λI is not positive
     definite), or, for an operator with a structured exact inverse (`solve_damped`: the K-FAC/EK-FAC block
     inverse), with that inverse at any size and without materialising C."""

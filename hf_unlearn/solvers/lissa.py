@@ -20,7 +20,6 @@ def lissa_solve(
     seed: int = 0,
     stochastic_batch_size: int = 8,
     lissa_scale: float | str = "auto",
-    **_,
 ):
     """LiSSA (Agarwal et al. 2017): the Neumann series `A⁻¹ = (1/s) Σ_j (I − A/s)^j`, A = C + λI, with every
     product taken on a fresh random mini-batch of curvature rows:

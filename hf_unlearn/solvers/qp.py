@@ -37,7 +37,6 @@ def qp_solve(
     stochastic_batch_size: int = 8,
     qp_optimizer: str = "svrg",
     qp_lr: float | str = "auto",
-    **_,
 ):
     """LLMEraser's stochastic quadratic program, with the correct gradient.
 

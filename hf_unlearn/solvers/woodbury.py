@@ -10,7 +10,7 @@ from .base import SolverStats
 MAX_WOODBURY_ROWS = 8192
 
 
-def woodbury_solve(curvature, damping: float, rhs: torch.Tensor, tol: float = 1e-6, **_):
+def woodbury_solve(curvature, damping: float, rhs: torch.Tensor, tol: float = 1e-6):
     """Exact solve of `(F + λI) x = rhs` for the empirical Fisher `F = GᵀG/M` (G: n × P per-example gradients).
 
     Woodbury: `(λI + GᵀG/M)⁻¹ = (1/λ)[I − Gᵀ(MλI_n + GGᵀ)⁻¹G]`, one n × n Cholesky instead of a P × P one, so it
