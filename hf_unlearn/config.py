@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import ConfigurationError
+from .solvers import SOLVERS as SOLVER_FUNCTIONS
 from .solvers.qp import QP_OPTIMIZERS
 
-SOLVERS = ("cg", "direct", "woodbury", "lissa", "qp")
+SOLVERS = tuple(SOLVER_FUNCTIONS)  # one registry: hf_unlearn.solvers
 CURVATURES = ("hessian", "ggn", "fisher", "kfac", "ekfac")
 KFAC_CURVATURES = ("kfac", "ekfac")
 PRECONDITIONERS = ("none", *KFAC_CURVATURES, "nystrom")
