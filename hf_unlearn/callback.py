@@ -25,7 +25,7 @@ from .errors import ConfigurationError, InvalidRequestError, UnlearningError
 from .io import build_manifest, check_output_dir, save_unlearned_adapter
 from .objective import UnlearningTask
 from .regularization import L2RegularizationCallback
-from .request import UnlearningRequest
+from .request import UnlearningRequest, about_row
 from .trainer import CollatorTask, log_stats, task_for_trainer
 
 
@@ -46,7 +46,7 @@ def check_request(request: UnlearningRequest, train: TrainingSet, task: Unlearni
             try:
                 batch = task.collate([row])
             except UnlearningError as e:
-                raise type(e)(f"Row {edit.row_id!r} ({what}): {e}") from None
+                raise type(e)(about_row(edit.row_id, e, what)) from None
             except Exception as e:  # the Trainer's collator: any error means the row cannot be batched
                 raise InvalidRequestError(
                     f"Row {edit.row_id!r}: the {what} cannot be collated like the training rows "
