@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -814,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
             THREADS.update(choose_threads())
         from .training import train_command
 
-        return {
+        code = {
             "unlearn": unlearn_command,
             "train": train_command,
             "demo": demo_command,
@@ -823,6 +824,14 @@ def main(argv: list[str] | None = None) -> int:
             "apply-request": apply_request_command,
             "prepare": prepare_command,
         }[argv[0]](argv[1:])
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
+    except BrokenPipeError:
+        # The reader of stdout went away (`hf-unlearn push DIR --dry-run | head -1`): stop quietly, as a tool
+        # ended by SIGPIPE does; what is still buffered goes nowhere instead of failing again at exit.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)
         return e.exit_code
