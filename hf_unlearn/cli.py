@@ -119,20 +119,19 @@ def unlearn_digest_key(train_file: str, digest_key: str | None, adapter: str):
     return key
 
 
-def check_training_file(paths: UnlearnPaths, train, key) -> None:
-    """Refuse a training file whose rows are not those `paths.adapter` records (trained on, or as edited by
-    the earlier requests), saying what differs, unless `paths.allow_training_file_mismatch`."""
-    from .errors import DataError
+def compare_training_file(paths: UnlearnPaths, given: dict) -> dict:
+    """Whether the training file with keyed digests `given` (`request.rows_digests` of its rows) holds the rows
+    `paths.adapter` records (trained on, or as edited by the earlier requests): `{"matches_record": True}`,
+    `{"matches_record": False, "differs": what differs, "recorded_in": which record}`, or
+    `{"matches_record": None}` when nothing is recorded."""
     from .io import MANIFEST_NAME, file_digest, recorded_training_data
-    from .request import rows_digests
 
     recorded = recorded_training_data(paths.adapter) or {}
     unlearned = (Path(paths.adapter) / MANIFEST_NAME).is_file()
     where = "its manifest, as edited by the earlier request" if unlearned else "its training record"
     if "rows_digest" in recorded:
-        given = rows_digests(train.ids, train.rows, key)
         if given["rows_digest"] == recorded["rows_digest"]:
-            return
+            return {"matches_record": True}
         if given["num_rows"] != recorded["num_rows"]:
             what = f"it has {given['num_rows']} rows, {where} {recorded['num_rows']}"
         elif given["content_digest"] != recorded["content_digest"]:
@@ -141,14 +140,30 @@ def check_training_file(paths: UnlearnPaths, train, key) -> None:
             what = "it holds the same rows under other ids (rows named by line number were moved), so the request's ids would name other rows"
     elif str(recorded.get("digest", "")).startswith("sha256:"):  # a record written before keyed digests
         if file_digest(paths.train_file) == recorded["digest"]:
-            return
+            return {"matches_record": True}
         what = "its SHA-256 differs from the one recorded"
     else:
-        return  # nothing recorded (an adapter not written by hf-unlearn)
+        return {"matches_record": None}  # nothing recorded (an adapter not written by hf-unlearn)
+    return {"matches_record": False, "differs": what, "recorded_in": where}
+
+
+def check_training_file(paths: UnlearnPaths, train, key) -> dict:
+    """Refuse a training file whose rows are not those `paths.adapter` records (trained on, or as edited by
+    the earlier requests), saying what differs, unless `paths.allow_training_file_mismatch`; returns
+    `compare_training_file`'s finding (with the override named when it was used)."""
+    from .errors import DataError
+    from .io import MANIFEST_NAME
+    from .request import rows_digests
+
+    found = compare_training_file(paths, rows_digests(train.ids, train.rows, key))
+    if found["matches_record"] is not False:
+        return found
     if paths.allow_training_file_mismatch:
-        return
+        return {**found, "overridden_by": "--allow-training-file-mismatch"}
+    unlearned = (Path(paths.adapter) / MANIFEST_NAME).is_file()
     raise DataError(
-        f"{paths.train_file} is not the training file {paths.adapter} was trained on ({where}): {what}. Give "
+        f"{paths.train_file} is not the training file {paths.adapter} was trained on ({found['recorded_in']}): "
+        f"{found['differs']}. Give "
         + (
             "the training file as edited by the earlier requests (`hf-unlearn apply-request` writes it)"
             if unlearned
@@ -399,6 +414,11 @@ def unlearn_command(argv: list[str]) -> int:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(stored_dtype)  # write the adapter in the dtype it came in
+        training_data = training_data_record(paths.train_file, train, key)
+        # prepare_unlearn refused a file other than the recorded one unless overridden: record the override
+        training_check = compare_training_file(paths, training_data)
+        if training_check["matches_record"] is False:
+            training_check["overridden_by"] = "--allow-training-file-mismatch"
         manifest = build_manifest(
             result,
             args,
@@ -406,7 +426,8 @@ def unlearn_command(argv: list[str]) -> int:
             base_model_weights=weights,
             input_adapter={"path": paths.adapter, "digest": input_digest},
             digest_key=key,
-            training_data=training_data_record(paths.train_file, train, key),
+            training_data=training_data,
+            training_data_check=training_check,
             # what the next request's training file must be (hf-unlearn apply-request writes it)
             edited_training_data=rows_digests(*result.request.edited_training_set(train), key),
             text_encoding=vars(encoding),
@@ -430,12 +451,30 @@ def unlearn_command(argv: list[str]) -> int:
             f"Unlearned {result.request.kind_counts()} with {args.solver}: {s['iterations']} iterations, "
             f"relative residual {s['relative_residual']:.2e}{inexact}, |Δθ| = {result.delta_norm:.4g}, "
             f"{result.timings['total_seconds']:.1f} s; {describe_steps(s)}; forget-set loss "
-            f"{s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g} per token ({check['summary']}). Wrote {out}"
+            f"{s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g} per token ({check['summary']})"
+            + "".join(f"; {note}" for note in overrides(training_check, weights))
+            + f". Wrote {out}"
         )
         if check["warning"]:
             print(f"hf-unlearn unlearn: warning: {check['warning']}", file=sys.stderr)
     barrier(processes)
     return 0
+
+
+def overrides(training_check: dict, weights: dict) -> list[str]:
+    """The success line's notes of the input checks the user overrode (recorded in the manifest too)."""
+    notes = []
+    if training_check.get("overridden_by"):
+        notes.append(
+            f"OVERRIDDEN: the training file is not the one the adapter records ({training_check['differs']}); "
+            f"used with {training_check['overridden_by']}"
+        )
+    if weights.get("matches_record") is False:
+        notes.append(
+            "OVERRIDDEN: the base model's weights are not those the adapter records; used with "
+            "--allow-base-model-mismatch"
+        )
+    return notes
 
 
 def describe_steps(stats: dict) -> str:

@@ -188,6 +188,13 @@ def model_card_section(manifest: dict) -> str:
             else ""
         )
         + (
+            "- **Input check overridden**: the training file was not the one the input adapter records "
+            f"({manifest['training_data_check']['differs']}); the user chose to use it "
+            "(`--allow-training-file-mismatch`).\n"
+            if (manifest.get("training_data_check") or {}).get("overridden_by")
+            else ""
+        )
+        + (
             f"- Forget-set loss (cross-entropy per loss token over the removed or replaced rows' old versions, as "
             f"`hf-unlearn evaluate` reports it) against what retraining would give: "
             f"{manifest['forget_check']['summary']}.\n"

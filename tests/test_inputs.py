@@ -127,3 +127,26 @@ def test_allow_inexact_never_keeps_a_result_worse_than_no_update(trained, tmp_pa
     )
     assert "INEXACT" in capsys.readouterr().out
     assert "Inexact result" in (tmp_path / "inexact" / "README.md").read_text()
+
+
+def test_an_overridden_training_file_check_is_recorded_and_said(trained, tmp_path, capsys):
+    """--allow-training-file-mismatch: the manifest records that the check was overridden and what differed, the
+    success line and the card say it; a matching file is recorded as matching."""
+    changed = [dict(r) for r in ROWS]
+    changed[7]["input_ids"] = changed[7]["input_ids"][:-1] + [(changed[7]["input_ids"][-1] % 30) + 1]
+    changed[7]["labels"] = changed[7]["labels"][:-1] + changed[7]["input_ids"][-1:]
+    train = write_jsonl(trained["root"] / "data" / "changed-for-override.jsonl", changed)  # beside the key
+    out = tmp_path / "overridden"
+    assert main(unlearn_args(trained, out, "--allow-training-file-mismatch", train=train)) == 0
+    line = capsys.readouterr().out
+    check = json.loads((out / MANIFEST_NAME).read_text())["training_data_check"]
+    assert check["matches_record"] is False and check["overridden_by"] == "--allow-training-file-mismatch"
+    assert "content of at least one row differs" in check["differs"]
+    assert "OVERRIDDEN: the training file is not the one the adapter records" in line
+    assert "--allow-training-file-mismatch" in line
+    assert "Input check overridden" in (out / "README.md").read_text()
+    assert main(unlearn_args(trained, tmp_path / "matching")) == 0
+    assert "OVERRIDDEN" not in capsys.readouterr().out
+    check = json.loads((tmp_path / "matching" / MANIFEST_NAME).read_text())["training_data_check"]
+    assert check == {"matches_record": True}
+    assert "Input check overridden" not in (tmp_path / "matching" / "README.md").read_text()
