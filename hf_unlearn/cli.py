@@ -408,6 +408,7 @@ def unlearn_command(argv: list[str]) -> int:
 
     with using_digest_key(key):  # a sampled Nyström sketch's row digests, saved beside the output
         result = unlearn(model, train, request, args, task=task)
+    hold_to_tolerance(result.stats, args)
     check = forget_check(model, task, result, held_out) if processes.is_main else None
 
     if processes.is_main:
@@ -459,6 +460,51 @@ def unlearn_command(argv: list[str]) -> int:
             print(f"hf-unlearn unlearn: warning: {check['warning']}", file=sys.stderr)
     barrier(processes)
     return 0
+
+
+def short_of_tolerance(stats: dict, tol: float) -> list[str]:
+    """The budgeted mini-batch solves (lissa, qp) in the kept update that stopped above `tol`.
+
+    The eraser keeps such a solve as exact when it is better than no update (relative residual < 1); it still did
+    not reach --tol. The first solve counts unless a line-search or Levenberg–Marquardt trial rejected it, a
+    refinement step when it was kept."""
+    steps = stats.get("refine") or []
+    # the first solve's own trial: a record with first_step and no solver statistics (they are in `stats`)
+    first_kept = all(s.get("accepted", True) for s in steps if s.get("first_step") and "iterations" not in s)
+    misses = []
+    if stats.get("stochastic") and not stats.get("converged") and first_kept:
+        misses.append(
+            f"{stats['solver']} stopped at relative residual {stats['relative_residual']:.3g} > --tol {tol:g} "
+            f"after {stats['iterations']} iterations"
+        )
+    for k, step in enumerate(steps, 1):
+        if step.get("stochastic") and not step.get("converged") and step.get("accepted", True):
+            misses.append(
+                f"refinement step {k}'s {step['solver']} stopped at relative residual "
+                f"{step['relative_residual']:.3g} > --tol {tol:g}"
+            )
+    return misses
+
+
+def hold_to_tolerance(stats: dict, args) -> None:
+    """A result whose stochastic solves stopped above --tol is inexact, as an unconverged CG one is: refused
+    (`SolverError`, before anything is written) without --allow-inexact, else marked `inexact` in `stats` (the
+    manifest, the card and the success line name it) with `inexact_because`."""
+    from .errors import SolverError
+
+    misses = short_of_tolerance(stats, args.tol)
+    if not misses:
+        return
+    if not args.allow_inexact:
+        message = "; ".join(misses)
+        raise SolverError(
+            message[0].upper()
+            + message[1:]
+            + "; nothing was written. Raise --max-iter (or --damping), loosen --tol, or pass --allow-inexact to keep "
+            "the inexact result."
+        )
+    stats["inexact"] = True
+    stats["inexact_because"] = stats.get("inexact_because", []) + misses
 
 
 def overrides(training_check: dict, weights: dict) -> list[str]:

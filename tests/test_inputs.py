@@ -150,3 +150,69 @@ def test_an_overridden_training_file_check_is_recorded_and_said(trained, tmp_pat
     check = json.loads((tmp_path / "matching" / MANIFEST_NAME).read_text())["training_data_check"]
     assert check == {"matches_record": True}
     assert "Input check overridden" not in (tmp_path / "matching" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("solver", ["lissa", "qp"])
+def test_a_stochastic_solve_short_of_tol_is_inexact(trained, tmp_path, capsys, solver):
+    """lissa/qp run a budget of mini-batch steps: a result better than no update but above --tol is inexact, as an
+    unconverged CG one is — refused without --allow-inexact (nothing written), named in the success line, the
+    manifest and the card with it."""
+    budget = [
+        "--solver",
+        solver,
+        "--max-iter",
+        "3",
+        "--tol",
+        "1e-12",
+        "--refine-steps",
+        "0",
+        "--refine-damping",
+        "fixed",
+    ]
+    assert main(unlearn_args(trained, tmp_path / "refused", *budget)) == 5
+    err = capsys.readouterr().err
+    assert "--tol" in err and "pass --allow-inexact" in err and not (tmp_path / "refused").exists(), err
+    out = tmp_path / "kept"
+    assert main(unlearn_args(trained, out, *budget, "--allow-inexact")) == 0
+    assert "INEXACT" in capsys.readouterr().out
+    solver_stats = json.loads((out / MANIFEST_NAME).read_text())["solver"]
+    assert solver_stats["inexact"] is True and solver_stats["relative_residual"] < 1
+    assert "Inexact result" in (out / "README.md").read_text()
+
+
+def test_the_stochastic_solves_short_of_tol_are_those_in_the_kept_update():
+    from hf_unlearn.cli import short_of_tolerance
+
+    first = {
+        "solver": "lissa",
+        "stochastic": True,
+        "iterations": 300,
+        "relative_residual": 0.2,
+        "converged": False,
+    }
+    assert len(short_of_tolerance(first, 1e-5)) == 1
+    assert short_of_tolerance({**first, "converged": True}, 1e-5) == []
+    step = {
+        "stochastic": True,
+        "solver": "lissa",
+        "iterations": 300,
+        "relative_residual": 0.3,
+        "converged": False,
+    }
+    # line search: the first solve's trial rejected (no length lowered R̃), a refinement step kept
+    rejected = {**first, "refine": [{"first_step": True, "accepted": False}, {**step, "accepted": True}]}
+    assert short_of_tolerance(rejected, 1e-5) == [
+        "refinement step 2's lissa stopped at relative residual 0.3 > --tol 1e-05"
+    ]
+    kept = {**first, "refine": [{"first_step": True, "accepted": True}, {**step, "accepted": False}]}
+    assert [m.split(" stopped")[0] for m in short_of_tolerance(kept, 1e-5)] == ["lissa"]
+    assert (
+        len(short_of_tolerance({**first, "refine": [dict(step), dict(step)]}, 1e-5)) == 3
+    )  # fixed: all kept
+    cg = {
+        "solver": "cg",
+        "iterations": 5,
+        "relative_residual": 0.2,
+        "converged": False,
+    }  # the eraser judges CG
+    assert short_of_tolerance(cg, 1e-5) == []
