@@ -15,7 +15,7 @@ from __future__ import annotations
 from transformers import HfArgumentParser
 
 from hf_unlearn import TextEncoding, UnlearningArguments, unlearn
-from hf_unlearn.cli import UnlearnPaths, prepare_unlearn, unlearn_digest_key
+from hf_unlearn.cli import UnlearnPaths, hold_to_tolerance, prepare_unlearn, unlearn_digest_key
 from hf_unlearn.data import ExampleEncoder
 from hf_unlearn.distributed import barrier, join_process_group
 from hf_unlearn.eraser import default_task
@@ -43,6 +43,7 @@ def main(argv=None):
     key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)  # of the manifest's digests
     with using_digest_key(key):
         result = unlearn(model, train, request, args, task=task)
+    hold_to_tolerance(result.stats, args)  # lissa/qp short of --tol: refused without --allow-inexact
 
     if processes.is_main:
         for p in model.parameters():
