@@ -35,6 +35,16 @@ def extract_model(model):
     return model if model is None else extract_model_from_parallel(model)
 
 
+def trainer_tokenizer(processing_class, train_dataloader):
+    """What `Trainer.save_model` saves beside a model: the processing class, else the data collator's tokenizer."""
+    if processing_class is not None:
+        return processing_class
+    collator = getattr(getattr(train_dataloader, "collate_fn", None), "data_collator", None) or getattr(
+        train_dataloader, "collate_fn", None
+    )  # a RemoveColumnsCollator keeps the Trainer's collator as data_collator
+    return getattr(collator, "tokenizer", None)
+
+
 def check_request(request: UnlearningRequest, train: TrainingSet, task: UnlearningTask) -> None:
     """Resolve `request` against the training rows (ids, fields, kinds) and check that its old and new rows
     go through the task's collation with loss tokens, as the unlearning will need them to."""
@@ -191,8 +201,16 @@ class UnlearningCallback(TrainerCallback):
         )
         state.log_history.append({**log_stats(self.result), "step": state.global_step})
         if self.output_dir is not None:
-            if processes.is_main:
-                save_unlearned_adapter(model, self.output_dir, self.manifest, overwrite=self.overwrite)
+            if (
+                processes.is_main
+            ):  # with the tokenizer the Trainer trained with, as Trainer.save_model saves it
+                save_unlearned_adapter(
+                    model,
+                    self.output_dir,
+                    self.manifest,
+                    overwrite=self.overwrite,
+                    processing_class=trainer_tokenizer(processing_class, train_dataloader),
+                )
             if processes.count > 1:
                 import torch.distributed as dist
 
