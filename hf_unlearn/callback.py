@@ -6,7 +6,9 @@
 Request ids name the rows of the Trainer's train loader by their "id" field, else their index (`data.row_ids`;
 the loader's shuffling does not change row indices). The rows and the collator are the ones the loader uses
 (after it dropped unused columns, an "id" column included: pass `train_dataset=` the dataset as given to the
-Trainer to name rows by it). The request is checked against them when training begins.
+Trainer to name rows by it; under TRL's `SFTTrainer`, which prepares its own tokenised rows from it, each given
+row is paired with the prepared one, and the named rows are checked to line up). The request is checked against
+them when training begins.
 """
 
 from __future__ import annotations
@@ -18,14 +20,14 @@ from transformers import TrainerCallback
 
 from .capture import CurvatureCaptureCallback
 from .config import UnlearningArguments
-from .data import TrainingSet
+from .data import TrainingSet, row_ids
 from .distributed import Processes, check_curvature_supported
 from .eraser import UnlearningResult, unlearn
 from .errors import ConfigurationError, InvalidRequestError, UnlearningError
 from .io import build_manifest, check_output_dir, save_unlearned_adapter
 from .objective import UnlearningTask
 from .regularization import L2RegularizationCallback
-from .request import UnlearningRequest
+from .request import UnlearningRequest, about_row
 from .trainer import CollatorTask, log_stats, task_for_trainer
 
 
@@ -33,6 +35,82 @@ def extract_model(model):
     from accelerate.utils import extract_model_from_parallel
 
     return model if model is None else extract_model_from_parallel(model)
+
+
+def trainer_tokenizer(processing_class, train_dataloader):
+    """What `Trainer.save_model` saves beside a model: the processing class, else the data collator's tokenizer."""
+    if processing_class is not None:
+        return processing_class
+    collator = getattr(getattr(train_dataloader, "collate_fn", None), "data_collator", None) or getattr(
+        train_dataloader, "collate_fn", None
+    )  # a RemoveColumnsCollator keeps the Trainer's collator as data_collator
+    return getattr(collator, "tokenizer", None)
+
+
+def _columns(rows) -> list[str] | None:
+    """The fields of a dataset's rows (a `datasets.Dataset`'s columns, else the first row's keys)."""
+    names = getattr(rows, "column_names", None)
+    if names is not None:
+        return list(names)
+    if rows is not None and len(rows) and isinstance(rows[0], Mapping):
+        return list(rows[0])
+    return None
+
+
+class PairedRows(Sequence):
+    """The rows a Trainer prepared from a dataset (`loader`: what its collator sees) with the dataset's own fields
+    (`given`: its "id", its text) beside them, paired by position: row i is `{**given[i], **loader[i]}`."""
+
+    def __init__(self, given, loader):
+        self.given, self.loader = given, loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        return {**self.given[index], **self.loader[index]}
+
+
+TEXT_COLUMNS = ("prompt", "completion", "response", "messages", "text", "conversations")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
+
+
+def check_pairing(request: UnlearningRequest, train: TrainingSet, task: UnlearningTask) -> None:
+    """The rows `request` names, when `train` pairs the given dataset's rows with the Trainer's prepared ones
+    (`PairedRows`): the fields both have must agree, and a given row's text (prompt + response/completion) must be
+    what the task's text encoder makes of it (TRL's encoding under an SFTConfig) — else the ids would name other
+    rows than the ones trained on."""
+    encoder = getattr(task, "text_encoder", None)
+    for row_id in [*request.remove, *request.replace]:
+        index = train.index_of(row_id)
+        if index is None:
+            continue  # refused by the request's resolution, with its own message
+        given, loader = train.rows.given[index], train.rows.loader[index]
+        differs = [  # text fields may differ (TRL appends EOS to a completion): ids and tokens may not
+            k
+            for k in given
+            if k in loader and k not in TEXT_COLUMNS and _plain(given[k]) != _plain(loader[k])
+        ]
+        text = (given.get("prompt"), given.get("completion", given.get("response")))
+        if not differs and "input_ids" in loader and None not in text and hasattr(encoder, "encode_text"):
+            try:
+                prompt_ids, response_ids = encoder.encode_text(*text)
+            except Exception:  # noqa: BLE001 — a text the encoder cannot take does not line up either
+                prompt_ids, response_ids = None, None
+            if prompt_ids is None or list(prompt_ids) + list(response_ids) != list(loader["input_ids"]):
+                differs = [f"its text encoded ({encoder!r}) is not the prepared row's input_ids"]
+        if differs:
+            raise ConfigurationError(
+                f"Row {row_id!r}: row {index} of train_dataset= does not line up with row {index} the Trainer "
+                f"prepared from it ({', '.join(differs)}), so its id would name another row. Give the Trainer's own "
+                "dataset, which keeps the 'id' column: callback.train_dataset = trainer.train_dataset (before "
+                "trainer.train())."
+            )
 
 
 def check_request(request: UnlearningRequest, train: TrainingSet, task: UnlearningTask) -> None:
@@ -46,7 +124,7 @@ def check_request(request: UnlearningRequest, train: TrainingSet, task: Unlearni
             try:
                 batch = task.collate([row])
             except UnlearningError as e:
-                raise type(e)(f"Row {edit.row_id!r} ({what}): {e}") from None
+                raise type(e)(about_row(edit.row_id, e, what)) from None
             except Exception as e:  # the Trainer's collator: any error means the row cannot be batched
                 raise InvalidRequestError(
                     f"Row {edit.row_id!r}: the {what} cannot be collated like the training rows "
@@ -143,7 +221,12 @@ class UnlearningCallback(TrainerCallback):
     def _rows_and_task(
         self, args, model, processing_class, train_dataloader
     ) -> tuple[TrainingSet, UnlearningTask]:
-        """The training rows (ids by `row_ids`) and the loss contract of the Trainer's loader."""
+        """The training rows (ids by `row_ids`) and the loss contract of the Trainer's loader.
+
+        `train_dataset` given as the Trainer got it, which then prepared its own rows from it (TRL's `SFTTrainer`
+        tokenises prompt–completion rows into `input_ids`/`labels`): each row is the loader's row (what the
+        collator sees) with the given row's other fields (its `"id"`, its text), paired by position, and the rows
+        the request names are checked to line up (`check_pairing`)."""
         loader_rows = getattr(train_dataloader, "dataset", None)
         collator = getattr(train_dataloader, "collate_fn", None)
         rows = self.train_dataset if self.train_dataset is not None else loader_rows
@@ -153,13 +236,32 @@ class UnlearningCallback(TrainerCallback):
                 "datasets.Dataset); pass train_dataset=... to the callback."
             )
         # rows given with more columns than the loader's: the collator sees the loader's only
-        columns = getattr(loader_rows, "column_names", None) if self.train_dataset is not None else None
+        columns = _columns(loader_rows) if self.train_dataset is not None else None
+        paired = columns is not None and not set(columns) <= set(_columns(rows) or ())
+        if paired:
+            if getattr(args, "shuffle_dataset", False) or len(rows) != len(loader_rows):
+                raise ConfigurationError(
+                    f"The Trainer prepared its own training rows from train_dataset= ({len(loader_rows)} rows with "
+                    f"{sorted(columns)}; the dataset given has {len(rows)}"
+                    + (
+                        ", and SFTConfig(shuffle_dataset=True) reordered them"
+                        if len(rows) == len(loader_rows)
+                        else ""
+                    )
+                    + "), so its rows cannot be paired with them by position. Give the Trainer's own dataset, which "
+                    "keeps the 'id' column: callback.train_dataset = trainer.train_dataset (before trainer.train())."
+                )
+            rows = PairedRows(rows, loader_rows)
         task = self.task or task_for_trainer(
             collator, processing_class, model, columns=columns, text_encoder=self.text_encoder, args=args
         )
-        train = TrainingSet(rows)
+        train = TrainingSet(rows, row_ids(rows.given) if paired else None)
+        if paired and not isinstance(task, CollatorTask):  # a custom task sees the collator's fields
+            return TrainingSet(loader_rows, train.ids), task
         if columns is not None and not isinstance(task, CollatorTask) and hasattr(rows, "select_columns"):
             train = TrainingSet(rows.select_columns(columns), train.ids)
+        if paired:
+            check_pairing(self.request, train, task)
         return train, task
 
     def on_train_end(
@@ -191,8 +293,16 @@ class UnlearningCallback(TrainerCallback):
         )
         state.log_history.append({**log_stats(self.result), "step": state.global_step})
         if self.output_dir is not None:
-            if processes.is_main:
-                save_unlearned_adapter(model, self.output_dir, self.manifest, overwrite=self.overwrite)
+            if (
+                processes.is_main
+            ):  # with the tokenizer the Trainer trained with, as Trainer.save_model saves it
+                save_unlearned_adapter(
+                    model,
+                    self.output_dir,
+                    self.manifest,
+                    overwrite=self.overwrite,
+                    processing_class=trainer_tokenizer(processing_class, train_dataloader),
+                )
             if processes.count > 1:
                 import torch.distributed as dist
 

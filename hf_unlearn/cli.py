@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli_args import parse_arguments
-from .preflight import UnlearnPaths, check_recorded_settings, prepare_unlearn, unlearn_digest_key
+from .preflight import (
+    UnlearnPaths,
+    check_recorded_settings,
+    compare_training_file,
+    prepare_unlearn,
+    unlearn_digest_key,
+)
 
 COMMANDS = {
     "unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter.",
@@ -144,6 +151,11 @@ def unlearn_command(argv: list[str]) -> int:
         for p in model.parameters():
             if p.requires_grad:
                 p.data = p.data.to(stored_dtype)  # write the adapter in the dtype it came in
+        training_data = training_data_record(paths.train_file, train, key)
+        # prepare_unlearn refused a file other than the recorded one unless overridden: record the override
+        training_check = compare_training_file(paths, training_data)
+        if training_check["matches_record"] is False:
+            training_check["overridden_by"] = "--allow-training-file-mismatch"
         manifest = build_manifest(
             result,
             args,
@@ -151,7 +163,8 @@ def unlearn_command(argv: list[str]) -> int:
             base_model_weights=weights,
             input_adapter={"path": paths.adapter, "digest": input_digest},
             digest_key=key,
-            training_data=training_data_record(paths.train_file, train, key),
+            training_data=training_data,
+            training_data_check=training_check,
             # what the next request's training file must be (hf-unlearn apply-request writes it)
             edited_training_data=rows_digests(*result.request.edited_training_set(train), key),
             text_encoding=vars(encoding),
@@ -175,12 +188,30 @@ def unlearn_command(argv: list[str]) -> int:
             f"Unlearned {result.request.kind_counts()} with {args.solver}: {s['iterations']} iterations, "
             f"relative residual {s['relative_residual']:.2e}{inexact}, |Δθ| = {result.delta_norm:.4g}, "
             f"{result.timings['total_seconds']:.1f} s; {describe_steps(s)}; forget-set loss "
-            f"{s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g} per token ({check['summary']}). Wrote {out}"
+            f"{s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g} per token ({check['summary']})"
+            + "".join(f"; {note}" for note in overrides(training_check, weights))
+            + f". Wrote {out}"
         )
         if check["warning"]:
             print(f"hf-unlearn unlearn: warning: {check['warning']}", file=sys.stderr)
     barrier(processes)
     return 0
+
+
+def overrides(training_check: dict, weights: dict) -> list[str]:
+    """The success line's notes of the input checks the user overrode (recorded in the manifest too)."""
+    notes = []
+    if training_check.get("overridden_by"):
+        notes.append(
+            f"OVERRIDDEN: the training file is not the one the adapter records ({training_check['differs']}); "
+            f"used with {training_check['overridden_by']}"
+        )
+    if weights.get("matches_record") is False:
+        notes.append(
+            "OVERRIDDEN: the base model's weights are not those the adapter records; used with "
+            "--allow-base-model-mismatch"
+        )
+    return notes
 
 
 def describe_steps(stats: dict) -> str:
@@ -575,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
             THREADS.update(choose_threads())
         from .training import train_command
 
-        return {
+        code = {
             "unlearn": unlearn_command,
             "train": train_command,
             "demo": demo_command,
@@ -584,6 +615,14 @@ def main(argv: list[str] | None = None) -> int:
             "apply-request": apply_request_command,
             "prepare": prepare_command,
         }[argv[0]](argv[1:])
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's flush at exit
+        return code
+    except BrokenPipeError:
+        # The reader of stdout went away (`hf-unlearn push DIR --dry-run | head -1`): stop quietly, as a tool
+        # ended by SIGPIPE does; what is still buffered goes nowhere instead of failing again at exit.
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # SIGPIPE
     except UnlearningError as e:
         print(f"hf-unlearn {argv[0]}: error: {e}", file=sys.stderr)
         return e.exit_code

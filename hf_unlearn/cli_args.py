@@ -5,12 +5,29 @@ to a command removed. Used by cli.py and by `hf-unlearn train` (training.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 # Flags of a shared argument dataclass that make no sense for a command: not offered (nor accepted) there.
 HIDDEN = {  # training only (UnlearnTrainer / the callback)
     "hf-unlearn unlearn": {"capture_curvature"},
-    "hf-unlearn prepare": {"capture_curvature"},
 }
+
+
+# The unlearning arguments `hf-unlearn prepare` uses (`eraser.prepare_curvature`: one K-FAC pass over the
+# training rows); the others (solver, damping, request, refinement) it would ignore, so it does not offer them.
+PREPARE_ARGUMENTS = frozenset(
+    {"loss_normalization", "curvature_samples", "kfac_targets", "batch_size", "dtype", "seed"}
+)
+
+
+def hidden_flags(prog: str) -> set[str]:
+    """The destinations of the flags `prog` does not offer (`HIDDEN`, and for prepare every unlearning argument
+    outside `PREPARE_ARGUMENTS`)."""
+    if prog == "hf-unlearn prepare":
+        from .config import UnlearningArguments
+
+        return {f.name for f in dataclasses.fields(UnlearningArguments)} - PREPARE_ARGUMENTS
+    return set(HIDDEN.get(prog, ()))
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -26,8 +43,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _tidy(parser, prog: str) -> None:
     """Flags shown with dashes only (the underscore spellings stay accepted), a `--no-x` flag described as what it
     does, and flags that do not belong to `prog` removed."""
+    hidden = hidden_flags(prog)
     for action in list(parser._actions):
-        if action.dest in HIDDEN.get(prog, ()):
+        if action.dest in hidden:
             parser._remove_action(action)
             for group in parser._action_groups:
                 if action in group._group_actions:

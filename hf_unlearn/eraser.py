@@ -305,6 +305,7 @@ def unlearn(
             damping = 10 * max(damping, 1e-3)
         if refine_record is not None:
             extra_stats["refine"] = refine_record
+            problems += [p for step in refine_record for p in step.get("problems", [])]
         if guard is not None:
             extra_stats["kept_loss_guard"] = {
                 "rows": len(guard_rows), "evaluations": guard.calls, "rejections": guard.rejections,
@@ -478,6 +479,13 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments, tol: float | N
     finite = bool(torch.isfinite(delta).all())
     problems = [] if finite else ["the solver produced non-finite values"]
     if stats.extra.get("stochastic"):
+        if (
+            finite and stats.relative_residual < 1.0 and not stats.converged
+        ):  # better than nothing, short of tol
+            problems.append(
+                f"{args.solver} stopped at relative residual {stats.relative_residual:.3g} > tol {tol:g} after "
+                f"{stats.iterations} mini-batch steps"
+            )
         if finite and not stats.relative_residual < 1.0:
             problems.append(
                 f"{args.solver} diverged: after {stats.iterations} mini-batch steps the relative residual is "

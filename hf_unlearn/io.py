@@ -189,6 +189,13 @@ def model_card_section(manifest: dict) -> str:
             else ""
         )
         + (
+            "- **Input check overridden**: the training file was not the one the input adapter records "
+            f"({manifest['training_data_check']['differs']}); the user chose to use it "
+            "(`--allow-training-file-mismatch`).\n"
+            if (manifest.get("training_data_check") or {}).get("overridden_by")
+            else ""
+        )
+        + (
             f"- Forget-set loss (cross-entropy per loss token over the removed or replaced rows' old versions, as "
             f"`hf-unlearn evaluate` reports it) against what retraining would give: "
             f"{manifest['forget_check']['summary']}.\n"
@@ -319,6 +326,8 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",
     "chat_template.jinja",
     "chat_template.json",
+    "preprocessor_config.json",  # a processor's (saved by the Trainer paths with their processing class)
+    "processor_config.json",
 )
 TOOL_FILES = frozenset(
     {
@@ -433,12 +442,14 @@ def save_unlearned_adapter(
     base_model_id: str | None = None,
     nystrom_sketch=None,
     curvature_factors=None,
+    processing_class=None,
 ) -> Path:
     """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all.
 
     `card_source` is the input adapter's directory: its README.md is kept and extended, its tokenizer files
-    (`TOKENIZER_FILES`) are copied; `nystrom_sketch` and `curvature_factors` (the edited training
-    set's) are written beside the adapter for the next request.
+    (`TOKENIZER_FILES`) are copied; `processing_class` (the Trainer paths' tokenizer or processor) is saved
+    beside the adapter, as `Trainer.save_model` saves it; `nystrom_sketch` and `curvature_factors` (the edited
+    training set's) are written beside the adapter for the next request.
     """
 
     def fill(staging: Path) -> None:
@@ -446,6 +457,8 @@ def save_unlearned_adapter(
             for name in ("README.md", *TOKENIZER_FILES):
                 if (Path(card_source) / name).is_file():
                     shutil.copyfile(Path(card_source) / name, staging / name)
+        if processing_class is not None:
+            processing_class.save_pretrained(staging)
         model.save_pretrained(staging, safe_serialization=True)
         write_manifest_and_card(staging, manifest, base_model_id)
         if nystrom_sketch is not None:

@@ -88,20 +88,19 @@ def unlearn_digest_key(train_file: str, digest_key: str | None, adapter: str):
     return key
 
 
-def check_training_file(paths: UnlearnPaths, train, key) -> None:
-    """Refuse a training file whose rows are not those `paths.adapter` records (trained on, or as edited by
-    the earlier requests), saying what differs, unless `paths.allow_training_file_mismatch`."""
-    from .errors import DataError
+def compare_training_file(paths: UnlearnPaths, given: dict) -> dict:
+    """Whether the training file with keyed digests `given` (`request.rows_digests` of its rows) holds the rows
+    `paths.adapter` records (trained on, or as edited by the earlier requests): `{"matches_record": True}`,
+    `{"matches_record": False, "differs": what differs, "recorded_in": which record}`, or
+    `{"matches_record": None}` when nothing is recorded."""
     from .io import MANIFEST_NAME, file_digest, recorded_training_data
-    from .request import rows_digests
 
     recorded = recorded_training_data(paths.adapter) or {}
     unlearned = (Path(paths.adapter) / MANIFEST_NAME).is_file()
     where = "its manifest, as edited by the earlier request" if unlearned else "its training record"
     if "rows_digest" in recorded:
-        given = rows_digests(train.ids, train.rows, key)
         if given["rows_digest"] == recorded["rows_digest"]:
-            return
+            return {"matches_record": True}
         if given["num_rows"] != recorded["num_rows"]:
             what = f"it has {given['num_rows']} rows, {where} {recorded['num_rows']}"
         elif given["content_digest"] != recorded["content_digest"]:
@@ -110,14 +109,30 @@ def check_training_file(paths: UnlearnPaths, train, key) -> None:
             what = "it holds the same rows under other ids (rows named by line number were moved), so the request's ids would name other rows"
     elif str(recorded.get("digest", "")).startswith("sha256:"):  # a record written before keyed digests
         if file_digest(paths.train_file) == recorded["digest"]:
-            return
+            return {"matches_record": True}
         what = "its SHA-256 differs from the one recorded"
     else:
-        return  # nothing recorded (an adapter not written by hf-unlearn)
+        return {"matches_record": None}  # nothing recorded (an adapter not written by hf-unlearn)
+    return {"matches_record": False, "differs": what, "recorded_in": where}
+
+
+def check_training_file(paths: UnlearnPaths, train, key) -> dict:
+    """Refuse a training file whose rows are not those `paths.adapter` records (trained on, or as edited by
+    the earlier requests), saying what differs, unless `paths.allow_training_file_mismatch`; returns
+    `compare_training_file`'s finding (with the override named when it was used)."""
+    from .errors import DataError
+    from .io import MANIFEST_NAME
+    from .request import rows_digests
+
+    found = compare_training_file(paths, rows_digests(train.ids, train.rows, key))
+    if found["matches_record"] is not False:
+        return found
     if paths.allow_training_file_mismatch:
-        return
+        return {**found, "overridden_by": "--allow-training-file-mismatch"}
+    unlearned = (Path(paths.adapter) / MANIFEST_NAME).is_file()
     raise DataError(
-        f"{paths.train_file} is not the training file {paths.adapter} was trained on ({where}): {what}. Give "
+        f"{paths.train_file} is not the training file {paths.adapter} was trained on ({found['recorded_in']}): "
+        f"{found['differs']}. Give "
         + (
             "the training file as edited by the earlier requests (`hf-unlearn apply-request` writes it)"
             if unlearned

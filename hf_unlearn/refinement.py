@@ -355,8 +355,7 @@ def refine(tilted, space, first_step, damping, args, solve, check, build_curvatu
                 steps.append({"damping": lam, "accepted": False, "rejected_because": str(e)})
                 lam = raised(lam, curvature, grad, suggestion=e.suggested_damping - mu)
                 continue
-            if stats is not None:
-                check(step, stats, args, tol)
+            problems = check(step, stats, args, tol) if stats is not None else []
             record = (stats.to_dict() | {"tol": tol} if stats is not None else {}) | {
                 "first_step": first_pending,
                 "damping": lam,
@@ -364,6 +363,8 @@ def refine(tilted, space, first_step, damping, args, solve, check, build_curvatu
                 "step_norm": step.norm().item(),
                 "gradient_rows": 0 if first_pending else tilted.rows_per_gradient,
             }
+            if problems:  # kept by allow_inexact: the result is inexact
+                record["problems"] = problems
             before = space.vector().clone()
             if line_search:
                 record["tilted_objective_before"] = value

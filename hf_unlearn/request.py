@@ -332,6 +332,17 @@ class UnlearningRequest:
         return ResolvedRequest(edits)
 
 
+def about_row(row_id, error, what: str | None = None) -> str:
+    """`error`'s message about request row `row_id` (`what`: which version of it), naming the row once: a
+    message that starts by naming a row itself (`Row 'x'`, or `Row '?'` for a row without an id) has that name
+    replaced, any other is prefixed with it."""
+    message, name = str(error), f"Row {row_id!r}" + (f" ({what})" if what else "")
+    for named in (f"Row {row_id!r}", "Row '?'"):
+        if message.startswith(named):
+            return name + message[len(named) :]
+    return f"{name}: {message}"
+
+
 def _id_hint(train: TrainingSet) -> str:
     named = list(train.ids[:3])
     return f"these rows' ids start {', '.join(map(repr, named))}" if named else "there are no rows"
@@ -344,8 +355,11 @@ def _replacement(row_id, old: Mapping, new_fields: Mapping, task: UnlearningTask
     try:
         new = task.merge(old, new_fields)
     except InvalidRequestError as e:
-        raise InvalidRequestError(f"Row {row_id!r}: {e}") from None
-    (old_query, old_response), (new_query, new_response) = task.split(old), task.split(new)
+        raise InvalidRequestError(about_row(row_id, e)) from None
+    try:
+        (old_query, old_response), (new_query, new_response) = task.split(old), task.split(new)
+    except DataError as e:  # e.g. a replacement without loss tokens: named by the request's id
+        raise type(e)(about_row(row_id, e)) from None
     qm, rc = old_query != new_query, old_response != new_response
     if not (qm or rc):
         raise InvalidRequestError(f"Replacement for row {row_id!r} is identical to the training row.")

@@ -184,3 +184,35 @@ def test_callback_clips_the_regularised_gradient_itself_during_training(tmp_path
     assert seen == [0.0, 0.0] and args.max_grad_norm == 1e-3
     assert norms == pytest.approx([1e-3, 1e-3], rel=1e-5)  # ∇R + μθ clipped to max_grad_norm by the callback
     assert callback.result is not None and callback.result.stats["l2_regularization"] == 0.3
+
+
+@pytest.mark.parametrize("where", ["processing_class", "collator"])
+def test_callback_writes_the_tokenizer_beside_the_unlearned_adapter(tmp_path, where):
+    """As `hf-unlearn unlearn` keeps the input adapter's tokenizer files and `UnlearnTrainer.save_model` writes the
+    Trainer's: the callback's output directory holds the tokenizer the Trainer trained with (its processing
+    class, else its collator's), loadable as is."""
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
+
+    from hf_unlearn.io import foreign_files
+
+    tok = train_tokenizer()
+    out = tmp_path / "unlearned"
+    callback = UnlearningCallback(
+        UnlearningRequest(remove=[1]), single_step(damping=5.0, progress=False), output_dir=str(out)
+    )
+    base = tiny_llama_base(seed=0, dtype=torch.float32, vocab_size=len(tok))
+    from peft import get_peft_model
+
+    Trainer(
+        model=get_peft_model(base, LoraConfig(**LORA, init_lora_weights=False)),
+        args=TrainingArguments(max_steps=1, **common_args(tmp_path)),
+        train_dataset=ROWS,
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True, label_pad_token_id=-100),
+        callbacks=[callback],
+        **({"processing_class": tok} if where == "processing_class" else {}),
+    ).train()
+    assert (out / "tokenizer.json").is_file() and (out / "tokenizer_config.json").is_file()
+    reloaded = AutoTokenizer.from_pretrained(str(out))
+    assert reloaded("What is 3?")["input_ids"] == tok("What is 3?")["input_ids"]
+    assert reloaded.eos_token == tok.eos_token and reloaded.pad_token == tok.pad_token
+    assert foreign_files(out) == []  # --overwrite (overwrite=True) may replace this output again

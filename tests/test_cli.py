@@ -248,3 +248,22 @@ def test_the_commands_hide_known_uninformative_third_party_warnings_only(monkeyp
         del shown[:]
         assert cli.main(["push", "out", "--dry-run"]) == 0
     assert [(str(w.message), w.category) for w in shown] == unrelated
+
+
+def test_push_dry_run_into_a_closed_pipe_exits_quietly(tmp_path):
+    """`hf-unlearn push DIR --dry-run | head -1`: the reader goes away after one line; no BrokenPipe traceback."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", MANIFEST_NAME):
+        (folder / name).write_text("{}")
+    (folder / "README.md").write_text("card")
+    for i in range(3000):  # a listing far longer than a pipe holds: the writer meets the closed pipe
+        (folder / f"file_with_a_rather_long_name_{i:05d}.txt").write_text("x")
+    command = [sys.executable, "-m", "hf_unlearn", "push", str(folder), "--repo-id", "me/x", "--dry-run"]
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert run.stdout.readline().startswith("Would upload to me/x")
+    run.stdout.close()  # as `head -1` exits
+    stderr = run.stderr.read()
+    run.wait(timeout=120)
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+    assert run.returncode in (0, 141)

@@ -115,10 +115,71 @@ def test_allow_inexact_never_keeps_a_result_worse_than_no_update(trained, tmp_pa
     assert (
         main(
             unlearn_args(
-                trained, tmp_path / "inexact", "--max-iter", "1", "--tol", "1e-12", "--allow-inexact"
-            )
+                trained,
+                tmp_path / "inexact",
+                "--max-iter",
+                "1",
+                "--tol",
+                "1e-12",
+                "--allow-inexact",
+                "--refine-steps",
+                "0",
+                "--refine-damping",
+                "fixed",
+            )  # fmt: skip
         )
         == 0
     )
     assert "INEXACT" in capsys.readouterr().out
     assert "Inexact result" in (tmp_path / "inexact" / "README.md").read_text()
+
+
+def test_an_overridden_training_file_check_is_recorded_and_said(trained, tmp_path, capsys):
+    """--allow-training-file-mismatch: the manifest records that the check was overridden and what differed, the
+    success line and the card say it; a matching file is recorded as matching."""
+    changed = [dict(r) for r in ROWS]
+    changed[7]["input_ids"] = changed[7]["input_ids"][:-1] + [(changed[7]["input_ids"][-1] % 30) + 1]
+    changed[7]["labels"] = changed[7]["labels"][:-1] + changed[7]["input_ids"][-1:]
+    train = write_jsonl(trained["root"] / "data" / "changed-for-override.jsonl", changed)  # beside the key
+    out = tmp_path / "overridden"
+    assert main(unlearn_args(trained, out, "--allow-training-file-mismatch", train=train)) == 0
+    line = capsys.readouterr().out
+    check = json.loads((out / MANIFEST_NAME).read_text())["training_data_check"]
+    assert check["matches_record"] is False and check["overridden_by"] == "--allow-training-file-mismatch"
+    assert "content of at least one row differs" in check["differs"]
+    assert "OVERRIDDEN: the training file is not the one the adapter records" in line
+    assert "--allow-training-file-mismatch" in line
+    assert "Input check overridden" in (out / "README.md").read_text()
+    assert main(unlearn_args(trained, tmp_path / "matching")) == 0
+    assert "OVERRIDDEN" not in capsys.readouterr().out
+    check = json.loads((tmp_path / "matching" / MANIFEST_NAME).read_text())["training_data_check"]
+    assert check == {"matches_record": True}
+    assert "Input check overridden" not in (tmp_path / "matching" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("solver", ["lissa", "qp"])
+def test_a_stochastic_solve_short_of_tol_is_inexact(trained, tmp_path, capsys, solver):
+    """lissa/qp run a budget of mini-batch steps: a result better than no update but above --tol is inexact, as an
+    unconverged CG one is — refused without --allow-inexact (nothing written), named in the success line, the
+    manifest and the card with it."""
+    budget = [
+        "--solver",
+        solver,
+        "--max-iter",
+        "3",
+        "--tol",
+        "1e-12",
+        "--refine-steps",
+        "0",
+        "--refine-damping",
+        "fixed",
+    ]
+    assert main(unlearn_args(trained, tmp_path / "refused", *budget)) == 5
+    err = capsys.readouterr().err
+    assert "--tol" in err and "pass --allow-inexact" in err and not (tmp_path / "refused").exists(), err
+    out = tmp_path / "kept"
+    assert main(unlearn_args(trained, out, *budget, "--allow-inexact")) == 0
+    assert "INEXACT" in capsys.readouterr().out
+    solver_stats = json.loads((out / MANIFEST_NAME).read_text())["solver"]
+    assert solver_stats["inexact"] is True and solver_stats["relative_residual"] < 1
+    assert "Inexact result" in (out / "README.md").read_text()

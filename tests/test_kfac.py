@@ -887,3 +887,45 @@ def test_a_capture_left_running_by_a_run_that_raised_is_stopped_when_the_next_ru
     assert hooks() == 0  # the old capture's hooks are gone
     callback.on_step_begin(args, state, None)
     assert hooks() == capturing  # only the new capture's
+
+
+@pytest.mark.parametrize("normalization", ["token", "example"])
+def test_capture_under_sft_trainer_equals_a_pass_at_the_same_weights(tmp_path, normalization):
+    """TRL's SFTTrainer computes the loss with a fused LM head that never materialises the logits (it returns the
+    labels' log-probabilities): the capture measures the loss scale there. With lr = 0 (θ fixed) and gradient
+    accumulation 2, the factors of its last epoch are those of a separate pass over the rows SFTTrainer trained."""
+    trl = pytest.importorskip("trl")
+    import datasets
+    from peft import LoraConfig
+    from reference import LORA, tiny_llama_base, train_tokenizer
+
+    from hf_unlearn import CurvatureCaptureCallback
+
+    tok = train_tokenizer()
+    data = datasets.Dataset.from_list(
+        [{"prompt": f"What is {i}?", "completion": f" It is {i * 7}."} for i in range(7)]
+    )
+    capture = CurvatureCaptureCallback(loss_normalization=normalization)  # required: a skip fails the test
+    settings = dict(
+        output_dir=str(tmp_path / "trainer"), num_train_epochs=2, per_device_train_batch_size=3, learning_rate=0.0,
+        gradient_accumulation_steps=2, save_strategy="no", report_to=[], disable_tqdm=True, seed=0, use_cpu=True,
+    )  # fmt: skip
+    trainer = trl.SFTTrainer(
+        model=tiny_llama_base(seed=1, dtype=torch.float32, vocab_size=len(tok)),
+        args=trl.SFTConfig(max_length=64, bf16=False, **settings),  # SFTConfig's bf16 autocast: not exact
+        train_dataset=data,
+        processing_class=tok,
+        peft_config=LoraConfig(**{**LORA, "lora_dropout": 0.0}, init_lora_weights=False),
+        callbacks=[capture],
+    )
+    trainer.train()
+    assert capture.skipped is None and capture.factors is not None
+    captured = capture.factors
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in trainer.train_dataset]
+    assert captured.info["num_rows"] == len(rows)
+    reference = factors_for(trainer.model.eval(), rows, normalization)
+    assert captured.normaliser == reference.normaliser
+    for n in reference.names:
+        assert captured.positions[n] == reference.positions[n]
+        assert relative_error(captured.A[n], reference.A[n]) < 1e-5
+        assert relative_error(captured.G[n], reference.G[n]) < 1e-5  # float32 round-off

@@ -417,3 +417,21 @@ def test_push_refuses_a_manifest_with_unkeyed_row_digests(workspace, tmp_path, c
     (out / MANIFEST_NAME).write_text(json.dumps(manifest))  # as an older hf_unlearn wrote them
     assert main(["push", str(out), "--repo-id", "me/x", "--dry-run"]) == 4
     assert "plain SHA-256" in capsys.readouterr().err
+
+
+def test_prepare_help_lists_only_what_prepare_uses(capsys):
+    """`hf-unlearn prepare` is one K-FAC pass over the training rows: no solver, damping or request flags."""
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--adapter", "--train-file", "--tokenizer", "--max-length", "--chat-template",
+                 "--loss-normalization", "--curvature-samples", "--kfac-targets", "--batch-size", "--dtype",
+                 "--seed"):  # fmt: skip
+        assert flag in text, flag
+    for flag in ("--solver", "--curvature ", "--damping", "--tol", "--max-iter", "--allow-inexact", "--refine-steps",
+                 "--objective-estimate", "--preconditioner", "--lissa-scale", "--qp-lr", "--kept-loss-tolerance",
+                 "--capture-curvature", "--curvature-factors", "--l2-regularization", "--nystrom-rank"):  # fmt: skip
+        assert flag not in text, flag
+    paths = ["--model", "m", "--adapter", "a", "--train-file", "t"]
+    assert main(["prepare", *paths, "--solver", "lissa"]) == 4  # refused, not silently ignored
+    assert "unrecognized arguments: --solver" in capsys.readouterr().err

@@ -124,3 +124,30 @@ def test_ids_resolve_by_the_id_field_in_python_as_in_the_cli(tmp_path):
     # rows without the field (or with None) are named by their index, as the CLI names them by line number
     mixed = [dict(ROWS[0]), {"id": None, **ROWS[1]}, {"id": "x", **ROWS[2]}]
     assert TrainingSet(mixed).ids == [0, 1, "x"]
+
+
+def test_an_error_about_a_replacement_names_its_row_once():
+    """A replacement refused by the Trainer path's text encoding, or one whose rows do not collate, names the row
+    once ("Row 'r0': ..."), not "Row 'r0': Row 'r0' ..." (found by the #25 hand trial)."""
+    from transformers import DataCollatorForLanguageModeling
+
+    from hf_unlearn.callback import check_request
+    from hf_unlearn.data import ExampleEncoder
+    from hf_unlearn.trainer import CollatorTask
+
+    rows = [{"id": f"r{i}", "input_ids": [1, 2, 3 + i], "attention_mask": [1, 1, 1]} for i in range(3)]
+    lm = CollatorTask(lambda batch: DataCollatorForLanguageModeling(None, mlm=False)(batch))
+    with pytest.raises(InvalidRequestError) as error:  # loss on every token, no text: a part cannot be kept
+        UnlearningRequest(replace={"r0": {"response": "x"}}).resolve(TrainingSet(rows), lm)
+    assert str(error.value).count("'r0'") == 1 and "'?'" not in str(error.value), error.value
+    assert str(error.value).startswith("Row 'r0'")
+    # a replacement without loss tokens, refused as the callback checks the request before training
+    task = CausalLMTask(ExampleEncoder())
+    bad = {"input_ids": [1, 2, 3], "labels": [-100, -100, -100]}
+    with pytest.raises(Exception, match="no loss tokens") as error:
+        check_request(
+            UnlearningRequest(replace={"r1": bad}),
+            TrainingSet([dict(r, labels=r["input_ids"]) for r in rows]),
+            task,
+        )
+    assert str(error.value).count("'r1'") == 1 and "'?'" not in str(error.value), error.value

@@ -261,3 +261,60 @@ def test_text_replacement_checks_the_encoding_against_the_rows_text():
         text_replacement("r3", old, {"response": " It is 0."}, ExampleEncoder(tok), tok)
     task = CollatorTask(DataCollatorForSeq2Seq(tok, padding=True), ExampleEncoder(tok), text_encoder=encoder)
     assert task.merge(old, {"response": " It is 0."}) == new
+
+
+def test_callback_in_sft_trainer_names_rows_by_the_datasets_id_column(tmp_path):
+    """`train_dataset=` the prompt–completion dataset as given to SFTTrainer: request ids are its "id" column,
+    replacements are encoded as SFTTrainer encodes rows, and a dataset that does not line up with SFTTrainer's
+    rows is refused before the first step."""
+    trl = pytest.importorskip("trl")
+    tok = tokenizer()
+    data = datasets.Dataset.from_list(
+        [{"id": f"r{i}", "prompt": f"What is {i}?", "completion": f" It is {i * 7}."} for i in range(8)]
+    )
+    request = UnlearningRequest(
+        remove=["r1"],
+        replace={"r3": {"completion": " It is 99."}, "r5": {"prompt": "Five?", "completion": " 5."}},
+    )
+    sft_args = trl.SFTConfig(max_steps=1, max_length=64, **common_args(tmp_path))
+
+    def sft_trainer(callback, train=data):
+        return trl.SFTTrainer(
+            model=tiny_llama_base(seed=1, dtype=torch.float32, vocab_size=len(tok)), args=sft_args,
+            train_dataset=train, processing_class=tok, peft_config=LoraConfig(**{**LORA, "lora_dropout": 0.0}),
+            callbacks=[callback],
+        )  # fmt: skip
+
+    callback = UnlearningCallback(request, single_step(damping=5.0, progress=False), train_dataset=data)
+    trainer = sft_trainer(callback)
+    trainer.train()
+    edits = callback.result.request.edits
+    assert [(e.row_id, e.index, e.kind) for e in edits] == [
+        ("r1", 1, "IR"),
+        ("r3", 3, "RC"),
+        ("r5", 5, "QM+RC"),
+    ]
+    prepared = trainer.train_dataset
+    assert [e.old["input_ids"] for e in edits] == [prepared[i]["input_ids"] for i in (1, 3, 5)]
+    reference = sft_trainer(
+        callback=Snapshot(tmp_path / "unused"),
+        train=datasets.Dataset.from_list(
+            [{"prompt": "What is 3?", "completion": " It is 99."}, {"prompt": "Five?", "completion": " 5."}]
+        ),
+    ).train_dataset
+    assert [{k: e.new[k] for k in ("input_ids", "labels")} for e in edits[1:]] == [
+        {"input_ids": r["input_ids"], "labels": r["labels"]} for r in reference
+    ]
+    # the Trainer's own dataset (it keeps the "id" column) names the rows as well
+    own = UnlearningCallback(request, single_step(damping=5.0, progress=False))
+    trainer = sft_trainer(own)
+    own.train_dataset = trainer.train_dataset
+    trainer.train()
+    assert [(e.row_id, e.index) for e in own.result.request.edits] == [("r1", 1), ("r3", 3), ("r5", 5)]
+    # rows given in another order than the Trainer's: refused before training, not paired with other rows
+    moved = data.select([1, 0, *range(2, 8)])
+    callback = UnlearningCallback(request, single_step(damping=5.0, progress=False), train_dataset=moved)
+    trainer = sft_trainer(callback)
+    with pytest.raises(Exception, match="does not line up"):
+        trainer.train()
+    assert trainer.state.global_step == 0

@@ -9,7 +9,9 @@ cross entropy is `c_b (p − e_y)` at example b's loss positions and 0 elsewhere
     c_b = ⟨∂loss/∂logits_b, r_b⟩ / ⟨r_b, r_b⟩,   r_b = softmax(logits_b) − onehot(labels_b)   (loss positions),
 
 and the output gradients of example b are multiplied by `w_b = 1/c_b` (`1/(c_b T_b)` under "example") before
-they enter G. The fit's relative residual is checked on every micro-batch: a loss that is not the plain
+they enter G. A model whose forward never materialises the logits (TRL's `SFTTrainer` patches in a fused LM
+head, `fused_lm_head=True`, that returns the per-token `log_probs` of the labels instead) is measured at those:
+`∂loss/∂log_probs_{b,t} = −c_b` at every loss position of example b. The fit's relative residual is checked on every micro-batch: a loss that is not the plain
 token cross entropy of the labels the model received (label smoothing, a custom `compute_loss_func`, extra
 loss terms) is detected and the capture is marked invalid instead of producing wrong factors.
 
@@ -95,6 +97,7 @@ class TrainingCapture:
         self._handles = [
             self.model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
             self.head.register_forward_hook(self._after_head),
+            self.model.register_forward_hook(self._after_fused_head),
         ]
 
     def stop(self) -> None:
@@ -130,6 +133,39 @@ class TrainingCapture:
         labels, batch, values = self._labels, self.collector.batch, logits.detach()  # no reference cycle
         logits.register_hook(lambda grad: self._rescale(values, grad.detach(), labels, batch))
 
+    def _after_fused_head(self, module, inputs, output):
+        """A fused LM head (TRL's `fused_lm_head=True`): no logits, the labels' per-token log-probabilities."""
+        log_probs = getattr(output, "log_probs", None)
+        if self._labels is None or getattr(output, "logits", None) is not None or log_probs is None:
+            return
+        if not (torch.is_grad_enabled() and log_probs.requires_grad):
+            return
+        if tuple(log_probs.shape) != (self._labels.shape[0], self._labels.shape[1] - 1):
+            self._problem(
+                f"the fused LM head returned log_probs of shape {tuple(log_probs.shape)} for labels of shape "
+                f"{tuple(self._labels.shape)} (shifted or packed labels?)"
+            )
+            return
+        labels, batch = self._labels, self.collector.batch
+        log_probs.register_hook(lambda grad: self._rescale_log_probs(grad.detach(), labels, batch))
+
+    def _rescale_log_probs(self, grad: torch.Tensor, labels: torch.Tensor, batch) -> None:
+        """`w_b` from `∂loss/∂log_probs`, which for the token cross entropy `S_b = −Σ_t log_probs_{b,t}` is
+        `−c_b` at each loss position of example b."""
+        start = time.perf_counter()
+        loss_at = labels[:, 1:] != IGNORE_INDEX  # (B, L-1)
+        dtype = accumulation_dtype(grad.dtype)
+        g = -grad.to(dtype) * loss_at  # ∂loss/∂S_b at each loss position, 0 elsewhere
+        counts = loss_at.sum(1).to(dtype)  # T_b
+        c = g.sum(1) / counts.clamp_min(1)  # the mean over the loss positions
+        total = g.pow(2).sum()
+        explained = (c * c * counts).sum()
+        residual = ((total - explained).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt()
+        self._set_weights(
+            c, counts, residual.item(), batch, "the loss gradient at the labels' log-probabilities"
+        )
+        self.seconds += time.perf_counter() - start
+
     def _rescale(self, logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor, batch) -> None:
         """Set the per-example weights `w_b` from `∂loss/∂logits` (module docstring)."""
         start = time.perf_counter()
@@ -152,21 +188,26 @@ class TrainingCapture:
         total = grad.to(dtype).pow(2).sum()
         explained = torch.where(den > 0, num * num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0).sum()
         residual = ((total - explained).clamp_min(0) / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt()
-        if residual.item() > SCALE_TOLERANCE:
+        counts = loss_at.sum(1).to(c.dtype)  # T_b
+        self._set_weights(c, counts, residual.item(), batch, "the loss gradient at the logits")
+        self.seconds += time.perf_counter() - start
+
+    def _set_weights(self, c: torch.Tensor, counts: torch.Tensor, residual: float, batch, where: str) -> None:
+        """`w_b` from the measured scales `c_b` of a micro-batch of examples with `counts` loss tokens; a fit
+        whose relative `residual` exceeds `SCALE_TOLERANCE` marks the capture invalid."""
+        if residual > SCALE_TOLERANCE:
             self._problem(
-                f"the loss gradient at the logits is not a multiple of the cross-entropy gradient of the labels "
-                f"(relative residual {residual.item():.2g} > {SCALE_TOLERANCE:g}): the training loss is not the "
+                f"{where} is not a multiple of the cross-entropy gradient of the labels "
+                f"(relative residual {residual:.2g} > {SCALE_TOLERANCE:g}): the training loss is not the "
                 "token cross entropy (label smoothing, a custom loss, extra terms?)"
             )
-        counts = loss_at.sum(1).to(c.dtype)  # T_b
         w = torch.where(c != 0, 1.0 / torch.where(c != 0, c, torch.ones_like(c)), torch.zeros_like(c))
         if self.normalization == "example":
             w = w / counts.clamp_min(1)
         batch.example_weights = w
-        self.num_rows += B
-        self.normaliser += float(counts.sum()) if self.normalization == "token" else float(B)
+        self.num_rows += len(c)
+        self.normaliser += float(counts.sum()) if self.normalization == "token" else float(len(c))
         self.micro_batches += 1
-        self.seconds += time.perf_counter() - start
 
     # --- result ---
 
