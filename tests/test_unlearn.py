@@ -366,11 +366,12 @@ def test_lissa_and_qp_through_unlearn_and_divergence_changes_nothing(regression)
             model,
             rows,
             request,
-            single_step(solver=solver, max_iter=1000, seed=3, **common),
+            single_step(solver=solver, max_iter=1000, seed=3, allow_inexact=True, **common),
             task=task,
         )
         assert relative_error(space.vector() - theta_star, exact_delta) < limit
         assert result.stats["stochastic"] and result.stats["relative_residual"] < 1
+        assert result.stats["inexact"] is not result.stats["converged"]  # short of tol: kept only as allowed
         space.set_(theta_star)
     with pytest.raises(SolverError, match="diverged"):
         unlearn(
