@@ -13,22 +13,18 @@ them when training begins.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 
-from transformers import TrainerCallback
-
-from .capture import CurvatureCaptureCallback
 from .config import UnlearningArguments
 from .data import TrainingSet, row_ids
-from .distributed import Processes, check_curvature_supported
-from .eraser import UnlearningResult, unlearn
+from .distributed import Processes
+from .eraser import UnlearningResult
 from .errors import ConfigurationError, InvalidRequestError, UnlearningError
-from .io import build_manifest, check_output_dir, save_unlearned_adapter
+from .io import check_output_dir, save_unlearned_adapter
 from .objective import UnlearningTask
-from .regularization import L2RegularizationCallback
 from .request import UnlearningRequest, about_row
-from .trainer import CollatorTask, log_stats, task_for_trainer
+from .trainer import CollatorTask, task_for_trainer
+from .trainer_wiring import CallbackGroup, UnlearningWiring, log_stats
 
 
 def extract_model(model):
@@ -136,7 +132,7 @@ def check_request(request: UnlearningRequest, train: TrainingSet, task: Unlearni
                 )
 
 
-class UnlearningCallback(TrainerCallback):
+class UnlearningCallback(CallbackGroup):
     """At `on_train_end`, apply `request` to the trained adapter in place and (main process) write the
     unlearned adapter, its manifest and model card to `output_dir` (atomically; `overwrite` to replace).
 
@@ -156,6 +152,9 @@ class UnlearningCallback(TrainerCallback):
     `CurvatureCaptureCallback` does) and used by the unlearning (`curvature="kfac"|"ekfac"` or a K-FAC
     preconditioner); they are in `callback.curvature_factors` and are not written beside the *unlearned*
     adapter, which they do not describe.
+
+    Those two run inside this callback (`CallbackGroup`: every Trainer event is passed on to them), so that they
+    are done — factors summed, the Trainer's clipping norm given back — before the unlearning at `on_train_end`.
     """
 
     def __init__(
@@ -170,7 +169,9 @@ class UnlearningCallback(TrainerCallback):
         text_encoder=None,
     ):
         self.request = request
-        self.unlearning_args = unlearning_args or UnlearningArguments()
+        self.wiring = UnlearningWiring(unlearning_args)
+        # the objective's L2 term, trained as UnlearnTrainer trains it (μθ joins every gradient), and the capture
+        self.members = self.wiring.callbacks
         self.output_dir = output_dir
         self.train_dataset = train_dataset
         self.task = task
@@ -178,31 +179,32 @@ class UnlearningCallback(TrainerCallback):
         self.text_encoder = text_encoder
         self.result: UnlearningResult | None = None
         self.manifest: dict | None = None
-        self.capture = (
-            CurvatureCaptureCallback(
-                loss_normalization=self.unlearning_args.loss_normalization, required=False
-            )
-            if self.unlearning_args.capture_curvature
-            else None
-        )
 
-        # the objective's L2 term, trained as UnlearnTrainer trains it: μθ joins every gradient
-        self.l2 = L2RegularizationCallback(self.unlearning_args.l2)
+    @property
+    def unlearning_args(self) -> UnlearningArguments:
+        return self.wiring.unlearning_args
+
+    @unlearning_args.setter
+    def unlearning_args(self, value: UnlearningArguments) -> None:
+        self.wiring.unlearning_args = value
+
+    @property
+    def l2(self):
+        """The objective's L2 term (`L2RegularizationCallback`; μ = 0: does nothing)."""
+        return self.wiring.l2
+
+    @property
+    def capture(self):
+        """The `CurvatureCaptureCallback` of `capture_curvature`, else None."""
+        return self.wiring.capture
 
     @property
     def curvature_factors(self):
-        return None if self.capture is None else self.capture.factors
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.l2.on_pre_optimizer_step(args, state, control, **kwargs)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        if self.capture is not None:
-            self.capture.on_step_begin(args, state, control, **kwargs)
+        return self.wiring.curvature_factors
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # Fail before hours of training, not after.
-        check_curvature_supported(self.unlearning_args.curvature, model)
+        self.wiring.check(model)
         if self.output_dir is not None:
             check_output_dir(self.output_dir, self.overwrite)
         if getattr(args, "packing", False):
@@ -214,9 +216,8 @@ class UnlearningCallback(TrainerCallback):
             args, extract_model(model), kwargs.get("processing_class"), kwargs.get("train_dataloader")
         )
         check_request(self.request, train, task)
-        self.l2.on_train_begin(args, state, control)  # clips ∇R + μθ itself: takes over max_grad_norm
-        if self.capture is not None:
-            self.capture.on_train_begin(args, state, control, model=model, **kwargs)
+        # the L2 term clips ∇R + μθ itself (takes over max_grad_norm); the capture sets up its hooks
+        return super().on_train_begin(args, state, control, model=model, **kwargs)
 
     def _rows_and_task(
         self, args, model, processing_class, train_dataloader
@@ -269,27 +270,23 @@ class UnlearningCallback(TrainerCallback):
     ):
         if model is None:
             raise ConfigurationError("UnlearningCallback got no model from the Trainer.")
-        self.l2.on_train_end(args, state, control)  # gives max_grad_norm back
-        if self.capture is not None:
-            self.capture.on_train_end(args, state, control)
+        # the L2 term gives max_grad_norm back; the capture sums its factors over processes
+        super().on_train_end(
+            args, state, control, model=model, processing_class=processing_class,
+            train_dataloader=train_dataloader, **kwargs,
+        )  # fmt: skip
         model = extract_model(model)
-        check_curvature_supported(self.unlearning_args.curvature, model)
+        self.wiring.check(model)
         dataset, task = self._rows_and_task(args, model, processing_class, train_dataloader)
         processes = Processes()
-        unlearning_args = dataclasses.replace(
-            self.unlearning_args,
-            progress=self.unlearning_args.progress and not args.disable_tqdm and processes.is_main,
-        )
-        self.result = unlearn(
-            model, dataset, self.request, unlearning_args, task=task, curvature_factors=self.curvature_factors
-        )
-        base = getattr(getattr(model, "config", None), "_name_or_path", None)
-        self.manifest = build_manifest(
-            self.result,
-            self.unlearning_args,
-            base_model=base,
-            training_data={"num_rows": len(dataset), "source": "Trainer train dataloader"},
-            trainer={"global_step": state.global_step, "epoch": state.epoch},
+        self.result, self.manifest = self.wiring.unlearn(
+            model,
+            dataset,
+            self.request,
+            task,
+            state=state,
+            source="Trainer train dataloader",
+            show_progress=not args.disable_tqdm and processes.is_main,
         )
         state.log_history.append({**log_stats(self.result), "step": state.global_step})
         if self.output_dir is not None:

@@ -14,7 +14,6 @@ model, sharded across the Trainer's processes with explicit sums (docs/method.md
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -22,12 +21,13 @@ from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 
 from .config import UnlearningArguments
 from .data import IGNORE_INDEX, TEXT_FIELDS, TOKEN_FIELDS, ExampleEncoder, TextEncoding, TrainingSet
-from .distributed import Processes, check_curvature_supported
-from .eraser import UnlearningResult, pad_token_id, unlearn
+from .distributed import Processes
+from .eraser import UnlearningResult, pad_token_id
 from .errors import ConfigurationError, DataError, InvalidRequestError
-from .io import build_manifest, write_manifest_and_card
+from .io import write_manifest_and_card
 from .objective import CausalLMTask, UnlearningTask
 from .request import UnlearningRequest
+from .trainer_wiring import UnlearningWiring, log_stats
 
 BATCH_KEYS = ("input_ids", "attention_mask", "labels")
 TEXT_ALIASES = {"completion": "response"}  # TRL's prompt–completion rows
@@ -368,18 +368,6 @@ def training_rows(trainer: Trainer, dataset=None):
     return TrainingSet(dataset), collator, columns
 
 
-def log_stats(result: UnlearningResult) -> dict[str, float]:
-    """The numeric statistics of a run, named `unlearning/...`, for `Trainer.log` / `report_to`."""
-    logs = {}
-    for key, value in {**result.stats, **result.timings}.items():
-        if isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, int | float):
-            logs[f"unlearning/{key}"] = float(value)
-    logs["unlearning/num_edits"] = float(len(result.request.edits))
-    return logs
-
-
 class UnlearnTrainer(Trainer):
     """A `transformers.Trainer` with `unlearn(request)`; `unlearning_args` configures the update.
 
@@ -401,28 +389,32 @@ class UnlearnTrainer(Trainer):
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        self.unlearning_args = unlearning_args or UnlearningArguments()
+        self.unlearning_wiring = UnlearningWiring(unlearning_args)
         self.unlearning_task = unlearning_task
         self.text_encoder = text_encoder
         self.unlearning_results: list[UnlearningResult] = []
         self.unlearning_manifests: list[dict] = []
-        if self.unlearning_args.l2:  # train the objective the update models: R(θ) + (μ/2)‖θ‖²
-            from .regularization import L2RegularizationCallback
+        # train the objective the update models, R(θ) + (μ/2)‖θ‖², and capture its curvature
+        for callback in self.unlearning_wiring.callbacks:
+            self.add_callback(callback)
 
-            self.add_callback(L2RegularizationCallback(self.unlearning_args.l2))
-        self.curvature_capture = None
-        if self.unlearning_args.capture_curvature:
-            from .capture import CurvatureCaptureCallback
+    @property
+    def unlearning_args(self) -> UnlearningArguments:
+        return self.unlearning_wiring.unlearning_args
 
-            self.curvature_capture = CurvatureCaptureCallback(
-                loss_normalization=self.unlearning_args.loss_normalization, required=False
-            )
-            self.add_callback(self.curvature_capture)
+    @unlearning_args.setter
+    def unlearning_args(self, value: UnlearningArguments) -> None:
+        self.unlearning_wiring.unlearning_args = value
+
+    @property
+    def curvature_capture(self):
+        """The `CurvatureCaptureCallback` of `capture_curvature=True`, else None."""
+        return self.unlearning_wiring.capture
 
     @property
     def curvature_factors(self):
         """K-FAC factors captured during the last epoch of `train()` (`capture_curvature=True`), else None."""
-        return None if self.curvature_capture is None else self.curvature_capture.factors
+        return self.unlearning_wiring.curvature_factors
 
     def unlearn(
         self, request: UnlearningRequest, train_dataset: Sequence[Mapping] | None = None
@@ -432,7 +424,7 @@ class UnlearnTrainer(Trainer):
         With `preconditioner="nystrom"`, the sketch the last call left (downdated to its edited training set)
         is used for this one; the first call sketches the curvature. A request that follows another needs the
         edited rows as `train_dataset` (refused without)."""
-        check_curvature_supported(self.unlearning_args.curvature, self.model, self.accelerator)
+        self.unlearning_wiring.check(self.model, self.accelerator)
         if self.unlearning_results and train_dataset is None:
             raise ConfigurationError(
                 "This trainer already served an unlearning request, so its train_dataset is no longer the data "
@@ -453,35 +445,21 @@ class UnlearnTrainer(Trainer):
             task, CollatorTask
         ):  # a custom task sees the collator's fields
             dataset = TrainingSet(dataset.rows.select_columns(columns), dataset.ids)
-        args = dataclasses.replace(
-            self.unlearning_args,
-            progress=self.unlearning_args.progress
-            and not self.args.disable_tqdm
-            and self.is_world_process_zero(),
+        result, manifest = self.unlearning_wiring.unlearn(
+            model,
+            dataset,
+            request,
+            task,
+            state=self.state,
+            source="Trainer.train_dataset",
+            show_progress=not self.args.disable_tqdm and self.is_world_process_zero(),
+            # what the last request left (the edited set's factors and sketch), else what training captured
+            previous=self.unlearning_results[-1] if self.unlearning_results else None,
         )
-        # what the last request left (the edited set's factors and sketch), else what training captured
-        previous = self.unlearning_results[-1] if self.unlearning_results else None
-        factors = self.curvature_factors if previous is None else previous.curvature_factors
-        result = unlearn(
-            model, dataset, request, args, task=task,
-            curvature_factors=factors, nystrom_sketch=previous and previous.nystrom_sketch,
-        )  # fmt: skip
         self.unlearning_results.append(result)
-        self.unlearning_manifests.append(
-            build_manifest(result, self.unlearning_args, **self._manifest_context(len(dataset)))
-        )
+        self.unlearning_manifests.append(manifest)
         self.log(log_stats(result))
         return result
-
-    def _manifest_context(self, num_rows: int) -> dict:
-        base = getattr(
-            getattr(self.accelerator.unwrap_model(self.model), "config", None), "_name_or_path", None
-        )
-        return {
-            "base_model": base,
-            "training_data": {"num_rows": num_rows, "source": "Trainer.train_dataset"},
-            "trainer": {"global_step": self.state.global_step, "epoch": self.state.epoch},
-        }
 
     @property
     def unlearning_manifest(self) -> dict | None:
