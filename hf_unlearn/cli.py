@@ -109,9 +109,19 @@ def prepare_command(argv: list[str]) -> int:
     return 0
 
 
-def unlearn_command(argv: list[str]) -> int:
+def unlearn_arguments(argv: list[str]) -> tuple:
+    """`(paths, encoding, args)` of `hf-unlearn unlearn argv`: `UnlearnPaths`, `TextEncoding` and
+    `UnlearningArguments`, with `--config FILE` (a YAML file or an earlier unlearning manifest) under the flags."""
     from .config import UnlearningArguments
-    from .data import ExampleEncoder, TextEncoding, read_jsonl
+    from .data import TextEncoding
+
+    return parse_arguments(
+        (UnlearnPaths, TextEncoding, UnlearningArguments), argv, "hf-unlearn unlearn", config=True
+    )
+
+
+def unlearn_command(argv: list[str]) -> int:
+    from .data import ExampleEncoder, read_jsonl
     from .distributed import barrier, join_process_group
     from .eraser import default_task, unlearn
     from .io import (
@@ -124,9 +134,7 @@ def unlearn_command(argv: list[str]) -> int:
     from .models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
     from .request import rows_digests, using_digest_key
 
-    paths, encoding, args = parse_arguments(
-        (UnlearnPaths, TextEncoding, UnlearningArguments), argv, "hf-unlearn unlearn"
-    )
+    paths, encoding, args = unlearn_arguments(argv)
     args, train, request, history = prepare_unlearn(paths, encoding, args)
     key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)
     held_out = read_jsonl(paths.held_out_file, what="--held-out-file") if paths.held_out_file else None
@@ -578,6 +586,18 @@ def choose_threads() -> dict:
     return {"threads": threads, "rule": THREADS_RULE, "cores": cores, "load_average": round(load, 2)}
 
 
+def package_version() -> str:
+    """The installed distribution's version (`hf-unlearn`), else the package's `__version__` (a source tree)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("hf-unlearn")
+    except metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     from .errors import UnlearningError
     from .io import WRITTEN
@@ -586,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     hide_uninformative_warnings()
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(package_version())
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         usage = (
             "usage: hf-unlearn {"
@@ -593,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
             + "} ...\n\ncommands:\n"
             + "".join(f"  {name:<13} {text}\n" for name, text in COMMANDS.items())
             + f"\nthreads (unlearn, train, evaluate, demo): {THREADS_RULE}.\n"
+            + "hf-unlearn --version prints the version; hf-unlearn unlearn --config FILE takes its flags from a "
+            "YAML file or an earlier unlearning_manifest.json.\n"
         )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"hf-unlearn: error: unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)

@@ -67,21 +67,46 @@ def _tidy(parser, prog: str) -> None:
             action.default = argparse.SUPPRESS  # the positive flag's default is the one that applies
 
 
-def parse_arguments(types: tuple, argv: list[str], prog: str) -> tuple:
-    """`HfArgumentParser(types).parse_args_into_dataclasses(argv)`, with an unknown flag or a malformed value
-    raised as `ConfigurationError` (exit code 4, a bad argument) instead of a traceback or argparse's exit 2."""
+def build_parser(types: tuple, prog: str, config: bool = False):
+    """The `HfArgumentParser` of `prog` over `types` (tidied by `_tidy`), raising `ConfigurationError` for a bad
+    argument; with `config`, `--config FILE` is in its help (`config_file`)."""
     from transformers import HfArgumentParser
 
     from .errors import ConfigurationError
 
     parser = HfArgumentParser(types, prog=prog, formatter_class=_HelpFormatter)
     _tidy(parser, prog)
+    if config:
+        from .config_file import CONFIG_FLAG, CONFIG_HELP, ConfigAction
+
+        parser.add_argument(CONFIG_FLAG, action=ConfigAction, help=CONFIG_HELP)
 
     def error(message):
         raise ConfigurationError(f"{message} (see `{prog} --help`).")
 
     parser.error = error
+    return parser
+
+
+def parse_arguments(types: tuple, argv: list[str], prog: str, *, config: bool = False) -> tuple:
+    """`HfArgumentParser(types).parse_args_into_dataclasses(argv)`, with an unknown flag or a malformed value
+    raised as `ConfigurationError` (exit code 4, a bad argument) instead of a traceback or argparse's exit 2.
+
+    With `config`, `--config FILE` takes flags from a YAML file or an unlearning manifest (`config_file`): they
+    are parsed before `argv`'s, which override them."""
+    files, argv = ([], argv)
+    if config:
+        from .config_file import split_config_flag
+
+        files, argv = split_config_flag(argv)
+    parser = build_parser(types, prog, config)
+    if files:
+        from .config_file import config_flags
+
+        argv = [
+            flag for file in files for flag in config_flags(file, parser, prog, hidden_flags(prog))
+        ] + argv
     *parsed, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if rest:
-        error(f"unrecognized arguments: {' '.join(rest)}")
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return tuple(parsed)
