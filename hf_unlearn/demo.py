@@ -332,17 +332,22 @@ def run_demo(args: DemoArguments) -> dict:
                 edited_rows(train, resolved), adapters["next_seed"], seed=args.seed + 1
             )
 
-        eval_rows = metric_rows(kind, resolved)
-        scores = {name: lab.nll(path, eval_rows) for name, path in adapters.items()}
         print(f"[demo] {kind}: evaluating (utility, forget quality, PrivLeak) ...")
         splits = tofu.evaluation_splits(eval_data, kind)
+        # the kind's metric rows (and QM's probe) ride along in each adapter's one evaluation: split_metrics'
+        # loss is the metric's NLL per token (Lab.scores), and each adapter is loaded once
+        extra = {"task_metric": metric_rows(kind, resolved)}
+        if kind == "QM":
+            extra["trigger_probe"] = triggered_test
         reports = {}
         for name, path in adapters.items():
             if name == "original":
                 own = {split: splits[split] for split in ("forget", "nonmember")}
-                reports[name] = original_utility | lab.evaluate(path, own)
+                reports[name] = original_utility | lab.evaluate(path, own | extra)
             else:
-                reports[name] = lab.evaluate(path, splits)
+                reports[name] = lab.evaluate(path, splits | extra)
+        extras = {split: {name: r.pop(split)["loss"] for name, r in reports.items()} for split in extra}
+        scores = extras["task_metric"]
         results["kinds"][kind] = entry = {
             "metric": METRICS[kind][0],
             **scores,
@@ -358,9 +363,7 @@ def run_demo(args: DemoArguments) -> dict:
             entry["g_next"] = gap_closed(scores, "next_seed")
         entry["verdicts"] = verdicts(entry)
         if kind == "QM":
-            entry["trigger_probe"] = {"metric": TRIGGER_PROBE} | {
-                name: lab.nll(path, triggered_test) for name, path in adapters.items()
-            }
+            entry["trigger_probe"] = {"metric": TRIGGER_PROBE} | extras["trigger_probe"]
     results["arguments"] = asdict(args)
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print_table(results)

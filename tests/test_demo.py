@@ -75,6 +75,7 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tiny_model, tmp_path, c
         assert (out / "adapters" / f"retrained_{kind}" / "adapter_model.safetensors").exists()
     probe = results["kinds"]["QM"]["trigger_probe"]
     assert all(isinstance(probe[k], float) for k in ("original", "unlearned", "retrained"))
+    assert "task_metric" not in results["kinds"]["QM"]["evaluation"]["adapters"]["unlearned"]
 
     for label in ("retain loss", "held-out loss", "forget KS p", "PrivLeak %", "IR verdicts: utility"):
         assert label in printed
@@ -93,7 +94,19 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tiny_model, tmp_path, c
     trained = {r["id"]: (r["prompt"], r["response"]) for r in data["train"] if r["id"] not in edited}
     assert all(trained[r["id"]] == (r["prompt"], r["response"]) for r in data["eval_retain"])
     expected = direct("original", data["eval_retain"])
+    # each kind's metric rows: the removed rows (IR), the new versions (QM: redacted prompts; RC: corrected answers)
+    by_id = {r["id"]: r for r in data["train"]}
+    metric_rows = {
+        kind: [
+            {**by_id[line["id"]], **{k: line[k] for k in ("prompt", "response") if k in line}}
+            for line in data[f"request_{kind}"]
+        ]
+        for kind in ("IR", "QM", "RC")
+    }
     for kind, r in results["kinds"].items():
+        for name in ("original", "unlearned"):
+            adapter = "original" if name == "original" else f"{name}_{kind}"
+            assert r[name] == pytest.approx(direct(adapter, metric_rows[kind])["loss"], rel=1e-6)
         evaluation = r["evaluation"]
         assert evaluation["reference"] == "retrained"
         assert evaluation["forget_set_size"] == len(data[f"request_{kind}"]) == 6
@@ -137,6 +150,10 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tiny_model, tmp_path, c
         assert r["verdicts"]["utility"] == all(
             v for k, v in r["verdicts"].items() if k.endswith(("loss", "match"))
         )
+
+    assert probe["retrained"] == pytest.approx(
+        direct("retrained_QM", data["triggered_test"])["loss"], rel=1e-6
+    )
 
     # Lab.scores (the benchmark's metrics) agrees with the evaluation module's loss and exact match
     rows = [{k: r[k] for k in ("prompt", "response")} for r in data["train"][:12]]
