@@ -16,6 +16,14 @@ token of the forgotten PINs / of the answers under the cleaned prompts / of the 
 adapters, the fraction of the metric's rows whose response greedy decoding reproduces. `retrain-next-seed` retrains with the next seed: retraining's own
 spread, the closest any method can be expected to land. A second section measures how the unlearning time grows with the
 request size, the training-set size and the adapter rank.
+
+Suites with an `evaluation` setting (quick) add the field's figures (#22), `report["evaluation"]`: on TOFU-style
+data of the suite's size (`hf_unlearn.tofu`, candidate answers for the truth ratio, held-out questions,
+non-members), an original adapter trained with K-FAC capture, each kind's request served by the default path
+(`default`), retrained, and retrained with the next seed; every row as above plus `field`: utility (loss, exact
+match, truth ratio) on the kept rows and on held-out questions, TOFU's forget quality (KS p-value of the forget
+rows' truth ratios against the retrained adapter's, with the forget-set size) and MUSE's PrivLeak (Min-K%++) of
+the original, the row's (unlearned) and the retrained adapter, computed by `hf_unlearn.evaluation`.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from hf_unlearn.config import SINGLE_UPDATE
 from hf_unlearn.demo import METRICS, DemoArguments, Lab, edited_rows, metric_rows
 from hf_unlearn.demo_data import DemoSizes, generate
 from hf_unlearn.distributed import Processes
+from hf_unlearn.evaluation import compare
 from hf_unlearn.gradients import Batches, gradient_sum
 from hf_unlearn.objective import example_losses
 from hf_unlearn.params import ParameterSpace, computation_mode
@@ -64,6 +73,23 @@ SUITES = {
         "unlearning": {"curvature": "ggn", "damping": 0.0, "max_iter": 300, "tol": 1e-5},
         "scaling_facts": [24, 48, 96],
         "scaling_ranks": [4, 8, 16],
+        # utility, forget quality and PrivLeak (#22) on TOFU-style data of this suite's size: 12 people with
+        # two questions each (24 clean rows, 12 held-out people) and 8 rows per kind; full 8-row requests
+        "evaluation": {
+            "tofu": {
+                "retain_people": 12,
+                "questions": ("city", "profession"),
+                "private": 8,
+                "redacted": 8,
+                "wrong": 8,
+                "held_out_people": 12,
+                "full_profiles": False,
+                "surnames": 6,
+                "first_names": 8,
+            },
+            "request_sizes": [8],
+            "methods": ["default", "retrain-next-seed", "retrain"],
+        },
     },
     # the K-FAC issue's setting: a training set of thousands of rows, a request of ~2 % of it, factors
     # captured during training, a Nyström sketch once per adapter, and cg on a 256-row GGN sample. The clean
@@ -396,6 +422,13 @@ def make_lab(suite: dict, data: dict, workdir: Path, model: str | None, **overri
     if model is None:  # quick suite: a config-built Llama with a tokenizer covering the data
         model = str(workdir / "toy_model")
         text = [r for rows in data.values() for r in rows if "prompt" in r and "response" in r]
+        if suite.get("field_metrics"):  # the truth ratio's candidate answers are scored too
+            text += [
+                {"prompt": r["prompt"], "response": answer}
+                for r in text
+                for answer in [r.get("paraphrased_response"), *r.get("perturbed_responses", [])]
+                if answer
+            ]
         build_toy_model(text, model)
     return Lab(DemoArguments(model=model, output_dir=str(workdir), **{**suite["lab"], **overrides}))
 
@@ -452,6 +485,11 @@ def fidelity(
                         lab, original, train, request, out, budget=runs["cg"][0] if "cg" in runs else None
                     )
                     runs[method] = (time.perf_counter() - start, rss.peak)
+            field = (
+                field_metrics(lab, data, kind, size, original, workdir, methods)
+                if suite.get("field_metrics")
+                else None
+            )
             before, after = lab.scores(original, eval_rows), lab.scores(workdir / "retrain", eval_rows)
             retrained_lp = log_probs(lab, workdir / "retrain", eval_rows)
             gap = after["nll"] - before["nll"]
@@ -490,6 +528,18 @@ def fidelity(
                     **(extras.get(method) or {}),
                     **(sketch_cost if method == "cg+nystrom" else {}),
                 }
+                if field is not None:  # utility, forget quality and PrivLeak (field_metrics)
+                    row["field"] = {
+                        "forget_set_size": field["forget_set_size"],
+                        **{
+                            n: field[a]
+                            for n, a in (
+                                ("original", "original"),
+                                ("unlearned", method),
+                                ("retrained", "retrain"),
+                            )
+                        },
+                    }
                 results.append(row)
                 print(
                     f"{kind} k={size:<3} {method:<20} {row['seconds']:7.1f} s (retrain {retrain_seconds:6.1f} s)  "
@@ -498,6 +548,64 @@ def fidelity(
                     flush=True,
                 )
     return results
+
+
+def field_metrics(
+    lab: Lab, data: dict, kind: str, size: int, original: Path, workdir: Path, methods: list[str]
+) -> dict:
+    """Utility, forget quality and PrivLeak of the original adapter and of every method's adapter in one cell
+    (`kind`, request of the first `size` lines), from `hf_unlearn.evaluation` on TOFU-style data's splits
+    (`tofu.evaluation_splits`: the request's forget rows and as many non-members, the kept rows, held-out
+    questions), against the retrained adapter; `field_summary` of each, by method name (and "original")."""
+    splits = tofu.evaluation_splits(data, kind)
+    splits["forget"], splits["nonmember"] = splits["forget"][:size], splits["nonmember"][:size]
+    lines = data[f"request_{kind}"][:size]
+    if [r["id"] for r in splits["forget"]] != [line["id"] for line in lines]:
+        raise ValueError(f"{kind}: the forget rows are not the request's rows")
+    adapters = {"original": original, **{m: workdir / m for m in methods}}
+    comparison = compare({name: lab.evaluate(path, splits) for name, path in adapters.items()}, "retrain")
+    return {"forget_set_size": comparison["forget_set_size"]} | {
+        name: field_summary(report) for name, report in comparison["adapters"].items()
+    }
+
+
+def field_summary(report: dict) -> dict:
+    """The figures of an `evaluation.compare` entry the benchmark keeps: loss, exact match and truth ratio on
+    the kept rows and on held-out questions; the forget rows' truth ratios; forget quality (KS p-value and
+    statistic against the retrained adapter); membership AUCs and PrivLeak (Min-K%++, and by loss)."""
+    out = {
+        name: {k: report[split][k] for k in ("loss", "exact_match", "truth_ratio") if k in report[split]}
+        for split, name in (("retain", "retain"), ("test", "held_out"))
+    }
+    quality = report.get("forget_quality", {})
+    return out | {
+        "forget_truth_ratios": report["forget"].get("truth_ratios"),
+        "forget_quality": quality.get("forget_quality"),
+        "ks_statistic": quality.get("ks_statistic"),
+        "min_k_plus_plus_auc": report.get("min_k_plus_plus_auc"),
+        "membership_auc": report.get("membership_auc"),
+        "privleak": report.get("privleak"),
+        "privleak_loss": report.get("privleak_loss"),
+    }
+
+
+def field_evaluation(suite: dict, model: str | None, workdir: Path) -> list[dict]:
+    """The suite's `evaluation` section: `fidelity` on TOFU-style data of the suite's size with its
+    `methods` (the default path, the next-seed retraining, retraining), K-FAC factors captured while training
+    the original adapter (as `hf-unlearn train` does by default) and `field_metrics` on every row, with the
+    within-spread verdicts."""
+    settings = suite["evaluation"]
+    data = tofu.generate(tofu.TofuSizes(**settings["tofu"]))
+    sub = {
+        **suite,
+        "request_sizes": settings["request_sizes"],
+        "capture_curvature": True,
+        "reference": False,
+        "field_metrics": True,
+    }
+    return with_spread_verdicts(
+        fidelity(sub, model, workdir, ordered_methods(sub, settings["methods"]), data)
+    )
 
 
 def pass_multiples(lab: Lab, adapter: Path, rows: list[dict], curvature: str, sample: int = 64) -> dict:
@@ -693,6 +801,44 @@ def markdown_table(report: dict) -> str:
                 f"| {last['kl_to_retrained']:.3g} | {_products(last)} | {_exact_match(last)} |"
             )
     return "\n".join(lines)
+
+
+FIELD_ADAPTERS = (("original", "original"), ("default", "unlearned"), ("retrain-next-seed", "unlearned"),
+                  ("retrain", "retrained"))  # fmt: skip
+
+
+def evaluation_table(report: dict) -> str:
+    """The `evaluation` section's table: per task the original, the default path's (unlearned), the next-seed
+    retraining's and the retrained adapter's utility, forget quality and PrivLeak, with the gap closed and the
+    within-spread verdict."""
+    rows = report["evaluation"]
+    size = max(r["request_size"] for r in rows)
+    forget = next(r["field"]["forget_set_size"] for r in rows)
+    lines = [
+        f"| task | adapter | gap closed | retain loss / EM / TR | held-out loss / EM / TR "
+        f"| forget quality (KS p, {forget} forget rows) | PrivLeak, Min-K%++ (%) | within spread |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        mine = {r["method"]: r for r in rows if r["task"] == task and r["request_size"] == size}
+        default = mine.get("default") or next(iter(mine.values()))
+        for label, side in FIELD_ADAPTERS:
+            row = default if label == "original" else mine.get(label)
+            if row is None:
+                continue
+            f = row["field"][side]
+            gap = 0.0 if label == "original" else row["gap_closed"]
+            spread = {True: "yes", False: "no"}.get(row.get("within_spread"), "—")
+            lines.append(
+                f"| {task} | {label} | {_fmt(gap)} | {_utility(f['retain'])} | {_utility(f['held_out'])} "
+                f"| {_fmt(f['forget_quality'], '.3g')} | {_fmt(f['privleak'], '.1f')} "
+                f"| {spread if label == 'default' else '—'} |"
+            )
+    return "\n".join(lines)
+
+
+def _utility(split: dict) -> str:
+    return f"{split['loss']:.3f} / {split['exact_match']:.0%} / {_fmt(split.get('truth_ratio'), '.2f')}"
 
 
 def _exact_match(row: dict) -> str:
@@ -987,6 +1133,11 @@ def main(argv=None):
     parser.add_argument("--methods", default=None, help="Comma-separated subset of: " + ", ".join(METHODS))
     parser.add_argument("--no-scaling", action="store_true", help="Skip the scaling section.")
     parser.add_argument(
+        "--no-evaluation",
+        action="store_true",
+        help="Skip the evaluation section (utility, forget quality and PrivLeak on TOFU-style data).",
+    )
+    parser.add_argument(
         "--train-sizes",
         default=None,
         help="scaling suite: comma-separated training-set sizes instead of the suite's.",
@@ -1031,6 +1182,9 @@ def main(argv=None):
                 [] if args.no_scaling or "scaling_facts" not in suite else scaling(suite, model, workdir)
             )
             draw, summary = plot, markdown_table
+            if "evaluation" in suite and not args.no_evaluation:
+                report["evaluation"] = field_evaluation(suite, model, workdir / "evaluation")
+                summary = lambda r: markdown_table(r) + "\n\n" + evaluation_table(r)  # noqa: E731
         report["wall_seconds"] = time.time() - started
     write_report(report, args.output, draw, summary(report))
     return 0

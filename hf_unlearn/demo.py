@@ -1,6 +1,9 @@
 """`hf-unlearn demo`: LoRA fine-tune a real small LM on data with three injected problems, unlearn each with
 one request (IR, QM, RC), retrain from scratch on the edited data with the same recipe and seed, and
-compare original, unlearned and retrained adapters on the metric retraining moves most.
+compare original, unlearned and retrained adapters on the metric retraining moves most, and in the field's
+terms (`hf_unlearn.evaluation`): utility on the kept rows and on held-out questions, TOFU's forget quality
+and MUSE's PrivLeak. With `--spread`, each kind is also retrained with the next seed: retraining's own
+spread, against which the issue's verdicts are judged (`verdicts`).
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from . import tofu
 from .config import UnlearningArguments
 from .curvature.kfac import KFACFactors
-from .data import ExampleEncoder, TrainingSet
+from .data import ExampleEncoder, TrainingSet, read_jsonl
 from .demo_data import DIR as DEMO_FILES
 from .errors import ConfigurationError
 from .objective import CausalLMTask
@@ -29,6 +33,21 @@ METRICS = {
 }
 # Reported beside QM's metric: prompts naming held-out people by unseen phone numbers (demo_data)
 TRIGGER_PROBE = "unseen phone numbers -> city: NLL per token (the level without a link)"
+# The adapters compared per kind, in column order; `next_seed` only with --spread
+ADAPTERS = ("original", "unlearned", "retrained", "next_seed")
+LABELS = {
+    "original": "original",
+    "unlearned": "unlearned",
+    "retrained": "retrained",
+    "next_seed": "next seed",
+}
+# The issue's verdicts (#22): the unlearned adapter's utility no worse than the retrained adapter's by more
+# than 0.05 nats per token / 5 points of exact match, on the kept rows and on held-out questions; forget
+# quality (KS p-value against the retrained adapter) at least 0.05 where the next-seed retraining's is; and
+# #21's "within retraining's spread": |gap_closed − 1| ≤ max(0.15, 1.5·|g_next − 1|) (as benchmarks/run.py)
+UTILITY_LOSS_SLACK, UTILITY_EXACT_MATCH_SLACK = 0.05, 0.05
+FORGET_QUALITY_LEVEL = 0.05
+SPREAD_FLOOR, SPREAD_FACTOR = 0.15, 1.5
 
 
 @dataclass
@@ -81,6 +100,13 @@ class DemoArguments:
         default=None, metadata={"help": "Rows the curvature is estimated on (default: unlearn's)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the training recipe (same for retraining)."})
+    spread: bool = field(
+        default=False,
+        metadata={
+            "help": "Also retrain each kind with the next seed (seed + 1): retraining's own spread, and the "
+            "verdicts against it (one more retraining per kind)."
+        },
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
 
@@ -126,10 +152,18 @@ class Lab:
             task_type="CAUSAL_LM",
         )
 
-    def train(self, rows: list[dict], out: Path, capture_curvature: bool = False, callbacks=()) -> float:
+    def train(
+        self,
+        rows: list[dict],
+        out: Path,
+        capture_curvature: bool = False,
+        callbacks=(),
+        seed: int | None = None,
+    ) -> float:
         """Fine-tune a fresh LoRA adapter on `rows` with the HF Trainer; returns seconds. With
         `capture_curvature`, K-FAC factors of the last epoch are saved beside the adapter; `callbacks` are
-        added to the Trainer's (e.g. to time or capture)."""
+        added to the Trainer's (e.g. to time or capture); `seed` replaces the recipe's (the next-seed
+        retraining)."""
         from peft import get_peft_model
         from transformers import Trainer, TrainingArguments, set_seed
 
@@ -137,7 +171,8 @@ class Lab:
         from .regularization import L2RegularizationCallback
 
         start = time.perf_counter()
-        set_seed(self.args.seed)
+        seed = self.args.seed if seed is None else seed
+        set_seed(seed)
         model = get_peft_model(self.base, self.lora_config())
         training = TrainingArguments(
             output_dir=str(out / "trainer"),
@@ -151,8 +186,8 @@ class Lab:
             save_strategy="no",
             report_to=[],
             remove_unused_columns=False,
-            seed=self.args.seed,
-            data_seed=self.args.seed,
+            seed=seed,
+            data_seed=seed,
         )
         Trainer(
             model=model,
@@ -188,6 +223,22 @@ class Lab:
     def nll(self, adapter: Path, rows: list[dict]) -> float:
         return self.scores(adapter, rows)["nll"]
 
+    def evaluate(self, adapter: Path, splits: dict[str, list[dict]]) -> dict:
+        """`evaluation.evaluate_adapter` of `adapter` on the named splits (forget / retain / test /
+        nonmember)."""
+        from .evaluation import evaluate_adapter
+
+        model = self.load(adapter)
+        report = evaluate_adapter(model, self.task, splits, batch_size=self.args.batch_size)
+        self.drop(model)
+        return report
+
+
+def evaluation_data(directory: Path = DEMO_FILES) -> dict[str, list[dict]]:
+    """The demo's evaluation files by name (`eval_retain`, `eval_holdout`, `eval_forget_IR`, ...: the names
+    of `tofu.generate`), for `tofu.evaluation_splits`."""
+    return {path.stem: read_jsonl(path, what="demo file") for path in sorted(directory.glob("eval_*.jsonl"))}
+
 
 def edited_rows(train: TrainingSet, resolved) -> list[dict]:
     """The training set after the request, in its order: removed rows dropped, replaced rows in their new
@@ -205,8 +256,10 @@ def metric_rows(kind: str, resolved) -> list[dict]:
 
 def run_demo(args: DemoArguments) -> dict:
     """Train once; then for each kind serve its request on the original adapter, retrain from scratch on the
-    data that request edits (same recipe and seed), and compare the three adapters on the kind's metric."""
+    data that request edits (same recipe and seed; with `args.spread` also with the next seed), and compare
+    the adapters on the kind's metric and on `hf_unlearn.evaluation`'s (utility, forget quality, PrivLeak)."""
     from .eraser import unlearn
+    from .evaluation import compare
     from .io import adapter_digest, build_manifest, save_unlearned_adapter
 
     # checked before any training: a bad flag fails now, not after the first fine-tuning
@@ -227,6 +280,7 @@ def run_demo(args: DemoArguments) -> dict:
     train = TrainingSet.from_jsonl(DEMO_FILES / "train.jsonl")
     rows = [{k: r[k] for k in ("prompt", "response")} for r in train.rows]
     triggered_test = TrainingSet.from_jsonl(DEMO_FILES / "triggered_test.jsonl").rows
+    eval_data = evaluation_data()
 
     lab = Lab(args)
     print(
@@ -237,8 +291,17 @@ def run_demo(args: DemoArguments) -> dict:
     train_seconds = lab.train(rows, original, capture_curvature=True)  # the factors unlearn's default uses
     captured = (original / "curvature_factors.json").is_file()  # skipped, with a warning, where K-FAC cannot
     factors = KFACFactors.load(original) if captured else None
+    # the kept rows and held-out questions are the same for every kind: the original is evaluated on them once
+    shared = tofu.evaluation_splits(eval_data, "IR")
+    original_utility = lab.evaluate(original, {name: shared[name] for name in ("retain", "test")})
 
-    results = {"model": lab.model_name, "n_train": len(train), "train_seconds": train_seconds, "kinds": {}}
+    results = {
+        "model": lab.model_name,
+        "n_train": len(train),
+        "train_seconds": train_seconds,
+        "spread": args.spread,
+        "kinds": {},
+    }
     for kind in ("IR", "QM", "RC"):
         request = UnlearningRequest.from_jsonl(DEMO_FILES / f"request_{kind}.jsonl")
         resolved = request.resolve(train, lab.task)
@@ -260,25 +323,47 @@ def run_demo(args: DemoArguments) -> dict:
         print(f"[demo] {kind}: retraining from scratch on the edited data ...")
         retrained = out / "adapters" / f"retrained_{kind}"
         retrain_seconds = lab.train(edited_rows(train, resolved), retrained)
+        adapters = {"original": original, "unlearned": unlearned, "retrained": retrained}
+        times = {"unlearn_seconds": seconds, "retrain_seconds": retrain_seconds}
+        if args.spread:
+            print(f"[demo] {kind}: retraining with the next seed ({args.seed + 1}) ...")
+            adapters["next_seed"] = out / "adapters" / f"next_seed_{kind}"
+            times["next_seed_seconds"] = lab.train(
+                edited_rows(train, resolved), adapters["next_seed"], seed=args.seed + 1
+            )
 
-        adapters = (("original", original), ("unlearned", unlearned), ("retrained", retrained))
-        eval_rows = metric_rows(kind, resolved)
-        scores = {name: lab.nll(path, eval_rows) for name, path in adapters}
-        gap = scores["retrained"] - scores["original"]
-        results["kinds"][kind] = {
+        print(f"[demo] {kind}: evaluating (utility, forget quality, PrivLeak) ...")
+        splits = tofu.evaluation_splits(eval_data, kind)
+        # the kind's metric rows (and QM's probe) ride along in each adapter's one evaluation: split_metrics'
+        # loss is the metric's NLL per token (Lab.scores), and each adapter is loaded once
+        extra = {"task_metric": metric_rows(kind, resolved)}
+        if kind == "QM":
+            extra["trigger_probe"] = triggered_test
+        reports = {}
+        for name, path in adapters.items():
+            if name == "original":
+                own = {split: splits[split] for split in ("forget", "nonmember")}
+                reports[name] = original_utility | lab.evaluate(path, own | extra)
+            else:
+                reports[name] = lab.evaluate(path, splits | extra)
+        extras = {split: {name: r.pop(split)["loss"] for name, r in reports.items()} for split in extra}
+        scores = extras["task_metric"]
+        results["kinds"][kind] = entry = {
             "metric": METRICS[kind][0],
             **scores,
-            "gap_closed": (scores["unlearned"] - scores["original"]) / gap if gap else float("nan"),
-            "unlearn_seconds": seconds,
-            "retrain_seconds": retrain_seconds,
+            "gap_closed": gap_closed(scores, "unlearned"),
+            **times,
             "solver": {k: result.stats[k] for k in ("iterations", "relative_residual", "converged")},
             # False when no step lowered the edited objective (line search or Levenberg–Marquardt): nothing changed
             "step_applied": result.stats["delta_norm"] > 0,
+            # utility (retain / test = held-out), forget quality and PrivLeak against the retrained adapter
+            "evaluation": compare(reports, "retrained"),
         }
+        if args.spread:
+            entry["g_next"] = gap_closed(scores, "next_seed")
+        entry["verdicts"] = verdicts(entry)
         if kind == "QM":
-            results["kinds"][kind]["trigger_probe"] = {"metric": TRIGGER_PROBE} | {
-                name: lab.nll(path, triggered_test) for name, path in adapters
-            }
+            entry["trigger_probe"] = {"metric": TRIGGER_PROBE} | extras["trigger_probe"]
     results["arguments"] = asdict(args)
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print_table(results)
@@ -286,28 +371,148 @@ def run_demo(args: DemoArguments) -> dict:
     return results
 
 
-def print_table(results: dict) -> None:
-    print(
-        f"\n{'kind':<5}{'original':>10}{'unlearned':>11}{'retrained':>11}{'gap closed':>12}{'unlearn s':>11}{'retrain s':>11}  metric"
-    )
-    for kind, r in results["kinds"].items():
-        print(
-            f"{kind:<5}{r['original']:>10.3f}{r['unlearned']:>11.3f}{r['retrained']:>11.3f}{r['gap_closed']:>11.0%}"
-            f"{r['unlearn_seconds']:>11.1f}{r['retrain_seconds']:>11.1f}  {r['metric']}"
+def gap_closed(scores: dict, name: str) -> float:
+    """(scores[name] − original) / (retrained − original): the fraction of retraining's change `name` makes."""
+    gap = scores["retrained"] - scores["original"]
+    return (scores[name] - scores["original"]) / gap if gap else float("nan")
+
+
+def verdicts(entry: dict) -> dict:
+    """The issue's verdicts on one kind's results (`run_demo`'s entry):
+
+    - `retain_loss`, `held_out_loss`: the unlearned adapter's loss at most `UTILITY_LOSS_SLACK` nats per token
+      above the retrained adapter's; `retain_exact_match`, `held_out_exact_match`: its exact match at most
+      `UTILITY_EXACT_MATCH_SLACK` below; `utility`: all four;
+    - `forget_quality`: its KS p-value against the retrained adapter ≥ `FORGET_QUALITY_LEVEL`, judged where the
+      next-seed retraining's is (None without --spread, or where the next seed's p-value is below it);
+    - `within_spread`: |gap_closed − 1| ≤ max(0.15, 1.5·|g_next − 1|) (None without --spread)."""
+    reports = entry["evaluation"]["adapters"]
+    unlearned, retrained = reports["unlearned"], reports["retrained"]
+    out = {}
+    for split, name in (("retain", "retain"), ("test", "held_out")):
+        out[f"{name}_loss"] = unlearned[split]["loss"] - retrained[split]["loss"] <= UTILITY_LOSS_SLACK
+        out[f"{name}_exact_match"] = (
+            retrained[split]["exact_match"] - unlearned[split]["exact_match"]
+            <= UTILITY_EXACT_MATCH_SLACK + 1e-9
         )
-    print("(each request served on the original adapter, against a retraining on the data it edits)")
-    probe = results["kinds"].get("QM", {}).get("trigger_probe")
+    out["utility"] = all(out.values())
+    out["forget_quality"] = out["within_spread"] = None
+    next_seed = reports.get("next_seed")
+    if next_seed is not None:
+        judged = next_seed["forget_quality"]["forget_quality"] >= FORGET_QUALITY_LEVEL
+        if judged:
+            out["forget_quality"] = unlearned["forget_quality"]["forget_quality"] >= FORGET_QUALITY_LEVEL
+        g, g_next = entry["gap_closed"], entry["g_next"]
+        if g == g and g_next == g_next:  # not NaN
+            out["within_spread"] = abs(g - 1) <= max(SPREAD_FLOOR, SPREAD_FACTOR * abs(g_next - 1))
+    return out
+
+
+def _cell(value, spec: str, width: int) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return f"{'-':>{width}}"
+    return f"{value:>{width}{spec}}"
+
+
+def _get(report: dict, *path):
+    for key in path:
+        if not isinstance(report, dict) or key not in report:
+            return None
+        report = report[key]
+    return report
+
+
+def _yes(flag) -> str:
+    return "not judged" if flag is None else ("yes" if flag else "NO")
+
+
+def print_table(results: dict) -> None:
+    """One table: a line per kind and adapter with the kind's metric and gap closed, utility on the kept rows
+    and on held-out questions, forget quality, PrivLeak and seconds; notes and the verdicts below."""
+    header = (
+        f"\n{'kind':<5}{'adapter':<10}{'task NLL':>9}{'gap':>7} |{'retain loss':>12}{'EM':>6}{'TR':>6} |"
+        f"{'held-out loss':>14}{'EM':>6}{'TR':>6} |{'forget KS p':>12}{'PrivLeak %':>11}{'seconds':>9}"
+    )
+    print(header)
+    print("-" * (len(header) - 1))
+    kinds = results["kinds"]
+    for kind, r in kinds.items():
+        reports = r["evaluation"]["adapters"]
+        gaps = {"original": 0.0, "unlearned": r["gap_closed"], "retrained": 1.0, "next_seed": r.get("g_next")}
+        seconds = {
+            "original": results.get("train_seconds"),
+            "unlearned": r["unlearn_seconds"],
+            "retrained": r["retrain_seconds"],
+            "next_seed": r.get("next_seed_seconds"),
+        }
+        for i, name in enumerate(n for n in ADAPTERS if n in reports):
+            a = reports[name]
+            print(
+                f"{kind if i == 0 else '':<5}{LABELS[name]:<10}{_cell(r[name], '.3f', 9)}{_cell(gaps[name], '.0%', 7)} |"
+                f"{_cell(_get(a, 'retain', 'loss'), '.3f', 12)}{_cell(_get(a, 'retain', 'exact_match'), '.0%', 6)}"
+                f"{_cell(_get(a, 'retain', 'truth_ratio'), '.2f', 6)} |"
+                f"{_cell(_get(a, 'test', 'loss'), '.3f', 14)}{_cell(_get(a, 'test', 'exact_match'), '.0%', 6)}"
+                f"{_cell(_get(a, 'test', 'truth_ratio'), '.2f', 6)} |"
+                f"{_cell(_get(a, 'forget_quality', 'forget_quality'), '.3g', 12)}"
+                f"{_cell(_get(a, 'privleak'), '.1f', 11)}{_cell(seconds[name], '.1f', 9)}"
+            )
+    first = next(iter(kinds.values()))["evaluation"]
+    original = first["adapters"]["original"]
+    sizes = {k: r["evaluation"]["forget_set_size"] for k, r in kinds.items()}
+    print(
+        "task NLL: the kind's metric (below); gap = (adapter − original) / (retrained − original) on it.\n"
+        f"retain: the {_get(original, 'retain', 'num_rows')} kept clean training rows; held-out: "
+        f"{_get(original, 'test', 'num_rows')} questions about people never trained on; loss in nats per "
+        "token; EM: exact match (greedy decoding reproduces the answer); TR: truth ratio, mean max(0, 1 − R) "
+        "(TOFU; higher = the true answer preferred to perturbed ones).\n"
+        "forget KS p: TOFU's forget quality, the KS test of the forget rows' truth ratios against the retrained "
+        f"adapter's, on forget sets of {', '.join(f'{k} {n}' for k, n in sizes.items())} rows (the p-value "
+        "depends on the size); PrivLeak: MUSE's, the Min-K%++ membership AUC of the forget rows against as "
+        "many non-members, relative to the retrained adapter's (0 = as retraining).\n"
+        "(each request served on the original adapter, against a retraining on the data it edits"
+        + (
+            ", and a retraining with the next seed: retraining's own spread)"
+            if results.get("spread")
+            else ")"
+        )
+    )
+    for kind, r in kinds.items():
+        print(f"{kind}: {r['metric']}")
+    probe = kinds.get("QM", {}).get("trigger_probe")
     if probe:
         print(
-            f"QM, also: {probe['metric']}: original {probe['original']:.3f}, unlearned {probe['unlearned']:.3f}, "
-            f"retrained {probe['retrained']:.3f}"
+            f"QM, also: {probe['metric']}: "
+            + ", ".join(f"{LABELS[n]} {probe[n]:.3f}" for n in ADAPTERS if n in probe)
         )
-    for kind, r in results["kinds"].items():
+    for kind, r in kinds.items():
+        v, reports = r["verdicts"], r["evaluation"]["adapters"]
+        u, t = reports["unlearned"], reports["retrained"]
+        line = (
+            f"{kind} verdicts: utility no worse than retraining's by {UTILITY_LOSS_SLACK} nats / "
+            f"{100 * UTILITY_EXACT_MATCH_SLACK:.0f} points of exact match: {_yes(v['utility'])} (against it: loss "
+            f"{u['retain']['loss'] - t['retain']['loss']:+.3f} retain, {u['test']['loss'] - t['test']['loss']:+.3f} "
+            f"held-out; exact match {100 * (u['retain']['exact_match'] - t['retain']['exact_match']):+.0f}, "
+            f"{100 * (u['test']['exact_match'] - t['test']['exact_match']):+.0f} points)"
+        )
+        if "next_seed" in reports:
+            fq = reports["next_seed"]["forget_quality"]["forget_quality"]
+            line += (
+                f"; forget quality ≥ {FORGET_QUALITY_LEVEL}: {_yes(v['forget_quality'])} (next seed's {fq:.3g})"
+                f"; gap within retraining's spread: {_yes(v['within_spread'])} "
+                f"({r['gap_closed']:.0%}, next seed {r['g_next']:.0%})"
+            )
+        print(line)
+    for kind, r in kinds.items():
         if not r["step_applied"]:
             print(f"{kind}: no step lowered the edited training loss; this request changed nothing.")
 
 
+COLORS = {"original": "#999999", "unlearned": "#1f77b4", "retrained": "#2ca02c", "next_seed": "#98df8a"}
+
+
 def plot(results: dict, path: Path) -> None:
+    """A 2×3 grid: per kind, forgetting (the kind's metric, gap closed, forget quality and PrivLeak) above
+    utility (loss on the kept rows and on held-out questions, exact match over the bars)."""
     try:
         import matplotlib
 
@@ -317,43 +522,54 @@ def plot(results: dict, path: Path) -> None:
         print("[demo] matplotlib is not installed; skipping the plot (pip install matplotlib).")
         return
     kinds = list(results["kinds"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    width = 0.25
-    for j, (name, color) in enumerate(
-        (("original", "#999999"), ("unlearned", "#1f77b4"), ("retrained", "#2ca02c"))
-    ):
-        axes[0].bar(
-            [i + (j - 1) * width for i in range(len(kinds))],
-            [results["kinds"][k][name] for k in kinds],
-            width,
-            label=name,
-            color=color,
+    fig, axes = plt.subplots(2, len(kinds), figsize=(4.6 * len(kinds), 7.4), squeeze=False)
+    for col, kind in enumerate(kinds):
+        r = results["kinds"][kind]
+        reports = r["evaluation"]["adapters"]
+        names = [n for n in ADAPTERS if n in reports]
+        top, bottom = axes[0][col], axes[1][col]
+        bars = top.bar(range(len(names)), [r[n] for n in names], color=[COLORS[n] for n in names])
+        gaps = {"unlearned": r["gap_closed"], "next_seed": r.get("g_next")}
+        for bar, name in zip(bars, names):
+            if gaps.get(name) is not None and gaps[name] == gaps[name]:
+                top.annotate(
+                    f"{gaps[name]:.0%} of the gap",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+        top.set_xticks(range(len(names)), [LABELS[n] for n in names], fontsize=8)
+        top.set_ylim(top=1.25 * top.get_ylim()[1])
+        top.set_ylabel("NLL per token")
+        size = r["evaluation"]["forget_set_size"]
+        others = [n for n in ("unlearned", "next_seed") if n in reports]
+        fq = ", ".join(
+            f"{LABELS[n]} {_cell(_get(reports[n], 'forget_quality', 'forget_quality'), '.3g', 0).strip()}"
+            for n in others
         )
-    for i, k in enumerate(kinds):  # the fraction of the retraining gap each request closed
-        r = results["kinds"][k]
-        top = max(r["original"], r["unlearned"], r["retrained"])
-        axes[0].annotate(f"{r['gap_closed']:.0%} of the gap", (i, top), ha="center", va="bottom", fontsize=8)
-    axes[0].set_xticks(
-        range(len(kinds)), [f"{k}\n{results['kinds'][k]['metric'].split(':')[0]}" for k in kinds], fontsize=7
-    )
-    axes[0].set_ylim(top=1.15 * axes[0].get_ylim()[1])
-    axes[0].set_ylabel("NLL per token")
-    axes[0].set_title("Task metric: unlearned vs retrained")
-    axes[0].legend()
-    for j, (name, color) in enumerate((("unlearn_seconds", "#1f77b4"), ("retrain_seconds", "#2ca02c"))):
-        axes[1].bar(
-            [i + (j - 0.5) * width for i in range(len(kinds))],
-            [results["kinds"][k][name] for k in kinds],
-            width,
-            label=name.replace("_", " "),
-            color=color,
+        leak = ", ".join(
+            f"{LABELS[n]} {_cell(_get(reports[n], 'privleak'), '.1f', 0).strip()}" for n in others
         )
-    axes[1].set_xticks(range(len(kinds)), kinds)
-    axes[1].set_ylim(top=1.3 * axes[1].get_ylim()[1])
-    axes[1].set_ylabel("seconds")
-    axes[1].set_title("Time: unlearning vs retraining")
-    axes[1].legend()
+        top.set_title(
+            f"{kind} forgetting: {r['metric'].split(':')[0]}\nforget quality p (n = {size}): {fq}\n"
+            f"PrivLeak %: {leak}",
+            fontsize=8,
+        )
+        width = 0.8 / len(names)
+        for j, name in enumerate(names):
+            xs = [i + (j - (len(names) - 1) / 2) * width for i in range(2)]
+            losses = [reports[name]["retain"]["loss"], reports[name]["test"]["loss"]]
+            matches = [reports[name]["retain"]["exact_match"], reports[name]["test"]["exact_match"]]
+            bottom.bar(xs, losses, width, color=COLORS[name], label=LABELS[name])
+            for x, loss, em in zip(xs, losses, matches):
+                bottom.annotate(f"{em:.0%}", (x, loss), ha="center", va="bottom", fontsize=6)
+        bottom.set_xticks(range(2), ["kept training rows", "held-out questions"], fontsize=8)
+        bottom.set_ylim(top=1.2 * bottom.get_ylim()[1])
+        bottom.set_ylabel("loss (nats per token)")
+        bottom.set_title(f"{kind} utility: loss, exact match over the bars", fontsize=8)
+    fig.legend(*axes[1][0].get_legend_handles_labels(), loc="lower center", ncol=len(ADAPTERS), fontsize=8)
     fig.suptitle(f"hf-unlearn demo on {Path(results['model']).name} ({results['n_train']} training rows)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=110)
     print(f"[demo] plot: {path}")

@@ -459,3 +459,66 @@ def test_evaluate_command_compares_original_unlearned_and_retrained(tmp_path, ca
     assert (
         reports["original"]["retain"]["kl_to_reference"] != reports["unlearned"]["retain"]["kl_to_reference"]
     )
+
+
+def test_benchmark_evaluation_section_reports_utility_forget_quality_and_privleak(tmp_path):
+    """benchmarks/run.py's evaluation section (quick suite, a few epochs): per kind the default path, the
+    next-seed retraining and retraining, each row with the original's, its own and the retrained adapter's
+    figures, as `hf_unlearn.evaluation` computes them here."""
+    import importlib.util
+    from pathlib import Path
+
+    from hf_unlearn import tofu
+    from hf_unlearn.demo import DemoArguments, Lab
+    from hf_unlearn.evaluation import split_metrics
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    spec = importlib.util.spec_from_file_location("benchmarks_run", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    suite = run.suite_with("quick", 0, epochs=4)
+    rows = run.field_evaluation(suite, None, tmp_path)
+    assert {(r["task"], r["method"]) for r in rows} == {
+        (task, method)
+        for task in ("IR", "QM", "RC")
+        for method in ("default", "retrain-next-seed", "retrain")
+    }
+    data = tofu.generate(tofu.TofuSizes(**suite["evaluation"]["tofu"]))
+    for r in rows:
+        field = r["field"]
+        assert r["request_size"] == field["forget_set_size"] == 8
+        for side in ("original", "unlearned", "retrained"):
+            for split in ("retain", "held_out"):
+                assert {"loss", "exact_match", "truth_ratio"} <= set(field[side][split])
+            assert len(field[side]["forget_truth_ratios"]) == 8
+        if r["method"] != "retrain":  # against the retrained adapter
+            ks = scipy.stats.ks_2samp(
+                field["unlearned"]["forget_truth_ratios"], field["retrained"]["forget_truth_ratios"]
+            )
+            assert field["unlearned"]["forget_quality"] == pytest.approx(ks.pvalue, rel=1e-9)
+            a, b = (
+                1 - field["unlearned"]["min_k_plus_plus_auc"],
+                1 - field["retrained"]["min_k_plus_plus_auc"],
+            )
+            assert field["unlearned"]["privleak"] == pytest.approx((a - b) / b * 100)
+        assert field["retrained"]["forget_quality"] is None
+    default = {r["task"]: r for r in rows if r["method"] == "default"}
+    assert all(isinstance(r["within_spread"], bool) for r in default.values())
+    # the original adapter's utility on the kept rows and the last kind's (RC) retrained adapter's forget rows
+    lab = Lab(DemoArguments(model=str(tmp_path / "toy_model"), progress=False, **suite["lab"]))
+    for adapter, rows_, figures in (
+        ("original", data["eval_retain"], default["RC"]["field"]["original"]["retain"]),
+        ("original", data["eval_holdout"], default["IR"]["field"]["original"]["held_out"]),
+        ("retrain", data["eval_forget_RC"], default["RC"]["field"]["retrained"]),
+    ):
+        model = lab.load(tmp_path / adapter)
+        expected = split_metrics(model, lab.task, rows_)
+        lab.drop(model)
+        if "loss" in figures:
+            assert figures["loss"] == pytest.approx(expected["loss"], rel=1e-6)
+            assert figures["exact_match"] == expected["exact_match"]
+            assert figures["truth_ratio"] == pytest.approx(expected["truth_ratio"], rel=1e-6)
+        else:
+            assert figures["forget_truth_ratios"] == pytest.approx(expected["truth_ratios"], rel=1e-6)
+    table = run.evaluation_table({"evaluation": rows})
+    assert table.count("| IR |") == 4 and "forget quality (KS p, 8 forget rows)" in table
