@@ -78,10 +78,11 @@ def prepare_command(argv: list[str]) -> int:
     import time
 
     from .config import UnlearningArguments
-    from .data import ExampleEncoder, TextEncoding, TrainingSet
-    from .eraser import default_task, prepare_curvature
+    from .data import TextEncoding, TrainingSet
+    from .eraser import prepare_curvature
     from .io import recorded_objective
     from .models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, tokenizer_source
+    from .objective import causal_lm_task
 
     paths, encoding, args = parse_arguments(
         (PreparePaths, TextEncoding, UnlearningArguments), argv, "hf-unlearn prepare"
@@ -97,8 +98,7 @@ def prepare_command(argv: list[str]) -> int:
     model = load_adapter(
         load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code), paths.adapter
     )
-    task = default_task(model, tokenizer)
-    task.encoder = ExampleEncoder(tokenizer, encoding)
+    task = causal_lm_task(tokenizer, model, encoding)
     start = time.perf_counter()
     factors = prepare_curvature(model, train, args, task=task)
     factors.save(paths.adapter)
@@ -121,9 +121,9 @@ def unlearn_arguments(argv: list[str]) -> tuple:
 
 
 def unlearn_command(argv: list[str]) -> int:
-    from .data import ExampleEncoder, read_jsonl
+    from .data import read_jsonl
     from .distributed import barrier, join_process_group
-    from .eraser import default_task, unlearn
+    from .eraser import unlearn
     from .io import (
         adapter_digest,
         build_manifest,
@@ -132,6 +132,7 @@ def unlearn_command(argv: list[str]) -> int:
         training_data_record,
     )
     from .models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
+    from .objective import causal_lm_task
     from .request import rows_digests, using_digest_key
 
     paths, encoding, args = unlearn_arguments(argv)
@@ -148,8 +149,7 @@ def unlearn_command(argv: list[str]) -> int:
     weights = model_weights_fingerprint(base)
     weights["matches_record"] = check_base_model(paths, weights)
     model = load_adapter(base, paths.adapter)
-    task = default_task(model, tokenizer)
-    task.encoder = ExampleEncoder(tokenizer, encoding)
+    task = causal_lm_task(tokenizer, model, encoding)
 
     with using_digest_key(key):  # a sampled Nyström sketch's row digests, saved beside the output
         result = unlearn(model, train, request, args, task=task)
@@ -369,12 +369,12 @@ def evaluate_command(argv: list[str]) -> int:
 
     import torch
 
-    from .data import ExampleEncoder, TextEncoding, read_jsonl
+    from .data import TextEncoding, read_jsonl
     from .errors import ConfigurationError
     from .evaluation import compare, evaluate_adapter, format_table
     from .io import recorded_objective, write_text_atomically
     from .models import check_adapter_dir, load_adapter, load_base_model, load_tokenizer, tokenizer_source
-    from .objective import CausalLMTask
+    from .objective import causal_lm_task
 
     args, encoding = parse_arguments((EvaluateArguments, TextEncoding), argv, "hf-unlearn evaluate")
     files = {"forget": args.forget_file, "retain": args.retain_file, "test": args.test_file}
@@ -398,8 +398,7 @@ def evaluate_command(argv: list[str]) -> int:
         if name != "unlearned":
             model.load_adapter(path, adapter_name=name, is_trainable=False)
             names[name] = name
-    pad = getattr(tokenizer, "pad_token_id", None) or 0
-    task = CausalLMTask(ExampleEncoder(tokenizer, encoding), pad_token_id=pad)
+    task = causal_lm_task(tokenizer, model, encoding)
     reference = "retrained" if "retrained" in columns else None
     reports = {}
     for name in columns:

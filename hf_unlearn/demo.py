@@ -19,10 +19,10 @@ import torch
 from . import tofu
 from .config import UnlearningArguments
 from .curvature.kfac import KFACFactors
-from .data import ExampleEncoder, TrainingSet, read_jsonl
+from .data import TrainingSet, read_jsonl
 from .demo_data import DIR as DEMO_FILES
 from .errors import ConfigurationError
-from .objective import CausalLMTask
+from .objective import causal_lm_task
 from .request import UnlearningRequest
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -134,9 +134,7 @@ class Lab:
         if not has_tokenizer(path):
             raise ConfigurationError(f"{path} has no tokenizer.")
         self.tokenizer = load_tokenizer(path)
-        pad = self.tokenizer.pad_token_id
-        pad = pad if pad is not None else self.tokenizer.eos_token_id
-        self.task = CausalLMTask(ExampleEncoder(self.tokenizer), pad_token_id=pad or 0)
+        self.task = causal_lm_task(self.tokenizer, self.base)
 
     def lora_config(self):
         from peft import LoraConfig

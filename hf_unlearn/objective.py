@@ -90,6 +90,21 @@ class UnlearningTask:
         return {**{k: v for k, v in old.items() if k != "id"}, **new_fields}
 
 
+def pad_token_id(tokenizer=None, model=None) -> int:
+    """The id padding positions get: the tokenizer's pad id, else the model config's, else 0. The one rule of
+    the library (training, unlearning, evaluation, the demo): padding is masked (attention mask 0, labels
+    -100), so the id only has to be a valid token."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return pad or 0
+
+
+def causal_lm_task(tokenizer=None, model=None, encoding=None) -> CausalLMTask:
+    """`CausalLMTask` over `tokenizer` (with the text encoding `encoding`), padded with `pad_token_id`."""
+    return CausalLMTask(ExampleEncoder(tokenizer, encoding), pad_token_id=pad_token_id(tokenizer, model))
+
+
 class CausalLMTask(UnlearningTask):
     """Causal-LM cross entropy with the one-token shift; labels of -100 carry no loss."""
 

@@ -22,10 +22,10 @@ from transformers import DataCollatorWithPadding, Trainer, default_data_collator
 from .config import UnlearningArguments
 from .data import IGNORE_INDEX, TEXT_FIELDS, TOKEN_FIELDS, ExampleEncoder, TextEncoding, TrainingSet
 from .distributed import Processes
-from .eraser import UnlearningResult, pad_token_id
+from .eraser import UnlearningResult
 from .errors import ConfigurationError, DataError, InvalidRequestError
 from .io import write_manifest_and_card
-from .objective import CausalLMTask, UnlearningTask
+from .objective import CausalLMTask, UnlearningTask, pad_token_id
 from .request import UnlearningRequest
 from .trainer_wiring import UnlearningWiring, log_stats
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .data import ExampleEncoder, TextEncoding, TrainingSet
+from .data import TextEncoding, TrainingSet
 from .errors import ConfigurationError
 from .io import TRAINING_RECORD
 
@@ -127,8 +127,8 @@ def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) 
     from transformers import TrainingArguments, set_seed
 
     from .distributed import join_process_group
-    from .eraser import default_task
     from .models import has_tokenizer, load_base_model, load_tokenizer
+    from .objective import causal_lm_task
 
     encoding = encoding or TextEncoding()
     processes = join_process_group()
@@ -137,8 +137,7 @@ def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) 
     tokenizer = load_tokenizer(tokenizer_path, config.trust_remote_code)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
     base = load_base_model(config.model, dtype, config.trust_remote_code)
-    task = default_task(base, tokenizer)
-    task.encoder = ExampleEncoder(tokenizer, encoding)
+    task = causal_lm_task(tokenizer, base, encoding)
     for row in train.rows:  # every row must encode (and carry loss tokens) before any training starts
         task.encoder(row)
     rows = [{k: v for k, v in row.items() if k != "id"} for row in train.rows]

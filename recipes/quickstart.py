@@ -19,9 +19,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM, Trainer, TrainingArguments
 
-from hf_unlearn import ExampleEncoder
 from hf_unlearn.cli import main as hf_unlearn
-from hf_unlearn.objective import CausalLMTask
+from hf_unlearn.objective import causal_lm_task
 from hf_unlearn.toy import build_toy_model
 
 NAMES = ["Ada", "Bram", "Cleo", "Dag", "Edda", "Finn", "Gala", "Hugo", "Iris", "Joss", "Kai", "Lena", "Milo", "Nora",
@@ -44,7 +43,7 @@ def train_adapter(base, tokenizer, rows, out: Path, epochs: int):
     model = get_peft_model(
         base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     )
-    task = CausalLMTask(ExampleEncoder(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    task = causal_lm_task(tokenizer, base)
     args = TrainingArguments(output_dir=str(out / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=8,
                              learning_rate=1e-2, lr_scheduler_type="constant", logging_steps=300, save_strategy="no",
                              report_to=[], remove_unused_columns=False, disable_tqdm=True, seed=0)  # fmt: skip

@@ -15,11 +15,10 @@ from __future__ import annotations
 from transformers import HfArgumentParser
 
 from hf_unlearn import TextEncoding, UnlearningArguments, unlearn
-from hf_unlearn.data import ExampleEncoder
 from hf_unlearn.distributed import barrier, join_process_group
-from hf_unlearn.eraser import default_task
 from hf_unlearn.io import adapter_digest, build_manifest, save_unlearned_adapter, training_data_record
 from hf_unlearn.models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
+from hf_unlearn.objective import causal_lm_task
 from hf_unlearn.preflight import UnlearnPaths, prepare_unlearn, unlearn_digest_key
 from hf_unlearn.request import using_digest_key
 
@@ -37,8 +36,7 @@ def main(argv=None):
     input_digest, stored_dtype = adapter_digest(paths.adapter), adapter_dtype(paths.adapter)
     base = load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code)
     model = load_adapter(base, paths.adapter, is_trainable=True)
-    task = default_task(model, tokenizer)
-    task.encoder = ExampleEncoder(tokenizer, encoding)
+    task = causal_lm_task(tokenizer, model, encoding)
 
     key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)  # of the manifest's digests
     with using_digest_key(key):
