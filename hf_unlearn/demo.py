@@ -48,6 +48,8 @@ LABELS = {
 UTILITY_LOSS_SLACK, UTILITY_EXACT_MATCH_SLACK = 0.05, 0.05
 FORGET_QUALITY_LEVEL = 0.05
 SPREAD_FLOOR, SPREAD_FACTOR = 0.15, 1.5
+# `train_file` of the demo's training records: its rows are given to training in memory
+IN_MEMORY = "<rows in memory>"
 
 
 @dataclass
@@ -136,18 +138,31 @@ class Lab:
         self.tokenizer = load_tokenizer(path)
         self.task = causal_lm_task(self.tokenizer, self.base)
 
-    def lora_config(self):
-        from peft import LoraConfig
+    def train_config(self, out: Path, capture_curvature: bool = False, seed: int | None = None):
+        """The demo's recipe as `training.TrainConfig`: LoRA (alpha = 2r) on `lora_targets` of the top
+        `lora_layers` layers, the rows in memory, `out` replaced."""
+        from .training import TrainConfig
 
-        layers = self.base.config.num_hidden_layers
-        top = list(range(max(0, layers - self.args.lora_layers), layers))
-        return LoraConfig(
-            r=self.args.lora_r,
-            lora_alpha=2 * self.args.lora_r,
+        a = self.args
+        return TrainConfig(
+            model=self.model_name,
+            train_file=IN_MEMORY,
+            output_dir=str(out),
+            lora_r=a.lora_r,
+            lora_alpha=2 * a.lora_r,
+            lora_targets=a.lora_targets,
+            lora_layers=a.lora_layers,
             lora_dropout=0.0,
-            target_modules=self.args.lora_targets.split(","),
-            layers_to_transform=top,
-            task_type="CAUSAL_LM",
+            epochs=a.epochs,
+            learning_rate=a.learning_rate,
+            lr_scheduler=a.lr_scheduler,
+            weight_decay=a.weight_decay,
+            l2_regularization=a.l2_regularization,
+            batch_size=a.batch_size,
+            seed=a.seed if seed is None else seed,
+            logging_steps=10,
+            capture_curvature=capture_curvature,
+            overwrite=True,
         )
 
     def train(
@@ -158,46 +173,22 @@ class Lab:
         callbacks=(),
         seed: int | None = None,
     ) -> float:
-        """Fine-tune a fresh LoRA adapter on `rows` with the HF Trainer; returns seconds. With
+        """Fine-tune a fresh LoRA adapter on `rows` with `training.train_adapter` (the HF Trainer; the adapter,
+        its tokenizer and `training_record.json` written to `out`); returns seconds. With
         `capture_curvature`, K-FAC factors of the last epoch are saved beside the adapter; `callbacks` are
         added to the Trainer's (e.g. to time or capture); `seed` replaces the recipe's (the next-seed
         retraining)."""
-        from peft import get_peft_model
-        from transformers import Trainer, TrainingArguments, set_seed
-
-        from .capture import CurvatureCaptureCallback
-        from .regularization import L2RegularizationCallback
+        from .training import train_adapter
 
         start = time.perf_counter()
-        seed = self.args.seed if seed is None else seed
-        set_seed(seed)
-        model = get_peft_model(self.base, self.lora_config())
-        training = TrainingArguments(
-            output_dir=str(out / "trainer"),
-            num_train_epochs=self.args.epochs,
-            per_device_train_batch_size=self.args.batch_size,
-            learning_rate=self.args.learning_rate,
-            lr_scheduler_type=self.args.lr_scheduler,
-            weight_decay=self.args.weight_decay,
-            disable_tqdm=not self.args.progress,
-            logging_steps=10,
-            save_strategy="no",
-            report_to=[],
-            remove_unused_columns=False,
-            seed=seed,
-            data_seed=seed,
+        train_adapter(
+            self.train_config(out, capture_curvature, seed),
+            model=self.base,
+            tokenizer=self.tokenizer,
+            rows=rows,
+            callbacks=callbacks,
+            progress=self.args.progress,
         )
-        Trainer(
-            model=model,
-            args=training,
-            train_dataset=rows,
-            data_collator=self.task.collate,
-            callbacks=[L2RegularizationCallback(self.args.l2_regularization)]
-            + ([CurvatureCaptureCallback(output_dir=str(out))] if capture_curvature else [])
-            + list(callbacks),
-        ).train()
-        model.save_pretrained(out)
-        self.base = model.unload()
         return time.perf_counter() - start
 
     def load(self, adapter: Path, trainable: bool = False):

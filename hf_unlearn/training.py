@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,10 @@ class TrainConfig:
     )
     lora_targets: str = field(
         default="q_proj,v_proj", metadata={"help": "Comma-separated module names to put LoRA on."}
+    )
+    lora_layers: int | None = field(
+        default=None,
+        metadata={"help": "Put LoRA on the top N transformer layers only (default: on every layer)."},
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input during training."})
     epochs: float = field(default=3.0, metadata={"help": "Number of passes over the training rows."})
@@ -91,6 +96,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.lora_r < 1:
             raise ConfigurationError(f"lora_r must be ≥ 1, got {self.lora_r}.")
+        if self.lora_layers is not None and self.lora_layers < 1:
+            raise ConfigurationError(f"lora_layers must be ≥ 1, got {self.lora_layers}.")
         if not 0 <= self.lora_dropout < 1:
             raise ConfigurationError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         for name in ("epochs", "learning_rate", "batch_size", "gradient_accumulation_steps"):
@@ -118,47 +125,51 @@ class TrainingSetup:
     args: object
     processes: object
     base_model_weights: dict | None = None  # io.model_weights_fingerprint of the base model, before LoRA
+    rows_in_memory: bool = False  # given to prepare_training rather than read from config.train_file
 
 
-def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) -> TrainingSetup:
+def prepare_training(
+    config: TrainConfig,
+    encoding: TextEncoding | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
+    rows: Sequence[Mapping] | TrainingSet | None = None,
+    progress: bool = True,
+) -> TrainingSetup:
     """Load the base model and tokenizer, check every row encodes, put LoRA on, and make TrainingArguments
-    (CPU when there is no GPU, so that two CPU processes train data-parallel with gloo)."""
-    from peft import LoraConfig, get_peft_model
+    (CPU when there is no GPU, so that two CPU processes train data-parallel with gloo).
+
+    In memory (the demo and the benchmarks, which keep one base model loaded): `model` is the base model to
+    put LoRA on instead of loading `config.model` (which then only names it), `tokenizer` the tokenizer
+    instead of loading one, `rows` the training rows (a `TrainingSet`, or rows whose ids are their `"id"`
+    field, else their index) instead of reading `config.train_file`. `progress=False` hides the progress
+    bar."""
     from transformers import TrainingArguments, set_seed
 
     from .distributed import join_process_group
+    from .io import model_weights_fingerprint
     from .models import has_tokenizer, load_base_model, load_tokenizer
     from .objective import causal_lm_task
 
     encoding = encoding or TextEncoding()
     processes = join_process_group()
-    train = TrainingSet.from_jsonl(config.train_file)
-    tokenizer_path = config.tokenizer or (config.model if has_tokenizer(config.model) else None)
-    tokenizer = load_tokenizer(tokenizer_path, config.trust_remote_code)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
-    base = load_base_model(config.model, dtype, config.trust_remote_code)
-    task = causal_lm_task(tokenizer, base, encoding)
+    if rows is None:
+        train = TrainingSet.from_jsonl(config.train_file)
+    else:
+        train = rows if isinstance(rows, TrainingSet) else TrainingSet(rows)
+    if tokenizer is None:
+        tokenizer_path = config.tokenizer or (config.model if has_tokenizer(config.model) else None)
+        tokenizer = load_tokenizer(tokenizer_path, config.trust_remote_code)
+    if model is None:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+        model = load_base_model(config.model, dtype, config.trust_remote_code)
+    task = causal_lm_task(tokenizer, model, encoding)
     for row in train.rows:  # every row must encode (and carry loss tokens) before any training starts
         task.encoder(row)
-    rows = [{k: v for k, v in row.items() if k != "id"} for row in train.rows]
-    from .io import model_weights_fingerprint
+    train_rows = [{k: v for k, v in row.items() if k != "id"} for row in train.rows]
+    base_weights = model_weights_fingerprint(model)  # checked by hf-unlearn unlearn against the base it gets
 
-    base_weights = model_weights_fingerprint(base)  # checked by hf-unlearn unlearn against the base it gets
-
-    set_seed(config.seed)
-    try:
-        model = get_peft_model(
-            base,
-            LoraConfig(
-                r=config.lora_r,
-                lora_alpha=config.lora_alpha,
-                target_modules=config.target_modules,
-                lora_dropout=config.lora_dropout,
-                task_type="CAUSAL_LM",
-            ),
-        )
-    except ValueError as e:
-        raise ConfigurationError(f"Cannot put LoRA on {config.target_modules}: {e}") from None
     args = TrainingArguments(
         output_dir=str(_trainer_dir(Path(config.output_dir))),
         num_train_epochs=config.epochs,
@@ -173,9 +184,37 @@ def prepare_training(config: TrainConfig, encoding: TextEncoding | None = None) 
         remove_unused_columns=False,  # the collator tokenises text rows itself
         seed=config.seed,
         use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not processes.is_main,
+        disable_tqdm=not (progress and processes.is_main),
     )
-    return TrainingSetup(model, tokenizer, task, train, rows, args, processes, base_weights)
+    set_seed(config.seed)  # the LoRA initialisation
+    peft_model = lora_model(model, config)
+    return TrainingSetup(
+        peft_model, tokenizer, task, train, train_rows, args, processes, base_weights, rows is not None
+    )
+
+
+def lora_model(base: torch.nn.Module, config: TrainConfig):
+    """`base` with `config`'s LoRA adapter put on (in place; `unload()` takes it off again)."""
+    from peft import LoraConfig, get_peft_model
+
+    layers = None
+    if config.lora_layers is not None:  # the top lora_layers layers
+        total = base.config.num_hidden_layers
+        layers = list(range(max(0, total - config.lora_layers), total))
+    try:
+        return get_peft_model(
+            base,
+            LoraConfig(
+                r=config.lora_r,
+                lora_alpha=config.lora_alpha,
+                target_modules=config.target_modules,
+                lora_dropout=config.lora_dropout,
+                layers_to_transform=layers,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    except ValueError as e:
+        raise ConfigurationError(f"Cannot put LoRA on {config.target_modules}: {e}") from None
 
 
 def _trainer_dir(out: Path) -> Path:
@@ -189,12 +228,18 @@ def training_record(
     from .io import library_versions, training_data_record
     from .request import DigestKey, digest_key_path
 
-    key = DigestKey.load(config.digest_key or digest_key_path(config.train_file), create=True)
+    if setup.rows_in_memory and not config.digest_key:  # no file to keep a key beside: no digests
+        data = {"path": None, "num_rows": len(setup.train_set)}
+    else:
+        key = DigestKey.load(config.digest_key or digest_key_path(config.train_file), create=True)
+        data = training_data_record(config.train_file, setup.train_set, key)
+        if setup.rows_in_memory:
+            data["path"] = None
     return {
         "format": "hf_unlearn.training/1",
         "base_model": config.model,
         "base_model_weights": setup.base_model_weights,
-        "training_data": training_data_record(config.train_file, setup.train_set, key),
+        "training_data": data,
         "config": asdict(config),
         "text_encoding": asdict(encoding),
         "loss_normalization": "token",
@@ -206,19 +251,47 @@ def training_record(
     }
 
 
-def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> dict:
+def train_adapter(
+    config: TrainConfig,
+    encoding: TextEncoding | None = None,
+    *,
+    model: torch.nn.Module | None = None,
+    tokenizer=None,
+    rows: Sequence[Mapping] | TrainingSet | None = None,
+    callbacks: Sequence = (),
+    progress: bool = True,
+) -> dict:
     """Fine-tune a LoRA adapter on `config.train_file` and write it to `config.output_dir` (main process).
 
-    Returns the training record that is also written next to the adapter.
+    Returns the training record that is also written next to the adapter. `model`, `tokenizer` and `rows`
+    replace what would be loaded (`prepare_training`); a `model` given is given back as it was, without
+    LoRA, also when training fails. `callbacks` are added to the Trainer's.
     """
-    from transformers import Trainer
-
     from .distributed import barrier
     from .io import check_output_dir
 
     encoding = encoding or TextEncoding()
-    check_output_dir(config.output_dir, config.overwrite, {"--train-file": config.train_file})
-    setup = prepare_training(config, encoding)
+    inputs = {"--train-file": config.train_file} if rows is None else {}
+    check_output_dir(config.output_dir, config.overwrite, inputs)
+    setup = prepare_training(config, encoding, model=model, tokenizer=tokenizer, rows=rows, progress=progress)
+    try:
+        record, factors = _run_training(config, encoding, setup, callbacks)
+        if setup.processes.is_main:
+            save_trained_adapter(
+                setup.model, setup.tokenizer, record, Path(config.output_dir), config.overwrite, factors
+            )
+    finally:
+        if model is not None:
+            setup.model.unload()  # the caller's base model, as it was
+    barrier(setup.processes)
+    return record
+
+
+def _run_training(config: TrainConfig, encoding: TextEncoding, setup: TrainingSetup, callbacks: Sequence):
+    """Train `setup` with the L2 term, the curvature capture (`config.capture_curvature`) and `callbacks`;
+    returns the training record and the captured K-FAC factors (or None)."""
+    from transformers import Trainer
+
     from .regularization import L2RegularizationCallback
 
     capture = None
@@ -226,33 +299,28 @@ def train_adapter(config: TrainConfig, encoding: TextEncoding | None = None) -> 
         from .capture import CurvatureCaptureCallback
 
         capture = CurvatureCaptureCallback(required=False)
-    callbacks = [c for c in (capture, L2RegularizationCallback(config.l2_regularization)) if c is not None]
+    own = [c for c in (capture, L2RegularizationCallback(config.l2_regularization)) if c is not None]
     trainer = Trainer(
         model=setup.model,
         args=setup.args,
         train_dataset=setup.rows,
         data_collator=setup.task.collate,
-        callbacks=callbacks,
+        callbacks=own + list(callbacks),
     )
     start = time.perf_counter()
     output = trainer.train()
     record = training_record(config, encoding, setup, output, time.perf_counter() - start)
-    factors = None
-    if capture is not None and capture.factors is None:
+    if capture is None:
+        return record, None
+    if capture.factors is None:
         record["curvature_factors"] = {"skipped": capture.skipped}
-    elif capture is not None:
-        factors = capture.factors
+    else:
         record["curvature_factors"] = {
-            **factors.describe(),
+            **capture.factors.describe(),
             "capture_hook_seconds": capture.overhead,
             "captured_steps_seconds": capture.capture_seconds,
         }
-    if setup.processes.is_main:
-        save_trained_adapter(
-            setup.model, setup.tokenizer, record, Path(config.output_dir), config.overwrite, factors
-        )
-    barrier(setup.processes)
-    return record
+    return record, capture.factors
 
 
 def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: bool, factors=None) -> None:

@@ -9,7 +9,7 @@ from hf_unlearn import demo_data
 from hf_unlearn.cli import main
 from hf_unlearn.demo import DemoArguments, Lab, verdicts
 from hf_unlearn.evaluation import split_metrics
-from hf_unlearn.io import adapter_digest
+from hf_unlearn.io import TRAINING_RECORD, adapter_digest
 
 
 def test_shipped_demo_files_are_what_the_generator_writes(tmp_path):
@@ -204,6 +204,36 @@ def test_demo_spread_retrains_with_the_next_seed_and_judges_against_it(tiny_mode
     retrained = load_file(out / "adapters" / "retrained_IR" / "adapter_model.safetensors")
     assert all(torch.equal(again[k], saved[k]) for k in saved)
     assert not all(torch.equal(retrained[k], saved[k]) for k in saved)
+
+
+def test_demo_adapters_carry_the_training_record_that_unlearn_reads(tiny_model, tmp_path):
+    """Lab.train is `training.train_adapter`: the adapter gets a training record with the demo's μ, which
+    `hf-unlearn unlearn` then unlearns against without being told; the base model is given back without LoRA."""
+    lab = Lab(DemoArguments(model=str(tiny_model), epochs=1, lora_layers=2, progress=False))
+    data = demo_data.generate()
+    out = tmp_path / "original"
+    lab.train([{k: r[k] for k in ("prompt", "response")} for r in data["train"]], out, capture_curvature=True)
+    assert not any("lora_" in name for name, _ in lab.base.named_parameters())
+    record = json.loads((out / TRAINING_RECORD).read_text())
+    assert record["config"]["l2_regularization"] == 0.01 and record["loss_normalization"] == "token"
+    assert record["config"]["lora_alpha"] == 16 and record["config"]["lora_layers"] == 2
+    assert record["training_data"] == {"path": None, "num_rows": len(data["train"])}
+    assert record["curvature_factors"]["num_rows"] == len(data["train"])
+    top = lab.base.config.num_hidden_layers - 2
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [top, top + 1]
+
+    for name in ("train", "request_IR"):  # copies: unlearn keeps its digest key beside the training file
+        (tmp_path / f"{name}.jsonl").write_text((demo_data.DIR / f"{name}.jsonl").read_text())
+    unlearned = tmp_path / "unlearned"
+    assert main(["unlearn", "--model", str(tiny_model), "--adapter", str(out), "--train-file",
+                 str(tmp_path / "train.jsonl"), "--request", str(tmp_path / "request_IR.jsonl"), "--output-dir",
+                 str(unlearned), "--max-iter", "5", "--damping", "1.0", "--objective-estimate", "quadratic",
+                 "--no_progress"]) == 0  # fmt: skip
+    manifest = json.loads((unlearned / "unlearning_manifest.json").read_text())
+    assert manifest["solver"]["l2_regularization"] == 0.01  # from the training record, no flag
+    factors = manifest["solver"]["curvature_factors"]  # the demo's captured factors, read from the adapter
+    assert factors["origin"] == "file" and factors["source"] == "training"
+    assert manifest["base_model_weights"]["matches_record"] is True
 
 
 def test_demo_refuses_bad_unlearning_flags_before_training(tmp_path, capsys):
