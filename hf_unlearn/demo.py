@@ -8,6 +8,7 @@ spread, against which the issue's verdicts are judged (`verdicts`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import time
@@ -181,6 +182,8 @@ class Lab:
         from .training import train_adapter
 
         start = time.perf_counter()
+        with contextlib.suppress(OSError):  # the empty Trainer directory earlier versions left in `out`
+            (out / "trainer").rmdir()
         train_adapter(
             self.train_config(out, capture_curvature, seed),
             model=self.base,

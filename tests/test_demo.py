@@ -212,6 +212,7 @@ def test_demo_adapters_carry_the_training_record_that_unlearn_reads(tiny_model, 
     lab = Lab(DemoArguments(model=str(tiny_model), epochs=1, lora_layers=2, progress=False))
     data = demo_data.generate()
     out = tmp_path / "original"
+    (out / "trainer").mkdir(parents=True)  # an earlier version's output, replaced
     lab.train([{k: r[k] for k in ("prompt", "response")} for r in data["train"]], out, capture_curvature=True)
     assert not any("lora_" in name for name, _ in lab.base.named_parameters())
     record = json.loads((out / TRAINING_RECORD).read_text())
