@@ -42,6 +42,7 @@ from .refinement import (
     FullTilted,
     KeptLossGuard,
     KeptSample,
+    NewtonSolve,
     QuadraticTilted,
     SampledTilted,
     choose_damping,
@@ -577,8 +578,8 @@ def _refine(ctx: _Context, solver: _Solver, guard: KeptLossGuard | None, trial: 
     a = ctx.args
     with ctx.timed("refine_seconds"):
         delta, record = refine(
-            solver.tilted, ctx.space, (trial.delta, solver.curvature, ctx.b), trial.damping, a, solver.solve,
-            _check, solver.build_curvature, guard,
+            solver.tilted, ctx.space, (trial.delta, solver.curvature, ctx.b), trial.damping, a,
+            NewtonSolve(solver.solve, _check, solver.build_curvature), guard,
         )  # fmt: skip
     problems = trial.problems
     if not delta.any():
