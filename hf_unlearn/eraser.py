@@ -495,10 +495,7 @@ def _solver(ctx: _Context, curvature: _Curvature) -> _Solver:
         return _Solver(solve, estimate.curvature, False, estimate.tilted)
     if estimate.tilted is not None:
         return _Solver(solve, estimate.curvature, True, estimate.tilted, estimate.tilted.curvature)
-    tilted = FullTilted(
-        ctx.model, ctx.task, ctx.space, ctx.rows, ctx.resolved.edited_rows(ctx.rows), ctx.M, a.l2,
-        a.loss_normalization, ctx.batches, ctx.processes, a.progress,
-    )  # fmt: skip
+    tilted = FullTilted(ctx, ctx.resolved.edited_rows(ctx.rows))
     return _Solver(solve, estimate.curvature, True, tilted, _full_curvature(ctx, curvature))
 
 
@@ -761,9 +758,7 @@ def _sampled_estimate(ctx: _Context, factors, sketch, picked, row_sketch) -> _Es
         include = row_sketch.interacting(ctx.b, a.interacting_rows, set(ctx.resolved.indices))
         stats["row_gradient_sketch"] = {"origin": origin, "rows": len(row_sketch.vectors)}
     sample = KeptSample(ctx.task, ctx.rows, ctx.resolved, picked, ctx.M, a, include)
-    tilted = SampledTilted(
-        ctx.model, ctx.task, ctx.space, sample, ctx.M, a.l2, ctx.g_old, a, ctx.batches, ctx.processes
-    )
+    tilted = SampledTilted(ctx, sample)
     preconditioner = build_operators(
         a, ctx.model, ctx.task, ctx.space, [], ctx.batches, ctx.processes, factors, ctx.M, sketch
     )[1]
@@ -793,9 +788,7 @@ def _quadratic_estimate(ctx: _Context, factors: KFACFactors) -> _Estimate:
         factors=kept_factors,
     )  # fmt: skip
     new_rows = ctx.resolved.new
-    tilted = QuadraticTilted(
-        ctx.model, ctx.task, ctx.space, kept, ctx.M, a.l2, ctx.g_old, a, ctx.batches, ctx.processes, new_rows
-    )
+    tilted = QuadraticTilted(ctx, kept, new_rows)
     # the edited training set's factors for the next request: the new versions' added (taken at θ*, as the rest)
     next_factors = kept_factors
     if new_rows:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -124,22 +125,48 @@ class SumOperator:
         return sum(part.matvec(v) for part in self.parts)
 
 
+class Run(Protocol):
+    """What a tilted objective works on (`eraser`'s context of a request): the model, its task and parameter
+    space, the processes, the unlearning arguments (`loss_normalization`, `l2` = μ, `progress`), the training
+    rows, their normaliser M, Σ∇ℓ(old) at θ* (`g_old`) and `batches(rows)`, this process's `Batches` of rows."""
+
+    model: torch.nn.Module
+    task: object
+    space: object
+    processes: object
+    args: object
+    rows: list
+    M: float
+
+    @property
+    def g_old(self) -> torch.Tensor: ...
+
+    def batches(self, rows: list): ...
+
+
 class FullTilted:
     """R̃ and ∇R̃ over every edited training row (kept rows plus new versions): exact, cost ∝ n per call."""
 
-    def __init__(self, model, task, space, all_rows, edited_rows, M, mu, norm, batches, processes, show):
-        self.model, self.task, self.space, self.M, self.mu = model, task, space, M, mu
-        self.norm, self.processes, self.show = norm, processes, show
-        self.theta_star = space.vector().clone()
+    def __init__(self, run: Run, edited_rows: list):
+        self.model, self.task, self.space, self.M, self.mu = (
+            run.model,
+            run.task,
+            run.space,
+            run.M,
+            run.args.l2,
+        )
+        self.norm, self.processes, self.show = run.args.loss_normalization, run.processes, run.args.progress
+        self.theta_star = self.space.vector().clone()
         # ∇R(θ*) = (1/M) Σ_all ∇ℓ(θ*) + μθ*
+        label = "gradient ∇R(θ*)" if self.show else None
         self.grad_star = (
             gradient_sum(
-                model, task, space, batches(all_rows), norm, processes, "gradient ∇R(θ*)" if show else None
+                self.model, self.task, self.space, run.batches(run.rows), self.norm, self.processes, label
             )
-            / M
-            + mu * self.theta_star
+            / self.M
+            + self.mu * self.theta_star
         )
-        self.edited = batches(edited_rows)
+        self.edited = run.batches(edited_rows)
         self.rows_per_gradient = len(edited_rows)
 
     def value(self) -> float:  # R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩
@@ -167,15 +194,21 @@ class SampledTilted:
     one-step update and every refinement step use.
     """
 
-    def __init__(self, model, task, space, sample, M, mu, g_old, args, batches, processes):
-        self.model, self.task, self.space, self.M, self.mu = model, task, space, M, mu
-        self.norm, self.processes, self.show = args.loss_normalization, processes, args.progress
-        self.args = args
-        self.theta_star = space.vector().clone()
-        self.strata = [(batches(rows), M_s) for rows, M_s in sample.strata]
-        self.new = batches(sample.new) if sample.new else None
+    def __init__(self, run: Run, sample: KeptSample):
+        self.model, self.task, self.space, self.M, self.mu = (
+            run.model,
+            run.task,
+            run.space,
+            run.M,
+            run.args.l2,
+        )
+        self.norm, self.processes, self.show = run.args.loss_normalization, run.processes, run.args.progress
+        self.args = run.args
+        self.theta_star = self.space.vector().clone()
+        self.strata = [(run.batches(rows), M_s) for rows, M_s in sample.strata]
+        self.new = run.batches(sample.new) if sample.new else None
         self.rows_per_gradient = sample.num_rows
-        self.g_old, self._linear = g_old, None
+        self.g_old, self._linear = run.g_old, None
 
     @property
     def linear(self) -> torch.Tensor:
@@ -238,12 +271,18 @@ class QuadraticTilted:
     `C_kept` costs no pass at all. At θ* the gradient is exactly b.
     """
 
-    def __init__(self, model, task, space, kept, M, mu, g_old, args, batches, processes, new_rows):
-        self.model, self.task, self.space, self.M, self.mu = model, task, space, M, mu
-        self.norm, self.processes, self.args = args.loss_normalization, processes, args
-        self.kept, self.g_old = kept, g_old
-        self.theta_star = space.vector().clone()
-        self.new = batches(new_rows) if new_rows else None
+    def __init__(self, run: Run, kept, new_rows: list):
+        self.model, self.task, self.space, self.M, self.mu = (
+            run.model,
+            run.task,
+            run.space,
+            run.M,
+            run.args.l2,
+        )
+        self.norm, self.processes, self.args = run.args.loss_normalization, run.processes, run.args
+        self.kept, self.g_old = kept, run.g_old
+        self.theta_star = self.space.vector().clone()
+        self.new = run.batches(new_rows) if new_rows else None
         self.rows_per_gradient = len(new_rows)
 
     def value(self) -> float:
