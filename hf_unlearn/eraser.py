@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -41,6 +42,7 @@ from .refinement import (
     FullTilted,
     KeptLossGuard,
     KeptSample,
+    NewtonSolve,
     QuadraticTilted,
     SampledTilted,
     choose_damping,
@@ -116,237 +118,31 @@ def unlearn(
     task = task or default_task(model, tokenizer)
     train = train_dataset if isinstance(train_dataset, TrainingSet) else TrainingSet(train_dataset)
     processes = Processes()
-    timings = {}
     start, work_before = time.perf_counter(), WORK.snapshot()
     resolved = request.resolve(train, task)
     space = ParameterSpace(model)
-    device = space.params[0].device
     estimate_choice = choose_objective_estimate(args, model, space)
     args = dataclasses.replace(args, objective_estimate=estimate_choice["kind"])
 
+    # The phases (each below, over one `_Context`): right-hand side → curvature → damping → solve → refine, with
+    # the kept-loss retries → apply and measure → stats.
     with computation_mode(model, args.torch_dtype):
-        norm = args.loss_normalization
-        all_rows = [train[i] for i in range(len(train))]
-        M = normaliser(task, all_rows, norm, args.batch_size)
-
-        def batches(rows):
-            return Batches(task, rows, args.batch_size, device, processes)
-
-        # b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old))
-        t = time.perf_counter()
-        show = args.progress
-        old_batches = batches(resolved.old)
-        b, g_old = request_rhs(model, task, space, resolved, batches, norm, processes, M, show)
-        timings["gradients_seconds"] = time.perf_counter() - t
-        if not torch.isfinite(b).all():  # a solver would spend its whole budget on it
-            raise DataError(
-                "The loss gradients of the request's rows are not finite; check that the adapter's weights are "
-                "finite and that the edited rows keep loss tokens after truncation (--max-length)."
-            )
-
-        # C on the edited rows (∇²R' at θ*: a Newton step on the objective retraining minimises) or on the
-        # original ones (∇²R, the paper's choice); a sample is of the training rows, then edited, and keeps
-        # its normaliser from before the edit, as the whole edited set keeps M.
-        edited = resolved.edited_rows(all_rows)
-        # (the quadratic estimate takes the request's old rows out of the training run's factors itself)
-        on_edited = args.curvature_on_edited and args.objective_estimate != "quadratic"
-        curvature_data = edited if on_edited else all_rows
-        extra_stats = {
-            "curvature_data": "edited" if args.curvature_on_edited else "original",
-            "objective_estimate_choice": estimate_choice,
-        }
-        factors = None
-        if needs_factors(args):
-            t = time.perf_counter()
-            factors, extra_stats["curvature_factors"] = obtain_factors(
-                args, model, task, space, curvature_data, batches, processes, curvature_factors
-            )
-            if (
-                args.curvature in KFAC_CURVATURES
-                and args.curvature_on_edited
-                and extra_stats["curvature_factors"]["origin"] != "pass"
-            ):
-                raise ConfigurationError(
-                    "curvature_data 'edited' with kfac/ekfac needs factors of the edited rows, but the factors "
-                    f"come from {extra_stats['curvature_factors']['origin']!r} (the training run). Use "
-                    "--curvature-factors pass, or --curvature-data original (or auto) to use them."
-                )
-            timings["curvature_factors_seconds"] = time.perf_counter() - t
-        elif curvature_factors is not None:
-            extra_stats["curvature_factors_unused"] = (
-                "no kfac/ekfac curvature or preconditioner was asked for"
-            )
-        # picked: the indices of the training rows a sampled sketch holds, which the solve's sample then is
-        sketch, picked = None, None
-        if needs_sketch(args):
-            t = time.perf_counter()
-            sketch, extra_stats["nystrom_sketch"], picked = obtain_sketch(
-                args, model, task, space, all_rows, resolved, batches, processes, M, nystrom_sketch
-            )
-            timings["nystrom_sketch_seconds"] = time.perf_counter() - t
-        elif nystrom_sketch is not None:
-            extra_stats["nystrom_sketch_unused"] = "no nystrom preconditioner was asked for"
-        mu = args.l2
-        ctx = _Context(model, task, space, processes, args, all_rows, resolved, M, batches, b, g_old)
-        t = time.perf_counter()
-        if args.objective_estimate == "sample":  # kept rows on a sample of them, the request's rows exact
-            estimate = _sampled_estimate(ctx, factors, sketch, picked, row_gradient_sketch)
-        elif args.objective_estimate == "quadratic":  # kept rows as K-FAC's quadratic, the request's exact
-            estimate = _quadratic_estimate(ctx, factors)
-        else:
-            estimate = _full_estimate(ctx, factors, sketch, picked)
-        timings["estimate_seconds"] = time.perf_counter() - t
-        curvature, preconditioner, tilted = estimate.curvature, estimate.preconditioner, estimate.tilted
-        num_curvature_rows = estimate.rows
-        if estimate.stats:
-            extra_stats["objective_estimate"] = estimate.stats
-
-        damping = args.damping
-        if damping == "auto":
-            t = time.perf_counter()
-            damping, extra_stats["damping_auto"] = choose_damping(curvature, b, args.seed)
-            timings["damping_seconds"] = time.perf_counter() - t
-
-        solve = make_solve(args, preconditioner, show and processes.is_main)
-        refining = bool(args.refine_steps) or args.refine_damping != "fixed"
-        if refining:
-            if tilted is None:
-                edited = resolved.edited_rows(all_rows)
-                tilted = FullTilted(
-                    model, task, space, all_rows, edited, M, mu, norm, batches, processes, show
-                )  # fmt: skip
-                build_curvature = _full_curvature(
-                    args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked, sketch
-                )  # fmt: skip
-            else:
-                build_curvature = tilted.curvature
-
-        # Kept rows: cross-entropy per loss token on two disjoint seeded samples of the rows the request keeps
-        # (a fixed cost). Retraining leaves their loss close to where training left it. The line search keeps
-        # the first sample's rise within `kept_loss_tolerance` (a trust region, `KeptLossGuard`); the second
-        # measures the result (`retain_check`). Without a line search, a result whose rise there exceeds the
-        # tolerance went beyond what its estimate describes: the request is solved again with λ ten times
-        # larger (at most KEPT_LOSS_RETRIES times).
-        edited_indices = {e.index for e in resolved.edits}
-        kept = [row for i, row in enumerate(all_rows) if i not in edited_indices]
-        kept_samples = sample_rows(kept, 2 * RETAIN_CHECK_ROWS, args.seed)
-        guard_rows, kept_sample = kept_samples[::2], kept_samples[1::2] or kept_samples
-        guard = None
-        if args.refine_damping == "line_search" and math.isfinite(args.kept_loss_tolerance) and guard_rows:
-            guard = KeptLossGuard(
-                model, task, batches(guard_rows), normaliser(task, guard_rows, "token", args.batch_size),
-                args.kept_loss_tolerance, processes,
-            )  # fmt: skip
-
-        def solve_and_refine(damping):
-            """Δθ for `damping`: the one-step update, then the refinement steps; the parameters stay at θ*."""
-            refine_record = None
-            t = time.perf_counter()
-            # Δθ = −(C + μI + λI)⁻¹ b: the objective's L2 term adds μI (it does not change b)
-            # refining, the first step is a Newton step too: solved to refine_tol's forcing term (∇R̃(θ*) = b)
-            tol = args.newton_tol(1.0, 1.0) if refining else args.tol
-            try:
-                delta, stats = solve(curvature, damping + mu, -b, tol)
-                problems = _check(delta, stats, args, tol)
-            except NonPositiveCurvatureError as e:
-                if args.refine_damping != "adaptive":
-                    raise
-                # Levenberg–Marquardt: the first trial is rejected, and `refine` retries with a larger λ
-                delta, problems = e, []
-                stats = SolverStats(  # no solve: x = 0, relative residual 1
-                    args.solver, 0, 1.0, False, extra={"first_trial_rejected_because": str(e)}
-                )
-            timings["solver_seconds"] = time.perf_counter() - t
-
-            if refining:
-                t = time.perf_counter()
-                delta, refine_record = refine(
-                    tilted,
-                    space,
-                    (delta, curvature, b),
-                    damping,
-                    args,
-                    solve,
-                    _check,
-                    build_curvature,
-                    guard,
-                )
-                timings["refine_seconds"] = time.perf_counter() - t
-                if not delta.any():
-                    why = "none lowered the tilted edited objective"
-                    if guard is not None and guard.rejections:
-                        why += (
-                            f" while keeping the kept rows' loss within {args.kept_loss_tolerance:g} of θ*'s"
-                        )
-                    problems.append(f"no step kept (refine_damping {args.refine_damping!r}): {why}")
-                    if not args.allow_inexact:
-                        raise SolverError(
-                            f"refine_damping {args.refine_damping!r} kept no step ({why}): nothing was changed. "
-                            "Raise --damping, --refine-steps or --kept-loss-tolerance, or use --refine-damping fixed."
-                        )
-
-            return delta, stats, problems, refine_record
-
-        kept_batches = batches(kept_sample)
-        tokens_kept = normaliser(task, kept_sample, "token", args.batch_size)
-        retain_before = loss_sum(model, task, kept_batches, "token", processes) / tokens_kept
-        theta_star = space.vector().clone()
-        attempts = []
-        while True:
-            delta, stats, problems, refine_record = solve_and_refine(damping)
-            space.add_(delta)
-            retain_after = loss_sum(model, task, kept_batches, "token", processes) / tokens_kept
-            space.set_(theta_star)
-            attempts.append({"damping": damping, "kept_loss_after": retain_after})
-            # with a guard, its sample bounded every step, and the check's sample measures the result out of it
-            rose = retain_after - retain_before > args.kept_loss_tolerance
-            if guard is not None or not rose or len(attempts) > KEPT_LOSS_RETRIES:
-                break
-            damping = 10 * max(damping, 1e-3)
-        if refine_record is not None:
-            extra_stats["refine"] = refine_record
-            problems += [p for step in refine_record for p in step.get("problems", [])]
-        if guard is not None:
-            extra_stats["kept_loss_guard"] = {
-                "rows": len(guard_rows), "evaluations": guard.calls, "rejections": guard.rejections,
-            }  # fmt: skip
-        if len(attempts) > 1:
-            extra_stats["kept_loss_attempts"] = attempts
-
-        # Forget-set check: cross-entropy per loss token over the old versions (as `hf-unlearn evaluate`),
-        # measured, and predicted to first order (∇·Δθ, with the token normalisation whose ∇ b holds).
-        tokens_old = normaliser(task, resolved.old, "token", args.batch_size)
-        forget_before = loss_sum(model, task, old_batches, "token", processes) / tokens_old
-        predicted_change = (g_old.dot(delta) / tokens_old).item() if norm == "token" else None
-        space.add_(delta)
-        forget_after = loss_sum(model, task, old_batches, "token", processes) / tokens_old
-        delta_dict = space.as_dict(delta)
-        b_norm = b.norm().item()
-    timings["total_seconds"] = time.perf_counter() - start
-    stats_dict = stats.to_dict() | {
-        "inexact": bool(problems),
-        "forget_loss_before": forget_before,
-        "forget_loss_after": forget_after,
-        "forget_loss_change_predicted": predicted_change,
-        "forget_loss_change_measured": forget_after - forget_before,
-        "forget_loss_definition": FORGET_LOSS_DEFINITION,
-        "retain_check": retain_check(retain_before, retain_after, len(kept_sample)),
-        "num_params": space.numel,
-        "normaliser": M,
-        "num_train": len(train),
-        "num_curvature_rows": num_curvature_rows,
-        "b_norm": b_norm,
-        "num_processes": processes.count,
-        "damping": damping,
-        "l2_regularization": mu,
-        # rows through the model, by kind of pass (this process's count of every process's rows)
-        "work_rows": WORK.since(work_before),
-        **extra_stats,
-    }
+        ctx = _Context.of(model, task, space, processes, args, train, resolved)
+        ctx.rhs = _right_hand_side(ctx)
+        curvature = _curvature(ctx, estimate_choice, curvature_factors, nystrom_sketch, row_gradient_sketch)
+        damping = _damping(ctx, curvature)
+        solver = _solver(ctx, curvature)
+        kept = _kept_rows(ctx)
+        solution = _solve_and_refine(ctx, solver, kept, damping.value)
+        measured = _apply_and_measure(ctx, solution.trial.delta)
+    ctx.timings["total_seconds"] = time.perf_counter() - start
+    stats = _stats(ctx, curvature, damping, kept, solution, measured, WORK.since(work_before))
     # the sketch is handed on (saved beside the output, reused by the next request) only once it is the
     # edited training set's: downdated, which happens when C is over the edited rows
-    handed_on = sketch if args.curvature_on_edited else None
-    result = UnlearningResult(delta_dict, stats_dict, resolved, timings, handed_on, estimate.next_factors)
+    handed_on = curvature.sketch if args.curvature_on_edited else None
+    result = UnlearningResult(
+        measured.delta, stats, resolved, ctx.timings, handed_on, curvature.estimate.next_factors
+    )
     result.stats["delta_norm"] = result.delta_norm
     return result
 
@@ -516,36 +312,8 @@ def _check(delta: torch.Tensor, stats, args: UnlearningArguments, tol: float | N
     return problems
 
 
-def _full_curvature(
-    args, model, task, space, all_rows, resolved, M, batches, processes, factors, picked, sketch
-):
-    """`build_curvature()` for `FullTilted`: C'(θ) on the first step's rows (the edited set with M fixed, or
-    the same edited sample). With `curvature="kfac"|"ekfac"` the factors are recomputed at every θ by one pass
-    over the edited rows (`curvature_samples` of them); a K-FAC or Nyström *preconditioner* keeps the θ* factors
-    or sketch (it only changes the speed of the solve)."""
-    edited = resolved.edited_rows(all_rows)
-    curvature_rows, curvature_M = curvature_sample(task, all_rows, resolved, True, args, M, picked)
-    norm = args.loss_normalization
-
-    def build():
-        step_factors = factors
-        if args.curvature in KFAC_CURVATURES:
-            step_factors, _ = obtain_factors(
-                dataclasses.replace(args, curvature_factors="pass"),
-                model,
-                task,
-                space,
-                edited,
-                batches,
-                processes,
-            )
-            # The factors are normalised by their rows' own M; R' keeps the original M.
-            step_factors.info["normaliser"] *= M / normaliser(task, edited, norm, args.batch_size)
-        return build_operators(
-            args, model, task, space, curvature_rows, batches, processes, step_factors, curvature_M, sketch
-        )[0]
-
-    return build
+# The phases of `unlearn`, in their order. Each takes the one `_Context` (and the records of the phases before
+# it) and returns a small record; `_stats` collects the records into the result's stats.
 
 
 @dataclass
@@ -560,9 +328,396 @@ class _Context:
     rows: list  # the training rows
     resolved: ResolvedRequest
     M: float  # the training set's normaliser
-    batches: object  # rows -> this process's Batches
+    rhs: _RightHandSide | None = None  # set by the right-hand-side phase
+    timings: dict = field(default_factory=dict)  # seconds by phase, as `UnlearningResult.timings`
+
+    @classmethod
+    def of(cls, model, task, space, processes, args, train: TrainingSet, resolved) -> _Context:
+        rows = [train[i] for i in range(len(train))]
+        M = normaliser(task, rows, args.loss_normalization, args.batch_size)
+        return cls(model, task, space, processes, args, rows, resolved, M)
+
+    def batches(self, rows) -> Batches:
+        """This process's `Batches` of `rows`."""
+        return Batches(self.task, rows, self.args.batch_size, self.space.params[0].device, self.processes)
+
+    def token_loss(self, batches: Batches) -> float:
+        """Σ cross-entropy over the loss tokens of `batches` (every process's rows)."""
+        return loss_sum(self.model, self.task, batches, "token", self.processes)
+
+    @property
+    def b(self) -> torch.Tensor:  # (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)) at θ*
+        return self.rhs.b
+
+    @property
+    def g_old(self) -> torch.Tensor:  # Σ∇ℓ(old) at θ*
+        return self.rhs.g_old
+
+    @contextlib.contextmanager
+    def timed(self, key: str):
+        """Records the seconds the block took as `timings[key]` (not when it raises)."""
+        t = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - t
+
+
+@dataclass
+class _RightHandSide:
     b: torch.Tensor  # (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)) at θ*
     g_old: torch.Tensor  # Σ∇ℓ(old) at θ*
+
+
+def _right_hand_side(ctx: _Context) -> _RightHandSide:
+    # b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old))
+    a = ctx.args
+    with ctx.timed("gradients_seconds"):
+        b, g_old = request_rhs(
+            ctx.model, ctx.task, ctx.space, ctx.resolved, ctx.batches, a.loss_normalization, ctx.processes,
+            ctx.M, a.progress,
+        )  # fmt: skip
+    if not torch.isfinite(b).all():  # a solver would spend its whole budget on it
+        raise DataError(
+            "The loss gradients of the request's rows are not finite; check that the adapter's weights are "
+            "finite and that the edited rows keep loss tokens after truncation (--max-length)."
+        )
+    return _RightHandSide(b, g_old)
+
+
+@dataclass
+class _Curvature:
+    """The curvature phase: the K-FAC factors and Nyström sketch (None: not asked for), the indices of the
+    training rows a sampled sketch holds (which the solve's sample then is; None: the seeded sample or all
+    rows), the estimate of the edited objective, and what the manifest records of them."""
+
+    factors: KFACFactors | None
+    sketch: NystromSketch | None
+    picked: list[int] | None
+    estimate: _Estimate
+    stats: dict
+
+
+def _curvature(ctx: _Context, choice: dict, given_factors, given_sketch, row_sketch) -> _Curvature:
+    a = ctx.args
+    # C on the edited rows (∇²R' at θ*: a Newton step on the objective retraining minimises) or on the
+    # original ones (∇²R, the paper's choice); a sample is of the training rows, then edited, and keeps
+    # its normaliser from before the edit, as the whole edited set keeps M.
+    # (the quadratic estimate takes the request's old rows out of the training run's factors itself)
+    on_edited = a.curvature_on_edited and a.objective_estimate != "quadratic"
+    curvature_data = ctx.resolved.edited_rows(ctx.rows) if on_edited else ctx.rows
+    stats = {
+        "curvature_data": "edited" if a.curvature_on_edited else "original",
+        "objective_estimate_choice": choice,
+    }
+    factors = _factors(ctx, curvature_data, given_factors, stats)
+    sketch, picked = _sketch(ctx, given_sketch, stats)
+    with ctx.timed("estimate_seconds"):
+        if a.objective_estimate == "sample":  # kept rows on a sample of them, the request's rows exact
+            estimate = _sampled_estimate(ctx, factors, sketch, picked, row_sketch)
+        elif a.objective_estimate == "quadratic":  # kept rows as K-FAC's quadratic, the request's exact
+            estimate = _quadratic_estimate(ctx, factors)
+        else:
+            estimate = _full_estimate(ctx, factors, sketch, picked)
+    if estimate.stats:
+        stats["objective_estimate"] = estimate.stats
+    return _Curvature(factors, sketch, picked, estimate, stats)
+
+
+def _factors(ctx: _Context, rows: list, given: KFACFactors | None, stats: dict) -> KFACFactors | None:
+    """The K-FAC factors on `rows` when asked for (None otherwise); records where they came from in `stats`."""
+    a = ctx.args
+    if not needs_factors(a):
+        if given is not None:
+            stats["curvature_factors_unused"] = "no kfac/ekfac curvature or preconditioner was asked for"
+        return None
+    with ctx.timed("curvature_factors_seconds"):
+        factors, stats["curvature_factors"] = obtain_factors(
+            a, ctx.model, ctx.task, ctx.space, rows, ctx.batches, ctx.processes, given
+        )
+        origin = stats["curvature_factors"]["origin"]
+        if a.curvature in KFAC_CURVATURES and a.curvature_on_edited and origin != "pass":
+            raise ConfigurationError(
+                "curvature_data 'edited' with kfac/ekfac needs factors of the edited rows, but the factors "
+                f"come from {origin!r} (the training run). Use "
+                "--curvature-factors pass, or --curvature-data original (or auto) to use them."
+            )
+    return factors
+
+
+def _sketch(
+    ctx: _Context, given: NystromSketch | None, stats: dict
+) -> tuple[NystromSketch | None, list | None]:
+    """`(sketch, picked)` when a Nyström preconditioner is asked for, else `(None, None)`; records where the
+    sketch came from in `stats`."""
+    if not needs_sketch(ctx.args):
+        if given is not None:
+            stats["nystrom_sketch_unused"] = "no nystrom preconditioner was asked for"
+        return None, None
+    with ctx.timed("nystrom_sketch_seconds"):
+        sketch, stats["nystrom_sketch"], picked = obtain_sketch(
+            ctx.args, ctx.model, ctx.task, ctx.space, ctx.rows, ctx.resolved, ctx.batches, ctx.processes, ctx.M,
+            given,
+        )  # fmt: skip
+    return sketch, picked
+
+
+@dataclass
+class _Damping:
+    value: float  # λ of the first attempt
+    stats: dict  # `damping_auto`'s record, when it was chosen
+
+
+def _damping(ctx: _Context, curvature: _Curvature) -> _Damping:
+    if ctx.args.damping != "auto":
+        return _Damping(ctx.args.damping, {})
+    with ctx.timed("damping_seconds"):
+        damping, record = choose_damping(curvature.estimate.curvature, ctx.b, ctx.args.seed)
+    return _Damping(damping, {"damping_auto": record})
+
+
+@dataclass
+class _Solver:
+    """The solve phase's set-up: the solver, C at θ*, and with refinement the tilted objective R̃ and
+    `build_curvature()` (C at the current θ)."""
+
+    solve: object
+    curvature: object
+    refining: bool
+    tilted: object = None
+    build_curvature: object = None
+
+
+def _solver(ctx: _Context, curvature: _Curvature) -> _Solver:
+    a = ctx.args
+    estimate = curvature.estimate
+    solve = make_solve(a, estimate.preconditioner, a.progress and ctx.processes.is_main)
+    refining = bool(a.refine_steps) or a.refine_damping != "fixed"
+    if not refining:
+        return _Solver(solve, estimate.curvature, False, estimate.tilted)
+    if estimate.tilted is not None:
+        return _Solver(solve, estimate.curvature, True, estimate.tilted, estimate.tilted.curvature)
+    tilted = FullTilted(ctx, ctx.resolved.edited_rows(ctx.rows))
+    return _Solver(solve, estimate.curvature, True, tilted, _full_curvature(ctx, curvature))
+
+
+@dataclass
+class _KeptRows:
+    """Two disjoint seeded samples of the rows the request keeps: the guard's (`guard`: None without a line
+    search) and the check's, with the check's batches, loss tokens and loss per token at θ*."""
+
+    guard_rows: list
+    guard: KeptLossGuard | None
+    check_rows: list
+    check_batches: Batches
+    check_tokens: float
+    loss_before: float
+
+
+def _kept_rows(ctx: _Context) -> _KeptRows:
+    # Kept rows: cross-entropy per loss token on two disjoint seeded samples of the rows the request keeps
+    # (a fixed cost). Retraining leaves their loss close to where training left it. The line search keeps
+    # the first sample's rise within `kept_loss_tolerance` (a trust region, `KeptLossGuard`); the second
+    # measures the result (`retain_check`). Without a line search, a result whose rise there exceeds the
+    # tolerance went beyond what its estimate describes: the request is solved again with λ ten times
+    # larger (at most KEPT_LOSS_RETRIES times).
+    a = ctx.args
+    edited_indices = {e.index for e in ctx.resolved.edits}
+    kept = [row for i, row in enumerate(ctx.rows) if i not in edited_indices]
+    kept_samples = sample_rows(kept, 2 * RETAIN_CHECK_ROWS, a.seed)
+    guard_rows, check_rows = kept_samples[::2], kept_samples[1::2] or kept_samples
+    guard = None
+    if a.refine_damping == "line_search" and math.isfinite(a.kept_loss_tolerance) and guard_rows:
+        guard = KeptLossGuard(
+            ctx.model, ctx.task, ctx.batches(guard_rows), normaliser(ctx.task, guard_rows, "token", a.batch_size),
+            a.kept_loss_tolerance, ctx.processes,
+        )  # fmt: skip
+    check_batches = ctx.batches(check_rows)
+    tokens = normaliser(ctx.task, check_rows, "token", a.batch_size)
+    before = ctx.token_loss(check_batches) / tokens
+    return _KeptRows(guard_rows, guard, check_rows, check_batches, tokens, before)
+
+
+@dataclass
+class _Trial:
+    """One solve at damping λ: Δθ (not applied; with `refine_damping="adaptive"` it may be the
+    `NonPositiveCurvatureError` the solve raised), its solver stats, why it is inexact, and the refinement's
+    per-step records (None: no refinement)."""
+
+    damping: float
+    delta: torch.Tensor | NonPositiveCurvatureError
+    stats: SolverStats
+    problems: list[str]
+    refine_record: list | None = None
+
+
+def _first_step(ctx: _Context, solver: _Solver, damping: float) -> _Trial:
+    """The one-step update for `damping`; the parameters stay at θ*."""
+    a = ctx.args
+    # Δθ = −(C + μI + λI)⁻¹ b: the objective's L2 term adds μI (it does not change b)
+    # refining, the first step is a Newton step too: solved to refine_tol's forcing term (∇R̃(θ*) = b)
+    tol = a.newton_tol(1.0, 1.0) if solver.refining else a.tol
+    with ctx.timed("solver_seconds"):
+        try:
+            delta, stats = solver.solve(solver.curvature, damping + a.l2, -ctx.b, tol)
+            problems = _check(delta, stats, a, tol)
+        except NonPositiveCurvatureError as e:
+            if a.refine_damping != "adaptive":
+                raise
+            # Levenberg–Marquardt: the first trial is rejected, and `refine` retries with a larger λ
+            delta, problems = e, []
+            stats = SolverStats(  # no solve: x = 0, relative residual 1
+                a.solver, 0, 1.0, False, extra={"first_trial_rejected_because": str(e)}
+            )
+    return _Trial(damping, delta, stats, problems)
+
+
+def _refine(ctx: _Context, solver: _Solver, guard: KeptLossGuard | None, trial: _Trial) -> _Trial:
+    """The refinement steps after `trial`'s one-step update; the parameters stay at θ*."""
+    a = ctx.args
+    with ctx.timed("refine_seconds"):
+        delta, record = refine(
+            solver.tilted, ctx.space, (trial.delta, solver.curvature, ctx.b), trial.damping, a,
+            NewtonSolve(solver.solve, _check, solver.build_curvature), guard,
+        )  # fmt: skip
+    problems = trial.problems
+    if not delta.any():
+        why = "none lowered the tilted edited objective"
+        if guard is not None and guard.rejections:
+            why += f" while keeping the kept rows' loss within {a.kept_loss_tolerance:g} of θ*'s"
+        problems.append(f"no step kept (refine_damping {a.refine_damping!r}): {why}")
+        if not a.allow_inexact:
+            raise SolverError(
+                f"refine_damping {a.refine_damping!r} kept no step ({why}): nothing was changed. "
+                "Raise --damping, --refine-steps or --kept-loss-tolerance, or use --refine-damping fixed."
+            )
+    return dataclasses.replace(trial, delta=delta, problems=problems, refine_record=record)
+
+
+@dataclass
+class _Solution:
+    """The trial kept (the last), the check rows' loss per token after it, why it is inexact (its solve's
+    problems and its refinement steps'), and what the manifest records of the refinement and the retries."""
+
+    trial: _Trial
+    kept_loss_after: float
+    problems: list[str]
+    stats: dict
+
+
+def _solve_and_refine(ctx: _Context, solver: _Solver, kept: _KeptRows, damping: float) -> _Solution:
+    """Δθ for `damping` (the one-step update, then the refinement steps), solved again with λ ten times larger
+    while the kept rows' loss rose by more than `kept_loss_tolerance` (see `_kept_rows`)."""
+    a = ctx.args
+    theta_star = ctx.space.vector().clone()
+    attempts = []
+    while True:
+        trial = _first_step(ctx, solver, damping)
+        if solver.refining:
+            trial = _refine(ctx, solver, kept.guard, trial)
+        ctx.space.add_(trial.delta)
+        after = ctx.token_loss(kept.check_batches) / kept.check_tokens
+        ctx.space.set_(theta_star)
+        attempts.append({"damping": damping, "kept_loss_after": after})
+        # with a guard, its sample bounded every step, and the check's sample measures the result out of it
+        rose = after - kept.loss_before > a.kept_loss_tolerance
+        if kept.guard is not None or not rose or len(attempts) > KEPT_LOSS_RETRIES:
+            break
+        damping = 10 * max(damping, 1e-3)
+    problems, stats = trial.problems, {}
+    if trial.refine_record is not None:
+        stats["refine"] = trial.refine_record
+        problems += [p for step in trial.refine_record for p in step.get("problems", [])]
+    if kept.guard is not None:
+        stats["kept_loss_guard"] = {
+            "rows": len(kept.guard_rows), "evaluations": kept.guard.calls, "rejections": kept.guard.rejections,
+        }  # fmt: skip
+    if len(attempts) > 1:
+        stats["kept_loss_attempts"] = attempts
+    return _Solution(trial, after, problems, stats)
+
+
+@dataclass
+class _Measured:
+    """The forget-set check, Δθ by parameter name (applied) and ‖b‖."""
+
+    forget_before: float
+    forget_after: float
+    predicted_change: float | None
+    delta: dict[str, torch.Tensor]
+    b_norm: float
+
+
+def _apply_and_measure(ctx: _Context, delta: torch.Tensor) -> _Measured:
+    # Forget-set check: cross-entropy per loss token over the old versions (as `hf-unlearn evaluate`),
+    # measured, and predicted to first order (∇·Δθ, with the token normalisation whose ∇ b holds).
+    old = ctx.resolved.old
+    old_batches = ctx.batches(old)
+    tokens_old = normaliser(ctx.task, old, "token", ctx.args.batch_size)
+    before = ctx.token_loss(old_batches) / tokens_old
+    token_norm = ctx.args.loss_normalization == "token"
+    predicted_change = (ctx.g_old.dot(delta) / tokens_old).item() if token_norm else None
+    ctx.space.add_(delta)
+    after = ctx.token_loss(old_batches) / tokens_old
+    return _Measured(before, after, predicted_change, ctx.space.as_dict(delta), ctx.b.norm().item())
+
+
+def _stats(ctx, curvature, damping, kept, solution, measured, work_rows) -> dict:
+    """The result's stats: the solver's, then the measurements, then each phase's record."""
+    return solution.trial.stats.to_dict() | {
+        "inexact": bool(solution.problems),
+        "forget_loss_before": measured.forget_before,
+        "forget_loss_after": measured.forget_after,
+        "forget_loss_change_predicted": measured.predicted_change,
+        "forget_loss_change_measured": measured.forget_after - measured.forget_before,
+        "forget_loss_definition": FORGET_LOSS_DEFINITION,
+        "retain_check": retain_check(kept.loss_before, solution.kept_loss_after, len(kept.check_rows)),
+        "num_params": ctx.space.numel,
+        "normaliser": ctx.M,
+        "num_train": len(ctx.rows),
+        "num_curvature_rows": curvature.estimate.rows,
+        "b_norm": measured.b_norm,
+        "num_processes": ctx.processes.count,
+        "damping": solution.trial.damping,
+        "l2_regularization": ctx.args.l2,
+        # rows through the model, by kind of pass (this process's count of every process's rows)
+        "work_rows": work_rows,
+        **curvature.stats,
+        **damping.stats,
+        **solution.stats,
+    }
+
+
+def _full_curvature(ctx: _Context, curvature: _Curvature):
+    """`build_curvature()` for `FullTilted`: C'(θ) on the first step's rows (the edited set with M fixed, or
+    the same edited sample). With `curvature="kfac"|"ekfac"` the factors are recomputed at every θ by one pass
+    over the edited rows (`curvature_samples` of them); a K-FAC or Nyström *preconditioner* keeps the θ* factors
+    or sketch (it only changes the speed of the solve)."""
+    args, task, M = ctx.args, ctx.task, ctx.M
+    edited = ctx.resolved.edited_rows(ctx.rows)
+    curvature_rows, curvature_M = curvature_sample(
+        task, ctx.rows, ctx.resolved, True, args, M, curvature.picked
+    )
+    norm = args.loss_normalization
+
+    def build():
+        step_factors = curvature.factors
+        if args.curvature in KFAC_CURVATURES:
+            step_factors, _ = obtain_factors(
+                dataclasses.replace(args, curvature_factors="pass"),
+                ctx.model,
+                task,
+                ctx.space,
+                edited,
+                ctx.batches,
+                ctx.processes,
+            )
+            # The factors are normalised by their rows' own M; R' keeps the original M.
+            step_factors.info["normaliser"] *= M / normaliser(task, edited, norm, args.batch_size)
+        return build_operators(
+            args, ctx.model, task, ctx.space, curvature_rows, ctx.batches, ctx.processes, step_factors,
+            curvature_M, curvature.sketch,
+        )[0]  # fmt: skip
+
+    return build
 
 
 @dataclass
@@ -603,9 +758,7 @@ def _sampled_estimate(ctx: _Context, factors, sketch, picked, row_sketch) -> _Es
         include = row_sketch.interacting(ctx.b, a.interacting_rows, set(ctx.resolved.indices))
         stats["row_gradient_sketch"] = {"origin": origin, "rows": len(row_sketch.vectors)}
     sample = KeptSample(ctx.task, ctx.rows, ctx.resolved, picked, ctx.M, a, include)
-    tilted = SampledTilted(
-        ctx.model, ctx.task, ctx.space, sample, ctx.M, a.l2, ctx.g_old, a, ctx.batches, ctx.processes
-    )
+    tilted = SampledTilted(ctx, sample)
     preconditioner = build_operators(
         a, ctx.model, ctx.task, ctx.space, [], ctx.batches, ctx.processes, factors, ctx.M, sketch
     )[1]
@@ -635,9 +788,7 @@ def _quadratic_estimate(ctx: _Context, factors: KFACFactors) -> _Estimate:
         factors=kept_factors,
     )  # fmt: skip
     new_rows = ctx.resolved.new
-    tilted = QuadraticTilted(
-        ctx.model, ctx.task, ctx.space, kept, ctx.M, a.l2, ctx.g_old, a, ctx.batches, ctx.processes, new_rows
-    )
+    tilted = QuadraticTilted(ctx, kept, new_rows)
     # the edited training set's factors for the next request: the new versions' added (taken at θ*, as the rest)
     next_factors = kept_factors
     if new_rows:

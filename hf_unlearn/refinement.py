@@ -16,6 +16,10 @@ training run left of the gradient). Two estimates of R̃ are available, as strat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
 import torch
 
 from .curvature import CURVATURE_OPERATORS
@@ -121,22 +125,48 @@ class SumOperator:
         return sum(part.matvec(v) for part in self.parts)
 
 
+class Run(Protocol):
+    """What a tilted objective works on (`eraser`'s context of a request): the model, its task and parameter
+    space, the processes, the unlearning arguments (`loss_normalization`, `l2` = μ, `progress`), the training
+    rows, their normaliser M, Σ∇ℓ(old) at θ* (`g_old`) and `batches(rows)`, this process's `Batches` of rows."""
+
+    model: torch.nn.Module
+    task: object
+    space: object
+    processes: object
+    args: object
+    rows: list
+    M: float
+
+    @property
+    def g_old(self) -> torch.Tensor: ...
+
+    def batches(self, rows: list): ...
+
+
 class FullTilted:
     """R̃ and ∇R̃ over every edited training row (kept rows plus new versions): exact, cost ∝ n per call."""
 
-    def __init__(self, model, task, space, all_rows, edited_rows, M, mu, norm, batches, processes, show):
-        self.model, self.task, self.space, self.M, self.mu = model, task, space, M, mu
-        self.norm, self.processes, self.show = norm, processes, show
-        self.theta_star = space.vector().clone()
+    def __init__(self, run: Run, edited_rows: list):
+        self.model, self.task, self.space, self.M, self.mu = (
+            run.model,
+            run.task,
+            run.space,
+            run.M,
+            run.args.l2,
+        )
+        self.norm, self.processes, self.show = run.args.loss_normalization, run.processes, run.args.progress
+        self.theta_star = self.space.vector().clone()
         # ∇R(θ*) = (1/M) Σ_all ∇ℓ(θ*) + μθ*
+        label = "gradient ∇R(θ*)" if self.show else None
         self.grad_star = (
             gradient_sum(
-                model, task, space, batches(all_rows), norm, processes, "gradient ∇R(θ*)" if show else None
+                self.model, self.task, self.space, run.batches(run.rows), self.norm, self.processes, label
             )
-            / M
-            + mu * self.theta_star
+            / self.M
+            + self.mu * self.theta_star
         )
-        self.edited = batches(edited_rows)
+        self.edited = run.batches(edited_rows)
         self.rows_per_gradient = len(edited_rows)
 
     def value(self) -> float:  # R̃(θ) = R'(θ) − ⟨∇R(θ*), θ − θ*⟩
@@ -164,15 +194,21 @@ class SampledTilted:
     one-step update and every refinement step use.
     """
 
-    def __init__(self, model, task, space, sample, M, mu, g_old, args, batches, processes):
-        self.model, self.task, self.space, self.M, self.mu = model, task, space, M, mu
-        self.norm, self.processes, self.show = args.loss_normalization, processes, args.progress
-        self.args = args
-        self.theta_star = space.vector().clone()
-        self.strata = [(batches(rows), M_s) for rows, M_s in sample.strata]
-        self.new = batches(sample.new) if sample.new else None
+    def __init__(self, run: Run, sample: KeptSample):
+        self.model, self.task, self.space, self.M, self.mu = (
+            run.model,
+            run.task,
+            run.space,
+            run.M,
+            run.args.l2,
+        )
+        self.norm, self.processes, self.show = run.args.loss_normalization, run.processes, run.args.progress
+        self.args = run.args
+        self.theta_star = self.space.vector().clone()
+        self.strata = [(run.batches(rows), M_s) for rows, M_s in sample.strata]
+        self.new = run.batches(sample.new) if sample.new else None
         self.rows_per_gradient = sample.num_rows
-        self.g_old, self._linear = g_old, None
+        self.g_old, self._linear = run.g_old, None
 
     @property
     def linear(self) -> torch.Tensor:
@@ -235,12 +271,18 @@ class QuadraticTilted:
     `C_kept` costs no pass at all. At θ* the gradient is exactly b.
     """
 
-    def __init__(self, model, task, space, kept, M, mu, g_old, args, batches, processes, new_rows):
-        self.model, self.task, self.space, self.M, self.mu = model, task, space, M, mu
-        self.norm, self.processes, self.args = args.loss_normalization, processes, args
-        self.kept, self.g_old = kept, g_old
-        self.theta_star = space.vector().clone()
-        self.new = batches(new_rows) if new_rows else None
+    def __init__(self, run: Run, kept, new_rows: list):
+        self.model, self.task, self.space, self.M, self.mu = (
+            run.model,
+            run.task,
+            run.space,
+            run.M,
+            run.args.l2,
+        )
+        self.norm, self.processes, self.args = run.args.loss_normalization, run.processes, run.args
+        self.kept, self.g_old = kept, run.g_old
+        self.theta_star = self.space.vector().clone()
+        self.new = run.batches(new_rows) if new_rows else None
         self.rows_per_gradient = len(new_rows)
 
     def value(self) -> float:
@@ -298,14 +340,25 @@ class KeptSample:
         return [row for rows, _ in self.strata for row in rows]
 
 
-def refine(tilted, space, first_step, damping, args, solve, check, build_curvature, guard=None):
+@dataclass
+class NewtonSolve:
+    """How `refine` solves a step: `solve(C, shift, rhs, tol) -> (d, stats)` solves `(C + shift·I) d = rhs`,
+    `check(d, stats, args, tol)` says why its result is inexact (and raises unless it is kept), and
+    `build_curvature()` makes C at the current θ."""
+
+    solve: Callable
+    check: Callable
+    build_curvature: Callable
+
+
+def refine(tilted, space, first_step, damping, args, newton: NewtonSolve, guard=None):
     """`refine_steps` damped Newton steps on the tilted edited objective R̃ (see the module docstring).
 
         `tilted` is a `FullTilted` or `SampledTilted` (R̃'s value and gradient at the model's θ, which starts at
         θ*); `first_step = (Δθ, C, b)` is the one-step update (Δθ may be the `NonPositiveCurvatureError` its solve
-        raised); `build_curvature()` makes C at the current θ; `solve` and `check` are the first step's solver and
-        its result check. Each step solves `(C(θ) + (μ + λ)I) d = −∇R̃(θ)`, to the relative residual
-    `args.newton_tol(‖∇R̃(θ)‖, ‖b‖)` (inexact Newton):
+        raised); `newton` the first step's solver, its result check and `build_curvature()` (C at the current
+        θ). Each step solves `(C(θ) + (μ + λ)I) d = −∇R̃(θ)`, to the relative residual
+    `args.newton_tol(‖∇R̃(θ)‖, ‖b‖)` (inexact Newton); the damping modes are strategies (`KEEP_STEP`):
 
         - `refine_damping="fixed"`: from θ₁ = θ* + Δθ, `refine_steps` full steps with λ = `damping`;
         - `"adaptive"` (Levenberg–Marquardt): the one-step update is the first trial; a step is kept only if it
@@ -319,81 +372,140 @@ def refine(tilted, space, first_step, damping, args, solve, check, build_curvatu
         Returns the total θ − θ* and per-step stats; the parameters are left at θ* (the caller applies the total),
         also when a step fails.
     """
-    adaptive = args.refine_damping == "adaptive"
-    line_search = args.refine_damping == "line_search"
     theta_star = space.vector().clone()
-    mu = args.l2
-    steps = []
+    run = _Refinement(tilted, space, first_step, damping, args, newton, guard)
+    keep = KEEP_STEP[args.refine_damping]
     try:
-        first_delta, first_curvature, b = first_step
-        b_norm = b.norm().item()
-        lam, grad = damping, None
-        if adaptive or line_search:  # the LLMEraser step is the first trial, kept only if it lowers R̃
-            value, trials, first_pending = tilted.value(), args.refine_steps + 1, True
-        else:
-            space.add_(first_delta)
-            trials, first_pending = args.refine_steps, False
-        for k in range(trials):
-            if first_pending:  # at θ*, ∇R̃(θ*) = b, and C(θ*) is the first step's
-                grad, curvature = b, first_curvature
-            else:
-                if grad is None:  # a rejected step keeps θ, so its gradient is reused
-                    grad = tilted.gradient(f"refine {k + 1}: gradient")
-                curvature = build_curvature()
-            try:
-                if first_pending and lam == damping:
-                    if isinstance(first_delta, NonPositiveCurvatureError):
-                        raise first_delta  # the caller's solve of this trial failed
-                    step, stats = first_delta, None  # already solved by the caller
-                else:  # inexact Newton: the solve's tolerance follows ‖∇R̃(θ)‖/‖b‖ (refine_tol)
-                    tol = args.newton_tol(grad.norm().item(), b_norm)
-                    step, stats = solve(curvature, lam + mu, -grad, tol)
-            except NonPositiveCurvatureError as e:
-                if not adaptive:
-                    raise
-                # The damped model is not convex here: reject the step and raise λ, as for a failed step.
-                steps.append({"damping": lam, "accepted": False, "rejected_because": str(e)})
-                lam = raised(lam, curvature, grad, suggestion=e.suggested_damping - mu)
-                continue
-            problems = check(step, stats, args, tol) if stats is not None else []
-            record = (stats.to_dict() | {"tol": tol} if stats is not None else {}) | {
-                "first_step": first_pending,
-                "damping": lam,
-                "tilted_gradient_norm": grad.norm().item(),
-                "step_norm": step.norm().item(),
-                "gradient_rows": 0 if first_pending else tilted.rows_per_gradient,
-            }
-            if problems:  # kept by allow_inexact: the result is inexact
-                record["problems"] = problems
-            before = space.vector().clone()
-            if line_search:
-                record["tilted_objective_before"] = value
-                rejected = guard.rejections if guard is not None else 0
-                length, value = backtrack(
-                    tilted.value, space, before, step, value, grad.dot(step).item(), guard
-                )  # fmt: skip
-                record |= {"step_length": length, "tilted_objective_after": value, "accepted": length > 0}
-                if guard is not None:
-                    record["kept_loss_rejections"] = guard.rejections - rejected
-                steps.append(record)
-                if not length:  # no length lowers R̃ enough along this direction: stop here
-                    break
-                grad, first_pending = None, False
-                continue
-            space.add_(step)
-            if adaptive:
-                new_value = tilted.value()
-                record |= {"tilted_objective_before": value, "tilted_objective_after": new_value}
-                record["accepted"] = new_value < value
-                if record["accepted"]:
-                    value, lam, grad, first_pending = new_value, max(lam / 3, damping), None, False
-                else:
-                    space.set_(before)
-                    lam = raised(lam, curvature, grad)
-            else:
-                grad = None
-            steps.append(record)
+        for k in range(run.start()):
+            trial = run.trial(k)
+            if trial is not None and not keep(run, *trial):
+                break
         total = space.vector() - theta_star
     finally:
         space.set_(theta_star)
-    return total, steps
+    return total, run.steps
+
+
+class _Refinement:
+    """The state of `refine`'s steps: θ (in `space`), λ (`lam`), ∇R̃ at θ (`grad`; None: not yet computed), C
+    there (`curvature`), R̃ at θ (`value`; adaptive and line search), whether the one-step update is still the
+    next trial (`first_pending`), and the per-step records (`steps`)."""
+
+    def __init__(self, tilted, space, first_step, damping, args, newton, guard):
+        self.tilted, self.space, self.args, self.newton, self.guard = tilted, space, args, newton, guard
+        self.first_delta, self.first_curvature, self.b = first_step
+        self.b_norm = self.b.norm().item()
+        self.damping, self.lam, self.grad, self.curvature = damping, damping, None, None
+        self.value, self.first_pending, self.steps = None, True, []
+
+    def start(self) -> int:
+        """The number of trials."""
+        if self.args.refine_damping in ("adaptive", "line_search"):
+            # the LLMEraser step is the first trial, kept only if it lowers R̃
+            self.value = self.tilted.value()
+            return self.args.refine_steps + 1
+        self.space.add_(self.first_delta)
+        self.first_pending = False
+        return self.args.refine_steps
+
+    def trial(self, k: int) -> tuple[dict, torch.Tensor] | None:
+        """The `k`-th trial's `(record, step)`, not taken; None when its solve met non-positive curvature with
+        `refine_damping="adaptive"` (the trial is rejected and λ raised)."""
+        self._direction(k)
+        try:
+            step, stats, tol = self._solve()
+        except NonPositiveCurvatureError as e:
+            if self.args.refine_damping != "adaptive":
+                raise
+            # The damped model is not convex here: reject the step and raise λ, as for a failed step.
+            self.steps.append({"damping": self.lam, "accepted": False, "rejected_because": str(e)})
+            self.lam = raised(
+                self.lam, self.curvature, self.grad, suggestion=e.suggested_damping - self.args.l2
+            )
+            return None
+        problems = self.newton.check(step, stats, self.args, tol) if stats is not None else []
+        record = (stats.to_dict() | {"tol": tol} if stats is not None else {}) | {
+            "first_step": self.first_pending,
+            "damping": self.lam,
+            "tilted_gradient_norm": self.grad.norm().item(),
+            "step_norm": step.norm().item(),
+            "gradient_rows": 0 if self.first_pending else self.tilted.rows_per_gradient,
+        }
+        if problems:  # kept by allow_inexact: the result is inexact
+            record["problems"] = problems
+        return record, step
+
+    def _direction(self, k: int) -> None:
+        """∇R̃ and C at the current θ."""
+        if self.first_pending:  # at θ*, ∇R̃(θ*) = b, and C(θ*) is the first step's
+            self.grad, self.curvature = self.b, self.first_curvature
+            return
+        if self.grad is None:  # a rejected step keeps θ, so its gradient is reused
+            self.grad = self.tilted.gradient(f"refine {k + 1}: gradient")
+        self.curvature = self.newton.build_curvature()
+
+    def _solve(self) -> tuple:
+        """`(step, solver stats, tol)`; the one-step update's stats and tol are None (solved by the caller)."""
+        if self.first_pending and self.lam == self.damping:
+            if isinstance(self.first_delta, NonPositiveCurvatureError):
+                raise self.first_delta  # the caller's solve of this trial failed
+            return self.first_delta, None, None  # already solved by the caller
+        # inexact Newton: the solve's tolerance follows ‖∇R̃(θ)‖/‖b‖ (refine_tol)
+        tol = self.args.newton_tol(self.grad.norm().item(), self.b_norm)
+        step, stats = self.newton.solve(self.curvature, self.lam + self.args.l2, -self.grad, tol)
+        return step, stats, tol
+
+
+def _keep_fixed(run: _Refinement, record: dict, step: torch.Tensor) -> bool:
+    """`refine_damping="fixed"`: every step is taken in full."""
+    run.space.add_(step)
+    run.grad = None
+    run.steps.append(record)
+    return True
+
+
+def _keep_adaptive(run: _Refinement, record: dict, step: torch.Tensor) -> bool:
+    """`"adaptive"` (Levenberg–Marquardt): the step is kept only if it lowers R̃ (then λ ← max(λ/3, damping)),
+    else θ stays and λ is raised (`raised`)."""
+    before = run.space.vector().clone()
+    run.space.add_(step)
+    new_value = run.tilted.value()
+    record |= {"tilted_objective_before": run.value, "tilted_objective_after": new_value}
+    record["accepted"] = new_value < run.value
+    if record["accepted"]:
+        run.value, run.lam, run.grad, run.first_pending = (
+            new_value,
+            max(run.lam / 3, run.damping),
+            None,
+            False,
+        )
+    else:
+        run.space.set_(before)
+        run.lam = raised(run.lam, run.curvature, run.grad)
+    run.steps.append(record)
+    return True
+
+
+def _keep_line_search(run: _Refinement, record: dict, step: torch.Tensor) -> bool:
+    """`"line_search"` (damped Newton): the step shortened by halves (`backtrack`); False (stop) when no length
+    lowers R̃ enough along it."""
+    before = run.space.vector().clone()
+    guard = run.guard
+    record["tilted_objective_before"] = run.value
+    rejected = guard.rejections if guard is not None else 0
+    length, run.value = backtrack(
+        run.tilted.value, run.space, before, step, run.value, run.grad.dot(step).item(), guard
+    )  # fmt: skip
+    record |= {"step_length": length, "tilted_objective_after": run.value, "accepted": length > 0}
+    if guard is not None:
+        record["kept_loss_rejections"] = guard.rejections - rejected
+    run.steps.append(record)
+    if not length:  # no length lowers R̃ enough along this direction: stop here
+        return False
+    run.grad, run.first_pending = None, False
+    return True
+
+
+# How a solved step is taken, by `refine_damping`: `keep(run, record, step)` updates θ and the state and appends
+# the record; False stops the refinement.
+KEEP_STEP = {"fixed": _keep_fixed, "adaptive": _keep_adaptive, "line_search": _keep_line_search}
