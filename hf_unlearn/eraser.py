@@ -32,11 +32,11 @@ from .curvature.setup import (
     sample_indices,
     sample_rows,
 )
-from .data import ExampleEncoder, TrainingSet
+from .data import TrainingSet
 from .distributed import Processes, check_curvature_supported
 from .errors import ConfigurationError, DataError, NonPositiveCurvatureError, SolverError
 from .gradients import WORK, Batches, gradient_sum, loss_sum
-from .objective import CausalLMTask, UnlearningTask, normaliser
+from .objective import UnlearningTask, causal_lm_task, normaliser
 from .params import ParameterSpace, computation_mode
 from .refinement import (
     FullTilted,
@@ -78,18 +78,6 @@ class UnlearningResult:
         return math.sqrt(sum(float(d.double().pow(2).sum()) for d in self.delta.values()))
 
 
-def pad_token_id(tokenizer, model) -> int:
-    """The tokenizer's pad id, else the model config's, else 0 (padding carries no loss and is masked)."""
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(getattr(model, "config", None), "pad_token_id", None)
-    return pad or 0
-
-
-def default_task(model, tokenizer=None) -> CausalLMTask:
-    return CausalLMTask(ExampleEncoder(tokenizer), pad_token_id=pad_token_id(tokenizer, model))
-
-
 def unlearn(
     model: torch.nn.Module,
     train_dataset: Sequence[Mapping] | TrainingSet,
@@ -115,7 +103,7 @@ def unlearn(
     """
     args = args or UnlearningArguments()
     check_curvature_supported(args.curvature, model)
-    task = task or default_task(model, tokenizer)
+    task = task or causal_lm_task(tokenizer, model)
     train = train_dataset if isinstance(train_dataset, TrainingSet) else TrainingSet(train_dataset)
     processes = Processes()
     start, work_before = time.perf_counter(), WORK.snapshot()
@@ -181,7 +169,7 @@ def sketch_curvature(
     `args.nystrom_rank` products with `args.curvature` over `args.curvature_samples` rows. Save it beside the
     adapter (`sketch.save(adapter_dir)`; `hf-unlearn unlearn` then finds it) or pass it to `unlearn`."""
     args = args or UnlearningArguments(preconditioner="nystrom")
-    task = task or default_task(model, tokenizer)
+    task = task or causal_lm_task(tokenizer, model)
     train = train_dataset if isinstance(train_dataset, TrainingSet) else TrainingSet(train_dataset)
     space, processes = ParameterSpace(model), Processes()
     device = space.params[0].device
@@ -208,7 +196,7 @@ def prepare_curvature(
     (`factors.save(adapter_dir)`; `hf-unlearn unlearn` then finds them) or pass them to `unlearn`. Adapters
     trained with `capture_curvature` already have them."""
     args = args or UnlearningArguments()
-    task = task or default_task(model, tokenizer)
+    task = task or causal_lm_task(tokenizer, model)
     train = train_dataset if isinstance(train_dataset, TrainingSet) else TrainingSet(train_dataset)
     space, processes = ParameterSpace(model), Processes()
     device = space.params[0].device

@@ -180,7 +180,10 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     from .models import check_adapter_dir
     from .request import UnlearningRequest, check_against_history
 
-    saved_beside = (needs_factors(args) and KFACFactors.exists(paths.adapter)) or (
+    # objective_estimate 'auto' is resolved against the model later; it takes the quadratic estimate (on
+    # factors) wherever that applies, so saved factors are handed on for it too
+    may_use_factors = needs_factors(args) or args.objective_estimate == "auto"
+    saved_beside = (may_use_factors and KFACFactors.exists(paths.adapter)) or (
         needs_sketch(args) and NystromSketch.exists(paths.adapter)  # left by an earlier request
     )
     if args.curvature_factors == "auto" and saved_beside:

@@ -228,11 +228,13 @@ def test_demo_adapters_carry_the_training_record_that_unlearn_reads(tiny_model, 
     unlearned = tmp_path / "unlearned"
     assert main(["unlearn", "--model", str(tiny_model), "--adapter", str(out), "--train-file",
                  str(tmp_path / "train.jsonl"), "--request", str(tmp_path / "request_IR.jsonl"), "--output-dir",
-                 str(unlearned), "--max-iter", "5", "--damping", "1.0", "--objective-estimate", "quadratic",
-                 "--no_progress"]) == 0  # fmt: skip
+                 str(unlearned), "--max-iter", "5", "--damping", "1.0", "--no-progress"]) == 0  # fmt: skip
     manifest = json.loads((unlearned / "unlearning_manifest.json").read_text())
     assert manifest["solver"]["l2_regularization"] == 0.01  # from the training record, no flag
-    factors = manifest["solver"]["curvature_factors"]  # the demo's captured factors, read from the adapter
+    # the default (objective_estimate auto) takes the quadratic estimate on the demo's captured factors,
+    # read from the adapter: no pass over the training rows
+    assert manifest["solver"]["objective_estimate_choice"]["kind"] == "quadratic"
+    factors = manifest["solver"]["curvature_factors"]
     assert factors["origin"] == "file" and factors["source"] == "training"
     assert manifest["base_model_weights"]["matches_record"] is True
 
