@@ -148,6 +148,10 @@ def unlearn_command(argv: list[str]) -> int:
     base = load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code)
     weights = model_weights_fingerprint(base)
     weights["matches_record"] = check_base_model(paths, weights)
+    if (
+        weights["matches_record"] is False
+    ):  # check_base_model refused it unless overridden: record the override
+        weights["overridden_by"] = "--allow-base-model-mismatch"
     model = load_adapter(base, paths.adapter)
     task = causal_lm_task(tokenizer, model, encoding)
 
@@ -214,7 +218,7 @@ def overrides(training_check: dict, weights: dict) -> list[str]:
             f"OVERRIDDEN: the training file is not the one the adapter records ({training_check['differs']}); "
             f"used with {training_check['overridden_by']}"
         )
-    if weights.get("matches_record") is False:
+    if weights.get("overridden_by"):
         notes.append(
             "OVERRIDDEN: the base model's weights are not those the adapter records; used with "
             "--allow-base-model-mismatch"

@@ -196,6 +196,12 @@ def model_card_section(manifest: dict) -> str:
             else ""
         )
         + (
+            "- **Input check overridden**: the base model's weights are not those the input adapter records; the "
+            "user chose to use it (`--allow-base-model-mismatch`).\n"
+            if (manifest.get("base_model_weights") or {}).get("overridden_by")
+            else ""
+        )
+        + (
             f"- Forget-set loss (cross-entropy per loss token over the removed or replaced rows' old versions, as "
             f"`hf-unlearn evaluate` reports it) against what retraining would give: "
             f"{manifest['forget_check']['summary']}.\n"
@@ -299,15 +305,19 @@ def check_output_dir(
             )
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"The output path {str(out)!r} exists and is not a directory.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"The output directory {str(out)!r} is not empty; pass --overwrite to replace it."
-        )
-    if out.is_dir() and overwrite and (others := foreign_files(out)):
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if others := foreign_files(out):
         listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         raise OutputExistsError(
-            f"The output directory {str(out)!r} holds files hf_unlearn does not write ({listed}); --overwrite only "
-            "replaces an earlier output of hf_unlearn. Move them away or choose another output directory."
+            f"The output directory {str(out)!r} holds files hf_unlearn does not write ({listed}); overwriting "
+            "(--overwrite, or overwrite=True in Python) only replaces an earlier output of hf_unlearn. Move them "
+            "away or choose another output directory."
+        )
+    if not overwrite:
+        raise OutputExistsError(
+            f"The output directory {str(out)!r} holds an earlier output; pass --overwrite (overwrite=True in "
+            "Python) to replace it."
         )
 
 

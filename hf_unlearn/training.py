@@ -343,11 +343,20 @@ def save_trained_adapter(model, tokenizer, record: dict, out: Path, overwrite: b
         shutil.rmtree(_trainer_dir(out), ignore_errors=True)
 
 
+@dataclass
+class TrainDisplay:
+    """What `hf-unlearn train` shows (not part of the training record)."""
+
+    progress: bool = field(default=True, metadata={"help": "Show progress bars on the main process."})
+
+
 def train_command(argv: list[str]) -> int:
     from .cli_args import parse_arguments
 
-    config, encoding = parse_arguments((TrainConfig, TextEncoding), argv, "hf-unlearn train")
-    record = train_adapter(config, encoding)
+    config, encoding, display = parse_arguments(
+        (TrainConfig, TextEncoding, TrainDisplay), argv, "hf-unlearn train"
+    )
+    record = train_adapter(config, encoding, progress=display.progress)
     from .distributed import Processes
 
     if Processes().is_main:

@@ -135,7 +135,7 @@ def test_callback_refuses_packing_and_existing_output_before_training(tmp_path):
         callbacks=[callback],
     )
     before = ParameterSpace(trainer.model).vector().clone()
-    with pytest.raises(Exception, match="not empty"):
+    with pytest.raises(Exception, match=r"does not write \(file\).*overwrite=True"):
         trainer.train()
     assert torch.equal(ParameterSpace(trainer.model).vector(), before)  # no training step was taken
 

@@ -23,7 +23,7 @@ def trained(tmp_path_factory):
     train = write_jsonl(root / "data" / "train.jsonl", ROWS)
     assert main(["train", "--model", str(root / "base"), "--tokenizer", str(root / "tokenizer"), "--train-file",
                  train, "--output-dir", str(root / "adapter"), "--epochs", "3", "--learning-rate", "0.01",
-                 "--batch-size", "6", "--lora-r", "2"]) == 0  # fmt: skip
+                 "--batch-size", "6", "--lora-r", "2", "--no-progress"]) == 0  # fmt: skip
     request = write_jsonl(root / "request.jsonl", [{"op": "remove", "id": "r4"}])
     return {"root": root, "base": str(root / "base"), "adapter": str(root / "adapter"), "train": train,
             "request": request}  # fmt: skip
@@ -77,6 +77,10 @@ def test_a_base_model_with_the_same_shapes_but_other_weights_is_refused(trained,
     assert main(unlearn_args(trained, tmp_path / "out", "--allow-base-model-mismatch", base=str(other))) == 0
     weights = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["base_model_weights"]
     assert weights["matches_record"] is False
+    # the override is named in the manifest, the success line and the model card
+    assert weights["overridden_by"] == "--allow-base-model-mismatch"
+    assert "OVERRIDDEN: the base model's weights" in capsys.readouterr().out
+    assert "--allow-base-model-mismatch" in (tmp_path / "out" / "README.md").read_text()
     # the recorded base loaded in float64 (it was trained in float32) is the same base
     assert main(unlearn_args(trained, tmp_path / "f64", "--dtype", "float64")) == 0
     assert json.loads((tmp_path / "f64" / MANIFEST_NAME).read_text())["base_model_weights"]["matches_record"]

@@ -92,8 +92,14 @@ def test_existing_output_needs_overwrite(workspace, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert main(base_args(workspace, workspace["IR"], out)) == 6
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # a directory with the user's own files is never replaced: the message says so instead of advising --overwrite
+    assert "keep.txt" in err and "does not write" in err and "pass --overwrite" not in err
     assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert main(base_args(workspace, workspace["IR"], out)) == 0
+    assert main(base_args(workspace, workspace["IR"], out)) == 6  # an earlier output: --overwrite replaces it
+    assert "pass --overwrite" in capsys.readouterr().err
 
 
 def test_unconverged_solve_writes_nothing_unless_allowed(workspace, tmp_path, capsys):
