@@ -47,7 +47,9 @@ def model_weights_fingerprint(model, samples: int = 1024) -> dict:
     h, layout = hashlib.sha256(WEIGHTS_FINGERPRINT.encode()), hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         flat = p.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(samples, flat.numel()), device=flat.device).long()
+        # float64: in float32 the last of 1024 points of a 49152×576 embedding rounds past its end
+        n = flat.numel()
+        index = torch.linspace(0, n - 1, min(samples, n), dtype=torch.float64, device=flat.device).long()
         values = flat[index].to(torch.bfloat16).to(torch.float32).cpu().contiguous()
         layout.update(f"{name}:{tuple(p.shape)}\0".encode())
         h.update(f"{name}:{tuple(p.shape)}\0".encode() + values.view(torch.uint8).numpy().tobytes())

@@ -9,7 +9,7 @@ import torch
 from reference import tiny_llama_base, token_rows, train_tokenizer, write_jsonl
 
 from hf_unlearn.cli import main
-from hf_unlearn.io import MANIFEST_NAME, TOKENIZER_FILES, file_digest
+from hf_unlearn.io import MANIFEST_NAME, TOKENIZER_FILES, file_digest, model_weights_fingerprint
 
 ROWS = [{"id": f"r{i}", **row} for i, row in enumerate(token_rows(12, seed=11))]
 
@@ -187,3 +187,13 @@ def test_a_stochastic_solve_short_of_tol_is_inexact(trained, tmp_path, capsys, s
     solver_stats = json.loads((out / MANIFEST_NAME).read_text())["solver"]
     assert solver_stats["inexact"] is True and solver_stats["relative_residual"] < 1
     assert "Inexact result" in (out / "README.md").read_text()
+
+
+def test_the_weights_fingerprint_takes_every_parameter_size():
+    # SmolLM2-135M's embedding: in float32 the last sampled index rounded past the end (an IndexError in training)
+    big = torch.nn.Embedding(49152, 576)
+    fingerprint = model_weights_fingerprint(big)
+    assert fingerprint == model_weights_fingerprint(big.to(torch.float64))  # dtype-independent, as documented
+    with torch.no_grad():
+        big.weight[-1, -1] += 1.0  # the last value is among the samples
+    assert model_weights_fingerprint(big)["fingerprint"] != fingerprint["fingerprint"]
