@@ -181,8 +181,10 @@ def prepare_unlearn(paths: UnlearnPaths, encoding, args):
     from .request import UnlearningRequest, check_against_history
 
     # objective_estimate 'auto' is resolved against the model later; it takes the quadratic estimate (on
-    # factors) wherever that applies, so saved factors are handed on for it too
-    may_use_factors = needs_factors(args) or args.objective_estimate == "auto"
+    # factors) wherever that applies — never with a preconditioner —, so saved factors are handed on for it too
+    may_use_factors = needs_factors(args) or (
+        args.objective_estimate == "auto" and args.preconditioner == "none"
+    )
     saved_beside = (may_use_factors and KFACFactors.exists(paths.adapter)) or (
         needs_sketch(args) and NystromSketch.exists(paths.adapter)  # left by an earlier request
     )
