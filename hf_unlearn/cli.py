@@ -488,7 +488,10 @@ def push_command(argv: list[str]) -> int:
         for p in files:
             print(f"  {p.relative_to(folder)}\t{p.stat().st_size} bytes")
         if local:
-            print(f"Kept local (derived from the training rows): {', '.join(p.name for p in local)}")
+            print(
+                "Kept local (curvature derived from the training rows; the Trainer's pickled arguments): "
+                + ", ".join(p.name for p in local)
+            )
         return 0
     from huggingface_hub import HfApi
 

@@ -361,13 +361,16 @@ TOOL_FILES = frozenset(
 # over the rows' positions, a Nyström sketch a product of their curvature, each of the edited set. Two versions
 # (the input adapter's and the output's, or two outputs of a sequence of requests) differ by the removed rows'
 # terms, which the base model computes for a guess (layer 0's input factor from the tokens alone: a removed
-# 4-digit code comes out to its digits' order). `hf-unlearn push` keeps them local.
+# 4-digit code comes out to its digits' order). `hf-unlearn push` keeps them local, and the Trainer's
+# `training_args.bin` (written by `save_model`, so by `UnlearnTrainer` too): a pickle of the TrainingArguments,
+# which holds the owner's local paths and runs code when loaded.
 LOCAL_FILES = frozenset(
     {
         "curvature_factors.safetensors",
         "curvature_factors.json",
         "nystrom_sketch.safetensors",
         "nystrom_sketch.json",
+        "training_args.bin",
     }
 )
 

@@ -173,7 +173,9 @@ def test_no_figure_written_next_to_the_adapter_singles_out_a_removed_code(traine
 
 def test_push_keeps_the_curvature_working_files_local(trained, tmp_path, capsys, monkeypatch):
     """Saved K-FAC factors and Nyström sketches are sums over the training rows: two published versions would
-    differ by a removed row's terms, which the base model computes for a guess. They stay with the owner."""
+    differ by a removed row's terms, which the base model computes for a guess. They stay with the owner, as
+    does the Trainer's `training_args.bin` (a pickle holding local paths; `UnlearnTrainer.save_model` writes
+    it)."""
     import shutil
 
     import huggingface_hub
@@ -181,14 +183,15 @@ def test_push_keeps_the_curvature_working_files_local(trained, tmp_path, capsys,
     out = tmp_path / "out"
     shutil.copytree(trained["out"], out)
     assert (out / "nystrom_sketch.safetensors").is_file()
-    for name in ("curvature_factors.json", "curvature_factors.safetensors"):
+    for name in ("curvature_factors.json", "curvature_factors.safetensors", "training_args.bin"):
         (out / name).write_text("stand-in")
     capsys.readouterr()
     assert main(["push", str(out), "--repo-id", "me/x", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
     listed = [line.split()[0] for line in lines[1:-1]]
     assert not [name for name in listed if name.startswith(("nystrom_sketch", "curvature_factors"))]
-    assert "adapter_model.safetensors" in listed and lines[-1].startswith("Kept local")
+    assert "adapter_model.safetensors" in listed and "training_args.bin" not in listed
+    assert lines[-1].startswith("Kept local") and "training_args.bin" in lines[-1]
     calls = []
 
     class Recorder:
