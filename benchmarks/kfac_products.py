@@ -39,7 +39,7 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import SUITES, make_lab  # noqa: E402
+from run import SUITES, make_lab, provenance  # noqa: E402
 
 from hf_unlearn import CurvatureCaptureCallback, TrainingSet, UnlearningRequest  # noqa: E402
 from hf_unlearn.curvature import GaussNewtonOperator  # noqa: E402
@@ -173,6 +173,7 @@ def parameter_groups(space, key) -> list[list[int]]:
 
 
 def write_report(report: dict, output: str) -> None:
+    report.setdefault("provenance", provenance(None))
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -946,6 +946,13 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _script_path() -> str:
+    """The running benchmark script, relative to the repository when inside it (`benchmarks/regimes.py`)."""
+    script = Path(sys.argv[0]).resolve()
+    root = Path(__file__).resolve().parent.parent
+    return str(script.relative_to(root)) if script.is_relative_to(root) else str(script)
+
+
 def provenance(argv) -> dict:
     """What produced a results file: git revision (and whether the tree was dirty), library versions, threads,
     command line."""
@@ -974,7 +981,7 @@ def provenance(argv) -> dict:
         },
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "command": ["python", "benchmarks/run.py", *(sys.argv[1:] if argv is None else argv)],
+        "command": ["python", _script_path(), *(sys.argv[1:] if argv is None else argv)],
     }
 
 
@@ -1086,7 +1093,9 @@ def plot_scaling(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, output: str | Path, draw, summary: str) -> None:
-    """`report` as JSON at `output` and `draw(report, path)` as the PNG beside it; prints `summary`."""
+    """`report` as JSON at `output` (with its `provenance`) and `draw(report, path)` as the PNG beside it;
+    prints `summary`."""
+    report.setdefault("provenance", provenance(None))
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2) + "\n")

@@ -38,8 +38,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference import fit, tiny_llama, token_rows  # noqa: E402
+from run import provenance  # noqa: E402
 
 from hf_unlearn import CausalLMTask, TrainingSet, UnlearningRequest  # noqa: E402
 from hf_unlearn.curvature import CURVATURE_OPERATORS  # noqa: E402
@@ -79,7 +81,7 @@ def main(argv=None):
     if opts.plot_only:
         return plot(json.loads((out / "solvers.json").read_text()), out)
     budgets = [100, 2000] if opts.quick else [100, 300, 1000, 2000]
-    results = {"budgets": budgets, "seed": opts.seed, "runs": []}
+    results = {"budgets": budgets, "seed": opts.seed, "runs": [], "provenance": provenance(None)}
 
     def save():
         (out / "solvers.json").write_text(json.dumps(results, indent=2))  # partial results survive
