@@ -15,6 +15,7 @@ from .errors import (
     UnlearningError,
 )
 from .objective import CausalLMTask, UnlearningTask
+from .pipeline import UnlearnedAdapter, UnlearnPaths, unlearn_adapter_directory
 from .request import UnlearningRequest
 
 __version__ = "0.1.0"
@@ -63,6 +64,9 @@ __all__ = [
     "prepare_curvature",
     "UnlearningTask",
     "UnlearnTrainer",
+    "UnlearnedAdapter",
+    "UnlearnPaths",
     "sketch_curvature",
     "unlearn",
+    "unlearn_adapter_directory",
 ]

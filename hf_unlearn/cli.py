@@ -9,13 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli_args import parse_arguments
-from .preflight import (
-    UnlearnPaths,
-    check_recorded_settings,
-    compare_training_file,
-    prepare_unlearn,
-    unlearn_digest_key,
-)
+from .preflight import UnlearnPaths, check_recorded_settings
 
 COMMANDS = {
     "unlearn": "Apply an unlearning request to a LoRA adapter and write the corrected adapter.",
@@ -45,32 +39,6 @@ class PreparePaths:
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the model dir."}
-    )
-
-
-def check_base_model(paths: UnlearnPaths, weights: dict) -> bool | None:
-    """Refuse a base model whose weights fingerprint (`io.model_weights_fingerprint`) is not the one
-    `paths.adapter` records, saying what differs, unless `paths.allow_base_model_mismatch`. Returns whether
-    it matches (None: nothing recorded)."""
-    from .errors import ConfigurationError
-    from .io import recorded_base_model_weights
-
-    recorded, where = recorded_base_model_weights(paths.adapter)
-    if recorded is None:
-        return None
-    if recorded["fingerprint"] == weights["fingerprint"]:
-        return True
-    if paths.allow_base_model_mismatch:
-        return False
-    what = (
-        "the same parameter names and shapes, but other values"
-        if recorded.get("layout") == weights["layout"]
-        else "other parameter names or shapes"
-    )
-    raise ConfigurationError(
-        f"The base model {paths.model!r} is not the one {paths.adapter} was trained on: it has {what} (weights "
-        f"fingerprint {weights['fingerprint'][:19]}…, {where} records {recorded['fingerprint'][:19]}…). Give the "
-        "base model the adapter was trained on, or pass --allow-base-model-mismatch if you know why it differs."
     )
 
 
@@ -121,186 +89,15 @@ def unlearn_arguments(argv: list[str]) -> tuple:
 
 
 def unlearn_command(argv: list[str]) -> int:
-    from .data import read_jsonl
-    from .distributed import barrier, join_process_group
-    from .eraser import unlearn
-    from .io import (
-        adapter_digest,
-        build_manifest,
-        model_weights_fingerprint,
-        save_unlearned_adapter,
-        training_data_record,
-    )
-    from .models import adapter_dtype, load_adapter, load_base_model, load_tokenizer, tokenizer_source
-    from .objective import causal_lm_task
-    from .request import rows_digests, using_digest_key
+    from .pipeline import unlearn_adapter_directory
 
     paths, encoding, args = unlearn_arguments(argv)
-    args, train, request, history = prepare_unlearn(paths, encoding, args)
-    key = unlearn_digest_key(paths.train_file, paths.digest_key, paths.adapter)
-    held_out = read_jsonl(paths.held_out_file, what="--held-out-file") if paths.held_out_file else None
-    processes = join_process_group()  # under torchrun / accelerate launch
-    input_digest = adapter_digest(paths.adapter)
-    stored_dtype = adapter_dtype(paths.adapter)
-
-    tokenizer_path = tokenizer_source(paths.tokenizer, paths.adapter, paths.model)
-    tokenizer = load_tokenizer(tokenizer_path, paths.trust_remote_code)
-    base = load_base_model(paths.model, args.torch_dtype, paths.trust_remote_code)
-    weights = model_weights_fingerprint(base)
-    weights["matches_record"] = check_base_model(paths, weights)
-    if (
-        weights["matches_record"] is False
-    ):  # check_base_model refused it unless overridden: record the override
-        weights["overridden_by"] = "--allow-base-model-mismatch"
-    model = load_adapter(base, paths.adapter)
-    task = causal_lm_task(tokenizer, model, encoding)
-
-    with using_digest_key(key):  # a sampled Nyström sketch's row digests, saved beside the output
-        result = unlearn(model, train, request, args, task=task)
-    check = forget_check(model, task, result, held_out) if processes.is_main else None
-
-    if processes.is_main:
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(stored_dtype)  # write the adapter in the dtype it came in
-        training_data = training_data_record(paths.train_file, train, key)
-        # prepare_unlearn refused a file other than the recorded one unless overridden: record the override
-        training_check = compare_training_file(paths, training_data)
-        if training_check["matches_record"] is False:
-            training_check["overridden_by"] = "--allow-training-file-mismatch"
-        manifest = build_manifest(
-            result,
-            args,
-            base_model=paths.model,
-            base_model_weights=weights,
-            input_adapter={"path": paths.adapter, "digest": input_digest},
-            digest_key=key,
-            training_data=training_data,
-            training_data_check=training_check,
-            # what the next request's training file must be (hf-unlearn apply-request writes it)
-            edited_training_data=rows_digests(*result.request.edited_training_set(train), key),
-            text_encoding=vars(encoding),
-            history=history,
-            forget_check=check,
-            threads=THREADS,
-        )
-        out = save_unlearned_adapter(
-            model,
-            paths.output_dir,
-            manifest,
-            overwrite=paths.overwrite,
-            card_source=paths.adapter,
-            base_model_id=paths.base_model_id,
-            nystrom_sketch=result.nystrom_sketch,
-            curvature_factors=result.curvature_factors,
-        )
-        s = result.stats
-        inexact = " — INEXACT: kept with --allow-inexact before reaching --tol" if s.get("inexact") else ""
-        print(
-            f"Unlearned {result.request.kind_counts()} with {args.solver}: {s['iterations']} iterations, "
-            f"relative residual {s['relative_residual']:.2e}{inexact}, |Δθ| = {result.delta_norm:.4g}, "
-            f"{result.timings['total_seconds']:.1f} s; {describe_steps(s)}; forget-set loss "
-            f"{s['forget_loss_before']:.4g} → {s['forget_loss_after']:.4g} per token ({check['summary']})"
-            + "".join(f"; {note}" for note in overrides(training_check, weights))
-            + f". Wrote {out}"
-        )
-        if check["warning"]:
-            print(f"hf-unlearn unlearn: warning: {check['warning']}", file=sys.stderr)
-    barrier(processes)
+    done = unlearn_adapter_directory(paths, encoding, args, threads=THREADS)
+    if done.output_dir is not None:  # the main process wrote it
+        print(done.summary())
+        if warning := done.forget_check["warning"]:
+            print(f"hf-unlearn unlearn: warning: {warning}", file=sys.stderr)
     return 0
-
-
-def overrides(training_check: dict, weights: dict) -> list[str]:
-    """The success line's notes of the input checks the user overrode (recorded in the manifest too)."""
-    notes = []
-    if training_check.get("overridden_by"):
-        notes.append(
-            f"OVERRIDDEN: the training file is not the one the adapter records ({training_check['differs']}); "
-            f"used with {training_check['overridden_by']}"
-        )
-    if weights.get("overridden_by"):
-        notes.append(
-            "OVERRIDDEN: the base model's weights are not those the adapter records; used with "
-            "--allow-base-model-mismatch"
-        )
-    return notes
-
-
-def describe_steps(stats: dict) -> str:
-    """Which objective estimate ran, how many Newton steps it kept and what they passed over, in a few words."""
-    choice = stats["objective_estimate_choice"]
-    steps = stats.get("refine", [])
-    kept = sum(1 for step in steps if step.get("accepted", True)) if steps else 1
-    over = "the request's rows only" if choice["kind"] != "full" else "every training row"
-    text = f"objective estimate {choice['kind']}, {kept} Newton step{'s' * (kept != 1)} over {over}"
-    if choice["asked"] == "auto" and choice["kind"] == "full":
-        text += f" (auto chose full: {choice['because']})"
-    if attempts := stats.get("kept_loss_attempts"):
-        text += (
-            f"; λ raised to {stats['damping']:g} after the kept rows' loss rose ({len(attempts)} attempts, "
-            f"kept-rows loss {stats['retain_check']['loss_before']:.3g} → {stats['retain_check']['loss_after']:.3g})"
-        )
-    return text
-
-
-# Over-forgetting: retraining would leave the removed rows about as likely as rows never trained on.
-OVER_FORGETTING_AUC = 0.1  # removed rows vs held-out rows (0.5: indistinguishable, as after retraining)
-OVER_FORGETTING_BASE_RATIO = 1.1  # removed rows' loss vs the base model's (never trained on them) on them
-
-
-def judge_forgetting(before: float, after: float, reference: str, reference_loss: float, auc=None) -> dict:
-    """The forget-set loss change against what retraining would plausibly give: the held-out rows' loss (and
-    the membership AUC of the removed rows against them; retraining gives about 0.5), else the base model's
-    loss on the removed rows themselves. `warning` names an over-forgetting that makes the rows stand out.
-
-    The record is written beside the adapter, so it holds no loss of the removed rows (`before`, `after`, the
-    base model's on them): with the published adapter or base model, such a figure tests guesses of their
-    content. The success line prints `before` and `after` to the user who ran the request."""
-    if reference == "held-out rows":
-        summary = f"held-out rows {reference_loss:.4g}; membership AUC {auc:.2f}, retraining ≈ 0.5"
-        over = auc < OVER_FORGETTING_AUC
-        why = (
-            f"the removed rows now have a higher loss than held-out rows (membership AUC {auc:.2f}; retraining "
-            "would give about 0.5)"
-        )
-    else:
-        over = after > OVER_FORGETTING_BASE_RATIO * reference_loss
-        summary = f"{'above' if over else 'not above'} the base model's without the adapter"
-        why = (
-            f"the removed rows' loss is more than {OVER_FORGETTING_BASE_RATIO:g}× the base model's, which never "
-            "saw them: retraining would plausibly leave it at or below that"
-        )
-    warning = (
-        f"{why}; over-forgetting makes them stand out to a membership-inference attack. A larger --damping "
-        "shrinks the update."
-        if over
-        else None
-    )
-    return {
-        "definition": "cross-entropy per loss token (token-weighted mean, as hf-unlearn evaluate)",
-        "reference": reference,
-        **({"reference_loss": reference_loss, "membership_auc": auc} if auc is not None else {}),
-        "over_forgetting": over,
-        "warning": warning,
-        "summary": summary,
-    }
-
-
-def forget_check(model, task, result, held_out=None) -> dict:
-    """`judge_forgetting` for an unlearned PEFT `model`: the old versions of the request's rows against
-    `held_out` rows (membership AUC as `hf-unlearn evaluate`), else against the base model (adapter off)."""
-    from .evaluation import membership_auc, split_metrics
-
-    old = result.request.old
-    before, after = result.stats["forget_loss_before"], result.stats["forget_loss_after"]
-    if held_out:
-        reference = split_metrics(model, task, held_out)["loss"]
-        return judge_forgetting(
-            before, after, "held-out rows", reference, membership_auc(model, task, old, held_out)
-        )
-    with model.disable_adapter():
-        reference = split_metrics(model, task, old)["loss"]
-    return judge_forgetting(before, after, "base model without the adapter", reference)
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """What an unlearning run of an adapter directory settles before loading a model: its inputs
 (`UnlearnPaths`), the digest key, μ and saved curvature from the adapter's records, and the checks of the
-output directory, the request and the training file against those records (`prepare_unlearn`). Used by
-`hf-unlearn unlearn` (cli.py) and `recipes/unlearn_adapter.py`."""
+output directory, the request and the training file against those records (`prepare_unlearn`): the first
+phase of `pipeline.unlearn_adapter_directory`."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def check_recorded_settings(
 
 
 def prepare_unlearn(paths: UnlearnPaths, encoding, args):
-    """What `hf-unlearn unlearn` (and `recipes/unlearn_adapter.py`) settle before loading a model; returns
+    """What `unlearn_adapter_directory` (`hf-unlearn unlearn`) settles before loading a model; returns
     `(args, train, request, history)`.
 
     Takes K-FAC factors or a Nyström sketch saved beside the adapter (`curvature_factors="auto"`) and μ from

@@ -267,3 +267,29 @@ def test_push_dry_run_into_a_closed_pipe_exits_quietly(tmp_path):
     run.wait(timeout=120)
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
     assert run.returncode in (0, 141)
+
+
+def test_the_library_function_writes_what_the_command_writes(workspace):
+    """`unlearn_adapter_directory` is the pipeline `hf-unlearn unlearn` is a thin shell over: the same inputs
+    give the same adapter and manifest, and a report of what was written."""
+    from hf_unlearn import TextEncoding, UnlearningArguments, UnlearnPaths, unlearn_adapter_directory
+
+    inputs = {"model": workspace["base"], "adapter": workspace["adapter"], "train_file": workspace["train"],
+              "request": workspace["RC"]}  # fmt: skip
+    cli_out, lib_out = workspace["root"] / "pipeline-cli", workspace["root"] / "pipeline-lib"
+    flags = ["--damping", "1.0", "--dtype", "float64", "--no_progress"]
+    assert main(["unlearn", "--model", inputs["model"], "--adapter", inputs["adapter"], "--train-file",
+                 inputs["train_file"], "--request", inputs["request"], "--output-dir", str(cli_out), *flags]) == 0  # fmt: skip
+    done = unlearn_adapter_directory(
+        UnlearnPaths(**inputs, output_dir=str(lib_out)),
+        TextEncoding(),
+        UnlearningArguments(damping="1.0", dtype="float64", progress=False),
+    )
+    assert done.output_dir == lib_out and (lib_out / MANIFEST_NAME).is_file()
+    names = list(load_file(f"{cli_out}/adapter_model.safetensors"))
+    assert torch.equal(adapter_vector(lib_out, names), adapter_vector(cli_out, names))
+    cli_manifest, lib_manifest = (json.loads((d / MANIFEST_NAME).read_text()) for d in (cli_out, lib_out))
+    assert lib_manifest["request"] == cli_manifest["request"]
+    assert lib_manifest["arguments"] == cli_manifest["arguments"]
+    assert done.manifest == lib_manifest
+    assert done.summary().startswith("Unlearned {'RC': ") and done.summary().endswith(f"Wrote {lib_out}")

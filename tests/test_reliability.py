@@ -365,7 +365,7 @@ def test_card_and_evaluate_report_one_forget_loss_and_the_check_against_held_out
 
 
 def test_over_forgetting_is_named():
-    from hf_unlearn.cli import judge_forgetting
+    from hf_unlearn.pipeline import judge_forgetting
 
     over = judge_forgetting(0.40, 3.92, "held-out rows", 1.1, auc=0.018)  # the trial's figures
     assert over["over_forgetting"] and "over-forgetting" in over["warning"] and "AUC 0.02" in over["warning"]

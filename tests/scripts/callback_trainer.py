@@ -41,7 +41,14 @@ def main():
     callback = UnlearningCallback(
         UnlearningRequest.from_jsonl(script.request),
         UnlearningArguments(
-            dtype=script.unlearn_dtype, damping=script.damping, tol=1e-10, max_iter=500, progress=False
+            dtype=script.unlearn_dtype,
+            damping=script.damping,
+            tol=1e-10,
+            max_iter=500,
+            progress=False,
+            # factors by a pass over the training rows, as the one-process CLI run on the trained adapter
+            # computes them (those captured while training see the distributed sampler's repeated rows)
+            curvature_factors="pass",
         ),
         output_dir=str(out / "unlearned"),
         train_dataset=setup.train_set,  # the JSONL ids
