@@ -295,14 +295,15 @@ def solver_method(solver: str, settings: dict, base: dict = SINGLE_UPDATE):
     return run
 
 
-def default_method(suite: dict):
-    """`unlearn` with `UnlearningArguments`' defaults (the suite's settings ignored), K-FAC factors found beside
-    the original adapter as `hf-unlearn unlearn` finds them: what a user gets without tuning flags."""
+def default_method(suite: dict, **overrides):
+    """`unlearn` with `UnlearningArguments`' defaults (the suite's settings ignored) and `overrides`, K-FAC
+    factors found beside the original adapter as `hf-unlearn unlearn` finds them: what a user gets without
+    tuning flags (and with the flags `overrides` names)."""
 
     def run(lab: Lab, original: Path, train: TrainingSet, request: UnlearningRequest, out: Path, **_):
         saved = (original / "curvature_factors.json").is_file()
         factors = {"curvature_factors": str(original)} if saved else {}
-        return solver_method(UnlearningArguments().solver, factors, base={})(
+        return solver_method(UnlearningArguments().solver, {**factors, **overrides}, base={})(
             lab, original, train, request, out
         )
 
@@ -764,6 +765,9 @@ METHODS = {
     "cg+nystrom": _solver_factory("cg", "cg+nystrom", preconditioner="nystrom", curvature_factors="captured"),
     # UnlearningArguments' defaults: what hf-unlearn unlearn does without tuning flags
     "default": default_method,
+    # the defaults with the kept rows estimated on a 256-row sample around θ* (a control variate) instead of
+    # the captured K-FAC quadratic: `--objective-estimate sample --hessian-samples 256`
+    "default-sample": lambda suite: default_method(suite, objective_estimate="sample", hessian_samples=256),
     "llmeraser-reference": lambda suite: llmeraser_reference,
     "gradient-ascent": lambda suite: gradient_ascent,
     "retrain-next-seed": lambda suite: retrain_next_seed,
