@@ -7,10 +7,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-# Flags of a shared argument dataclass that make no sense for a command: not offered (nor accepted) there.
-HIDDEN = {  # training only (UnlearnTrainer / the callback)
-    "hf-unlearn unlearn": {"capture_curvature"},
-}
+# Flags of a shared argument dataclass that make no sense for a command: not offered (nor accepted) there. For
+# hf-unlearn unlearn, the training-time arguments (`config.TRAINING_TIME_ARGUMENTS`: UnlearnTrainer / the callback).
+HIDDEN_TRAINING_TIME = ("hf-unlearn unlearn",)
 
 
 # The unlearning arguments `hf-unlearn prepare` uses (`eraser.prepare_curvature`: one K-FAC pass over the
@@ -21,13 +20,17 @@ PREPARE_ARGUMENTS = frozenset(
 
 
 def hidden_flags(prog: str) -> set[str]:
-    """The destinations of the flags `prog` does not offer (`HIDDEN`, and for prepare every unlearning argument
-    outside `PREPARE_ARGUMENTS`)."""
+    """The destinations of the flags `prog` does not offer (for unlearn the training-time arguments, for prepare
+    every unlearning argument outside `PREPARE_ARGUMENTS`)."""
     if prog == "hf-unlearn prepare":
         from .config import UnlearningArguments
 
         return {f.name for f in dataclasses.fields(UnlearningArguments)} - PREPARE_ARGUMENTS
-    return set(HIDDEN.get(prog, ()))
+    if prog in HIDDEN_TRAINING_TIME:
+        from .config import TRAINING_TIME_ARGUMENTS
+
+        return set(TRAINING_TIME_ARGUMENTS)
+    return set()
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,6 +70,26 @@ def _tidy(parser, prog: str) -> None:
             action.default = argparse.SUPPRESS  # the positive flag's default is the one that applies
 
 
+def _group_by_concern(parser, types: tuple) -> None:
+    """List the flags of an argument dataclass composed of concerns (`UnlearningArguments.CONCERNS`'s classes,
+    each with a `HELP_GROUP` heading) under one heading per concern in the help; parsing is unchanged."""
+    from .config import CONCERNS, Concern
+
+    if not any(isinstance(t, type) and issubclass(t, Concern) for t in types):
+        return
+    for concern in CONCERNS:
+        names = {f.name for f in dataclasses.fields(concern)}
+        actions = [a for a in parser._actions if a.dest in names and a.option_strings]
+        if not actions:  # every flag of the concern hidden for this command
+            continue
+        group = parser.add_argument_group(concern.HELP_GROUP)
+        for action in actions:
+            for other in parser._action_groups:
+                if action in other._group_actions:
+                    other._group_actions.remove(action)
+            group._group_actions.append(action)
+
+
 def build_parser(types: tuple, prog: str, config: bool = False):
     """The `HfArgumentParser` of `prog` over `types` (tidied by `_tidy`), raising `ConfigurationError` for a bad
     argument; with `config`, `--config FILE` is in its help (`config_file`)."""
@@ -76,6 +99,7 @@ def build_parser(types: tuple, prog: str, config: bool = False):
 
     parser = HfArgumentParser(types, prog=prog, formatter_class=_HelpFormatter)
     _tidy(parser, prog)
+    _group_by_concern(parser, types)
     if config:
         from .config_file import CONFIG_FLAG, CONFIG_HELP, ConfigAction
 

@@ -70,8 +70,9 @@ class UnlearningWiring:
 
     - `l2`: the objective's (μ/2)‖θ‖² term trained as `L2RegularizationCallback` trains it (μ =
       `unlearning_args.l2_regularization`; with μ = 0 it does nothing and is not among `callbacks`);
-    - `capture`: with `unlearning_args.capture_curvature`, a `CurvatureCaptureCallback` (`required=False`: a model
-      or run it cannot describe is logged and trained without it) whose factors are `curvature_factors`;
+    - `capture`: with `unlearning_args.capture_curvature` (the training-time concern of the arguments,
+      `config.TrainingCaptureArguments`), a `CurvatureCaptureCallback` (`required=False`: a model or run it
+      cannot describe is logged and trained without it) whose factors are `curvature_factors`;
     - `callbacks`: those of the two that act during training, in that order (the L2 term first);
     - `check(model)`: fail early where the curvature cannot run;
     - `unlearn(...)`: one request on the live adapter, with its manifest.
