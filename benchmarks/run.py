@@ -51,6 +51,7 @@ from hf_unlearn.evaluation import compare
 from hf_unlearn.gradients import Batches, gradient_sum
 from hf_unlearn.objective import example_losses
 from hf_unlearn.params import ParameterSpace, computation_mode
+from hf_unlearn.provenance import provenance as hf_provenance
 from hf_unlearn.solvers import SOLVERS
 from hf_unlearn.toy import build_toy_model
 
@@ -958,35 +959,9 @@ def _script_path() -> str:
 
 
 def provenance(argv) -> dict:
-    """What produced a results file: git revision (and whether the tree was dirty), library versions, threads,
-    command line."""
-    import platform
-    import subprocess
-
-    import peft
-    import transformers
-
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    return {
-        "git_revision": (git("rev-parse", "HEAD") or "unknown").strip(),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "peft": peft.__version__,
-        },
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "command": ["python", _script_path(), *(sys.argv[1:] if argv is None else argv)],
-    }
+    """`hf_unlearn.provenance` of this benchmark run: the command names the script and `argv` (default: its
+    own arguments)."""
+    return hf_provenance(["python", _script_path(), *(sys.argv[1:] if argv is None else argv)])
 
 
 SPREAD_FLOOR, SPREAD_FACTOR = 0.15, 1.5  # |g − 1| ≤ max(0.15, 1.5·|g_next − 1|)

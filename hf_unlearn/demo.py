@@ -24,6 +24,7 @@ from .data import TrainingSet, read_jsonl
 from .demo_data import DIR as DEMO_FILES
 from .errors import ConfigurationError
 from .objective import causal_lm_task
+from .provenance import provenance
 from .request import UnlearningRequest
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -357,6 +358,7 @@ def run_demo(args: DemoArguments) -> dict:
         if kind == "QM":
             entry["trigger_probe"] = {"metric": TRIGGER_PROBE} | extras["trigger_probe"]
     results["arguments"] = asdict(args)
+    results["provenance"] = provenance()
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print_table(results)
     plot(results, out / "demo_results.png")

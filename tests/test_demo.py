@@ -50,6 +50,9 @@ def test_demo_runs_end_to_end_on_a_local_model_directory(tiny_model, tmp_path, c
     assert results["n_train"] == len(demo_data.generate()["train"])
     assert set(results["kinds"]) == {"IR", "QM", "RC"}
     assert results["spread"] is False
+    prov = results["provenance"]  # what produced the figures: revision (in a checkout), versions, threads
+    assert prov["versions"]["torch"] == torch.__version__ and prov["torch_threads"] == torch.get_num_threads()
+    assert prov["command"] and (prov["git_revision"] is None or len(prov["git_revision"]) == 40)
     for r in results["kinds"].values():
         assert {"metric", "original", "unlearned", "retrained", "unlearn_seconds", "retrain_seconds"} <= set(
             r
