@@ -72,6 +72,9 @@ SUITES = {
             "l2_regularization": 0.1,
         },
         "unlearning": {"curvature": "ggn", "damping": 0.0, "max_iter": 300, "tol": 1e-5},
+        # K-FAC factors captured while training, as hf-unlearn train and the Trainer paths do by default: the
+        # `default` method finds them beside the original adapter (capture does not change the training)
+        "capture_curvature": True,
         "scaling_facts": [24, 48, 96],
         "scaling_ranks": [4, 8, 16],
         # utility, forget quality and PrivLeak (#22) on TOFU-style data of this suite's size: 12 people with
