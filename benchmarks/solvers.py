@@ -51,8 +51,9 @@ from hf_unlearn.gradients import Batches, gradient_sum  # noqa: E402
 from hf_unlearn.objective import normaliser  # noqa: E402
 from hf_unlearn.params import ParameterSpace, computation_mode  # noqa: E402
 from hf_unlearn.refinement import choose_damping  # noqa: E402
-from hf_unlearn.solvers import SOLVERS, dense_matrix  # noqa: E402
+from hf_unlearn.solvers import SOLVERS, LissaOptions, QPOptions, dense_matrix  # noqa: E402
 
+SOLVER_OPTIONS = {"lissa": LissaOptions, "qp": QPOptions}
 STAT_KEYS = (
     "lissa_scale",
     "qp_lr",
@@ -160,7 +161,12 @@ def run_solvers(results, save, problem: dict, damping: float, b: torch.Tensor, b
                 label,
                 budget,
                 lambda solver=solver, budget=budget, options=options: SOLVERS[solver](
-                    op, damping, -b, tol=1e-6, max_iter=budget, seed=seed, **options
+                    op,
+                    damping,
+                    -b,
+                    tol=1e-6,
+                    max_iter=budget,
+                    options=SOLVER_OPTIONS[solver](seed=seed, **options),
                 ),
             )
 
