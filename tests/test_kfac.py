@@ -28,7 +28,13 @@ from hf_unlearn import (
     unlearn,
 )
 from hf_unlearn.curvature import GaussNewtonOperator
-from hf_unlearn.curvature.kfac import EKFACOperator, KFACOperator, kfac_eigenbasis, linear_blocks
+from hf_unlearn.curvature.kfac import (
+    EKFACOperator,
+    KFACOperator,
+    KFACPreconditioner,
+    kfac_eigenbasis,
+    linear_blocks,
+)
 from hf_unlearn.curvature.kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors
 from hf_unlearn.distributed import Processes
 from hf_unlearn.gradients import Batches
@@ -358,7 +364,7 @@ def test_uncovered_parameters_are_refused_by_kfac_and_scaled_by_one_over_damping
     f = factors_for(m.eval(), ROWS, "token")
     with pytest.raises(ConfigurationError, match="outside any.*norm.weight.*--preconditioner kfac"):
         operator(KFACOperator, m, f)
-    pre = operator(KFACOperator, m, f, allow_uncovered=True)
+    pre = operator(KFACPreconditioner, m, f)
     space = ParameterSpace(m)
     r = torch.randn(space.numel, dtype=torch.float64)
     z = space.unflatten(pre.solve_damped(r, 0.5))

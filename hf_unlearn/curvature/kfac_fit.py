@@ -278,4 +278,4 @@ def fit_ekfac_eigenvalues(
     info = {k: v for k, v in factors.info.items()}
     info["ekfac_rows"] = batches.total_rows
     info["ekfac_seed"] = seed
-    return KFACFactors(factors.A, factors.G, factors.positions, eigen=eigen, **info)
+    return KFACFactors(factors.A, factors.G, factors.positions, **info).with_eigenvalues(eigen)

@@ -22,7 +22,7 @@ from ..config import KFAC_CURVATURES, UnlearningArguments
 from ..errors import ConfigurationError
 from ..objective import normaliser
 from ..request import current_digest_key, row_digest
-from . import CURVATURE_OPERATORS, KFAC_OPERATORS
+from . import CURVATURE_OPERATORS, KFAC_OPERATORS, KFAC_PRECONDITIONERS
 from .kfac import KFACFactors, parameters_digest
 from .kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors
 from .nystrom import NystromPreconditioner, NystromSketch
@@ -281,7 +281,7 @@ def build_operators(
     if args.preconditioner == "nystrom":
         preconditioner = NystromPreconditioner(sketch)
     elif args.preconditioner != "none":
-        preconditioner = KFAC_OPERATORS[args.preconditioner](
-            model, task, space, batches([]), norm, M, processes, factors=factors, allow_uncovered=True
+        preconditioner = KFAC_PRECONDITIONERS[args.preconditioner](
+            model, task, space, batches([]), norm, M, processes, factors=factors
         )
     return curvature, preconditioner
