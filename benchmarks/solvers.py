@@ -47,7 +47,7 @@ from hf_unlearn import CausalLMTask, TrainingSet, UnlearningRequest  # noqa: E40
 from hf_unlearn.curvature import CURVATURE_OPERATORS  # noqa: E402
 from hf_unlearn.distributed import Processes  # noqa: E402
 from hf_unlearn.eraser import request_rhs  # noqa: E402
-from hf_unlearn.gradients import Batches, gradient_sum  # noqa: E402
+from hf_unlearn.gradients import Batches, LossContext, gradient_sum  # noqa: E402
 from hf_unlearn.objective import normaliser  # noqa: E402
 from hf_unlearn.params import ParameterSpace, computation_mode  # noqa: E402
 from hf_unlearn.refinement import choose_damping  # noqa: E402
@@ -262,7 +262,7 @@ def toy(opts, budgets, results, save):
             op = CURVATURE_OPERATORS[settings["curvature"]](  # C over the edited rows, M fixed (unlearn's)
                 model, task, space, batches(resolved.edited_rows(all_rows)), "token", M, processes
             )
-            b, _ = request_rhs(model, task, space, resolved, batches, "token", processes, M)
+            b, _ = request_rhs(LossContext(model, task, space, processes), resolved, batches, "token", M)
             damping, auto = (
                 choose_damping(op, b, opts.seed)
                 if settings["damping"] == "auto"
