@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict, Unpack
 
 import torch
 
@@ -78,6 +79,15 @@ class UnlearningResult:
         return math.sqrt(sum(float(d.double().pow(2).sum()) for d in self.delta.values()))
 
 
+class PrecomputedCurvature(TypedDict, total=False):
+    """The curvature `unlearn` can be handed instead of computing it (its keyword arguments of these names,
+    each optional, default None): K-FAC factors, a Nyström sketch, a row-gradient sketch."""
+
+    curvature_factors: KFACFactors | None
+    nystrom_sketch: NystromSketch | None
+    row_gradient_sketch: RowGradientSketch | None
+
+
 def unlearn(
     model: torch.nn.Module,
     train_dataset: Sequence[Mapping] | TrainingSet,
@@ -86,9 +96,7 @@ def unlearn(
     *,
     task: UnlearningTask | None = None,
     tokenizer=None,
-    curvature_factors: KFACFactors | None = None,
-    nystrom_sketch: NystromSketch | None = None,
-    row_gradient_sketch: RowGradientSketch | None = None,
+    **precomputed: Unpack[PrecomputedCurvature],
 ) -> UnlearningResult:
     """Apply the LLMEraser update `Δθ = −(C + (μ + λ)I)⁻¹ b` for `request` to the trainable parameters of
     `model`, in place (C over the edited rows unless `args.curvature_data` says otherwise; μ =
@@ -99,8 +107,13 @@ def unlearn(
     causal-LM loss for other models. `curvature_factors` are K-FAC factors for `curvature="kfac"|"ekfac"` or
     a K-FAC preconditioner (e.g. captured during training; see `args.curvature_factors` for the other
     sources); `nystrom_sketch` the training set's sketch for `preconditioner="nystrom"` (e.g. the
-    `nystrom_sketch` of an earlier result). Returns the applied Δθ and the solver statistics.
+    `nystrom_sketch` of an earlier result); `row_gradient_sketch` the rows' gradient sketch for
+    `objective_estimate="sample"` (these three are `PrecomputedCurvature`, each optional). Returns the applied
+    Δθ and the solver statistics.
     """
+    unknown = sorted(set(precomputed) - set(PrecomputedCurvature.__annotations__))
+    if unknown:
+        raise TypeError(f"unlearn() got an unexpected keyword argument {unknown[0]!r}")
     args = args or UnlearningArguments()
     check_curvature_supported(args.curvature, model)
     task = task or causal_lm_task(tokenizer, model)
@@ -117,7 +130,10 @@ def unlearn(
     with computation_mode(model, args.torch_dtype):
         ctx = _Context.of(model, task, space, processes, args, train, resolved)
         ctx.rhs = _right_hand_side(ctx)
-        curvature = _curvature(ctx, estimate_choice, curvature_factors, nystrom_sketch, row_gradient_sketch)
+        curvature = _curvature(
+            ctx, estimate_choice, precomputed.get("curvature_factors"), precomputed.get("nystrom_sketch"),
+            precomputed.get("row_gradient_sketch"),
+        )  # fmt: skip
         damping = _damping(ctx, curvature)
         solver = _solver(ctx, curvature)
         kept = _kept_rows(ctx)
