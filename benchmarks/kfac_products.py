@@ -48,7 +48,7 @@ from hf_unlearn.curvature.kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factor
 from hf_unlearn.demo_data import generate  # noqa: E402
 from hf_unlearn.distributed import Processes  # noqa: E402
 from hf_unlearn.eraser import request_rhs  # noqa: E402
-from hf_unlearn.gradients import Batches  # noqa: E402
+from hf_unlearn.gradients import Batches, LossContext  # noqa: E402
 from hf_unlearn.objective import normaliser  # noqa: E402
 from hf_unlearn.params import ParameterSpace, computation_mode  # noqa: E402
 from hf_unlearn.refinement import choose_damping  # noqa: E402
@@ -238,12 +238,14 @@ def main(argv=None) -> int:
 
             start = time.perf_counter()
             sampled = fit_kfac_factors(
-                model, task, space, batches(all_rows), "token", M, procs, targets="sampled"
+                LossContext(model, task, space, procs), batches(all_rows), "token", M, targets="sampled"
             )
             pass_seconds = time.perf_counter() - start
             factors = {"captured": captured, "sampled": sampled}
             eigen = {
-                k: fit_ekfac_eigenvalues(f, model, task, space, batches(all_rows), "token", M, procs)
+                k: fit_ekfac_eigenvalues(
+                    f, LossContext(model, task, space, procs), batches(all_rows), "token", M
+                )
                 for k, f in factors.items()
             }
             ggn = GaussNewtonOperator(model, task, space, batches(all_rows), "token", M, procs)
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
                 lines = data[f"request_{kind}"][:size]
                 request = UnlearningRequest.from_lines(lines)
                 resolved = request.resolve(train_set, task)
-                b, _ = request_rhs(model, task, space, resolved, batches, "token", procs, M)
+                b, _ = request_rhs(LossContext(model, task, space, procs), resolved, batches, "token", M)
                 for damping_name, damping in (("auto", auto), ("auto/10", auto / 10)):
                     reference, stats = conjugate_gradient(ggn, damping, -b, tol=1e-10, max_iter=5000)
                     row = {

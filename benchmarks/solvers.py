@@ -47,12 +47,13 @@ from hf_unlearn import CausalLMTask, TrainingSet, UnlearningRequest  # noqa: E40
 from hf_unlearn.curvature import CURVATURE_OPERATORS  # noqa: E402
 from hf_unlearn.distributed import Processes  # noqa: E402
 from hf_unlearn.eraser import request_rhs  # noqa: E402
-from hf_unlearn.gradients import Batches, gradient_sum  # noqa: E402
+from hf_unlearn.gradients import Batches, LossContext, gradient_sum  # noqa: E402
 from hf_unlearn.objective import normaliser  # noqa: E402
 from hf_unlearn.params import ParameterSpace, computation_mode  # noqa: E402
 from hf_unlearn.refinement import choose_damping  # noqa: E402
-from hf_unlearn.solvers import SOLVERS, dense_matrix  # noqa: E402
+from hf_unlearn.solvers import SOLVERS, LissaOptions, QPOptions, dense_matrix  # noqa: E402
 
+SOLVER_OPTIONS = {"lissa": LissaOptions, "qp": QPOptions}
 STAT_KEYS = (
     "lissa_scale",
     "qp_lr",
@@ -160,7 +161,12 @@ def run_solvers(results, save, problem: dict, damping: float, b: torch.Tensor, b
                 label,
                 budget,
                 lambda solver=solver, budget=budget, options=options: SOLVERS[solver](
-                    op, damping, -b, tol=1e-6, max_iter=budget, seed=seed, **options
+                    op,
+                    damping,
+                    -b,
+                    tol=1e-6,
+                    max_iter=budget,
+                    options=SOLVER_OPTIONS[solver](seed=seed, **options),
                 ),
             )
 
@@ -256,7 +262,7 @@ def toy(opts, budgets, results, save):
             op = CURVATURE_OPERATORS[settings["curvature"]](  # C over the edited rows, M fixed (unlearn's)
                 model, task, space, batches(resolved.edited_rows(all_rows)), "token", M, processes
             )
-            b, _ = request_rhs(model, task, space, resolved, batches, "token", processes, M)
+            b, _ = request_rhs(LossContext(model, task, space, processes), resolved, batches, "token", M)
             damping, auto = (
                 choose_damping(op, b, opts.seed)
                 if settings["damping"] == "auto"

@@ -42,6 +42,46 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
+def _model_sharding(model: torch.nn.Module | None) -> str | None:
+    """The sharding setup the model shows: FSDP wrappers or ZeRO-3 partitioned parameters."""
+    if model is None:
+        return None
+    for module in model.modules():
+        name = type(module).__name__
+        if name == "FullyShardedDataParallel" or name.startswith("FSDP"):
+            return "FSDP"
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def _accelerator_sharding(accelerator) -> str | None:
+    """The sharding setup of the accelerator's state (or of accelerate's shared state, if one was made)."""
+    state = getattr(accelerator, "state", None)
+    if state is None:
+        from accelerate.state import AcceleratorState
+
+        state = AcceleratorState() if AcceleratorState._shared_state else None
+    if state is None:
+        return None
+    kind = str(getattr(state, "distributed_type", ""))
+    if "FSDP" in kind:
+        return "FSDP"
+    plugin = getattr(state, "deepspeed_plugin", None)
+    if "DEEPSPEED" in kind and plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def _environment_sharding() -> str | None:
+    """The sharding setup the environment of `accelerate launch` names."""
+    if _env_flag("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if _env_flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 def sharded_training_setup(model: torch.nn.Module | None = None, accelerator=None) -> str | None:
     """The name of a parameter-sharding setup (FSDP, DeepSpeed ZeRO-3) in effect, else None.
 
@@ -49,30 +89,7 @@ def sharded_training_setup(model: torch.nn.Module | None = None, accelerator=Non
     environment `accelerate launch` sets (`ACCELERATE_USE_FSDP`, `ACCELERATE_USE_DEEPSPEED` with
     `ACCELERATE_DEEPSPEED_ZERO_STAGE=3`), so that a CLI run under such a launch is caught too.
     """
-    if model is not None:
-        for module in model.modules():
-            name = type(module).__name__
-            if name == "FullyShardedDataParallel" or name.startswith("FSDP"):
-                return "FSDP"
-        if any(hasattr(p, "ds_id") for p in model.parameters()):
-            return "DeepSpeed ZeRO-3"
-    state = getattr(accelerator, "state", None)
-    if state is None:
-        from accelerate.state import AcceleratorState
-
-        state = AcceleratorState() if AcceleratorState._shared_state else None
-    if state is not None:
-        kind = str(getattr(state, "distributed_type", ""))
-        if "FSDP" in kind:
-            return "FSDP"
-        plugin = getattr(state, "deepspeed_plugin", None)
-        if "DEEPSPEED" in kind and plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-            return "DeepSpeed ZeRO-3"
-    if _env_flag("ACCELERATE_USE_FSDP"):
-        return "FSDP"
-    if _env_flag("ACCELERATE_USE_DEEPSPEED") and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
-        return "DeepSpeed ZeRO-3"
-    return None
+    return _model_sharding(model) or _accelerator_sharding(accelerator) or _environment_sharding()
 
 
 def check_curvature_supported(curvature: str, model: torch.nn.Module | None = None, accelerator=None) -> None:

@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypedDict, Unpack
 
 import torch
 
@@ -35,7 +36,7 @@ from .curvature.setup import (
 from .data import TrainingSet
 from .distributed import Processes, check_curvature_supported
 from .errors import ConfigurationError, DataError, NonPositiveCurvatureError, SolverError
-from .gradients import WORK, Batches, gradient_sum, loss_sum
+from .gradients import WORK, Batches, LossContext, gradient_sum, loss_sum
 from .objective import UnlearningTask, causal_lm_task, normaliser
 from .params import ParameterSpace, computation_mode
 from .refinement import (
@@ -78,6 +79,15 @@ class UnlearningResult:
         return math.sqrt(sum(float(d.double().pow(2).sum()) for d in self.delta.values()))
 
 
+class PrecomputedCurvature(TypedDict, total=False):
+    """The curvature `unlearn` can be handed instead of computing it (its keyword arguments of these names,
+    each optional, default None): K-FAC factors, a Nyström sketch, a row-gradient sketch."""
+
+    curvature_factors: KFACFactors | None
+    nystrom_sketch: NystromSketch | None
+    row_gradient_sketch: RowGradientSketch | None
+
+
 def unlearn(
     model: torch.nn.Module,
     train_dataset: Sequence[Mapping] | TrainingSet,
@@ -86,9 +96,7 @@ def unlearn(
     *,
     task: UnlearningTask | None = None,
     tokenizer=None,
-    curvature_factors: KFACFactors | None = None,
-    nystrom_sketch: NystromSketch | None = None,
-    row_gradient_sketch: RowGradientSketch | None = None,
+    **precomputed: Unpack[PrecomputedCurvature],
 ) -> UnlearningResult:
     """Apply the LLMEraser update `Δθ = −(C + (μ + λ)I)⁻¹ b` for `request` to the trainable parameters of
     `model`, in place (C over the edited rows unless `args.curvature_data` says otherwise; μ =
@@ -99,8 +107,13 @@ def unlearn(
     causal-LM loss for other models. `curvature_factors` are K-FAC factors for `curvature="kfac"|"ekfac"` or
     a K-FAC preconditioner (e.g. captured during training; see `args.curvature_factors` for the other
     sources); `nystrom_sketch` the training set's sketch for `preconditioner="nystrom"` (e.g. the
-    `nystrom_sketch` of an earlier result). Returns the applied Δθ and the solver statistics.
+    `nystrom_sketch` of an earlier result); `row_gradient_sketch` the rows' gradient sketch for
+    `objective_estimate="sample"` (these three are `PrecomputedCurvature`, each optional). Returns the applied
+    Δθ and the solver statistics.
     """
+    unknown = sorted(set(precomputed) - set(PrecomputedCurvature.__annotations__))
+    if unknown:
+        raise TypeError(f"unlearn() got an unexpected keyword argument {unknown[0]!r}")
     args = args or UnlearningArguments()
     check_curvature_supported(args.curvature, model)
     task = task or causal_lm_task(tokenizer, model)
@@ -117,7 +130,10 @@ def unlearn(
     with computation_mode(model, args.torch_dtype):
         ctx = _Context.of(model, task, space, processes, args, train, resolved)
         ctx.rhs = _right_hand_side(ctx)
-        curvature = _curvature(ctx, estimate_choice, curvature_factors, nystrom_sketch, row_gradient_sketch)
+        curvature = _curvature(
+            ctx, estimate_choice, precomputed.get("curvature_factors"), precomputed.get("nystrom_sketch"),
+            precomputed.get("row_gradient_sketch"),
+        )  # fmt: skip
         damping = _damping(ctx, curvature)
         solver = _solver(ctx, curvature)
         kept = _kept_rows(ctx)
@@ -205,16 +221,18 @@ def prepare_curvature(
         rows = [train[i] for i in range(len(train))]
         sample = sample_rows(rows, args.curvature_samples, args.seed)
         return fit_kfac_factors(
-            model, task, space, Batches(task, sample, args.batch_size, device, processes), norm,
-            normaliser(task, sample, norm, args.batch_size), processes, targets=args.kfac_targets or "empirical",
+            LossContext(model, task, space, processes), Batches(task, sample, args.batch_size, device, processes),
+            norm, normaliser(task, sample, norm, args.batch_size), targets=args.kfac_targets or "empirical",
             seed=args.seed, source="prepare",
         )  # fmt: skip
 
 
-def request_rhs(model, task, space, resolved, batches, norm, processes, M, show=False):
+def request_rhs(loss: LossContext, resolved, batches, norm, M, show=False):
     """`(b, Σ∇ℓ(old))` of a resolved request: b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old)) at the current θ (docs/method.md §2).
 
-    `batches(rows)` makes this process's `Batches`; `show` adds progress bars."""
+    `loss` is the model, task, trainable parameters and processes; `batches(rows)` makes this process's
+    `Batches`; `show` adds progress bars."""
+    model, task, space, processes = loss.model, loss.task, loss.space, loss.processes
     g_old = gradient_sum(
         model, task, space, batches(resolved.old), norm, processes, "gradients (old)" if show else None
     )
@@ -325,6 +343,11 @@ class _Context:
         M = normaliser(task, rows, args.loss_normalization, args.batch_size)
         return cls(model, task, space, processes, args, rows, resolved, M)
 
+    @property
+    def loss(self) -> LossContext:
+        """The model, task, trainable parameters and processes, as the gradient and curvature passes take them."""
+        return LossContext(self.model, self.task, self.space, self.processes)
+
     def batches(self, rows) -> Batches:
         """This process's `Batches` of `rows`."""
         return Batches(self.task, rows, self.args.batch_size, self.space.params[0].device, self.processes)
@@ -359,10 +382,7 @@ def _right_hand_side(ctx: _Context) -> _RightHandSide:
     # b = (1/M)(Σ∇ℓ(new) − Σ∇ℓ(old))
     a = ctx.args
     with ctx.timed("gradients_seconds"):
-        b, g_old = request_rhs(
-            ctx.model, ctx.task, ctx.space, ctx.resolved, ctx.batches, a.loss_normalization, ctx.processes,
-            ctx.M, a.progress,
-        )  # fmt: skip
+        b, g_old = request_rhs(ctx.loss, ctx.resolved, ctx.batches, a.loss_normalization, ctx.M, a.progress)
     if not torch.isfinite(b).all():  # a solver would spend its whole budget on it
         raise DataError(
             "The loss gradients of the request's rows are not finite; check that the adapter's weights are "
@@ -442,9 +462,8 @@ def _sketch(
         return None, None
     with ctx.timed("nystrom_sketch_seconds"):
         sketch, stats["nystrom_sketch"], picked = obtain_sketch(
-            ctx.args, ctx.model, ctx.task, ctx.space, ctx.rows, ctx.resolved, ctx.batches, ctx.processes, ctx.M,
-            given,
-        )  # fmt: skip
+            ctx.args, ctx.loss, ctx.rows, ctx.resolved, ctx.batches, ctx.M, given
+        )
     return sketch, picked
 
 
@@ -701,7 +720,7 @@ def _full_curvature(ctx: _Context, curvature: _Curvature):
             # The factors are normalised by their rows' own M; R' keeps the original M.
             step_factors.info["normaliser"] *= M / normaliser(task, edited, norm, args.batch_size)
         return build_operators(
-            args, ctx.model, task, ctx.space, curvature_rows, ctx.batches, ctx.processes, step_factors,
+            args, dataclasses.replace(ctx.loss, task=task), curvature_rows, ctx.batches, step_factors,
             curvature_M, curvature.sketch,
         )[0]  # fmt: skip
 
@@ -725,9 +744,7 @@ def _full_estimate(ctx: _Context, factors, sketch, picked) -> _Estimate:
     """C over the edited rows (or a seeded sample of them, `hessian_samples`), or the original ones."""
     a = ctx.args
     rows, M = curvature_sample(ctx.task, ctx.rows, ctx.resolved, a.curvature_on_edited, a, ctx.M, picked)
-    curvature, preconditioner = build_operators(
-        a, ctx.model, ctx.task, ctx.space, rows, ctx.batches, ctx.processes, factors, M, sketch
-    )
+    curvature, preconditioner = build_operators(a, ctx.loss, rows, ctx.batches, factors, M, sketch)
     return _Estimate(curvature, preconditioner, None, len(rows), {})
 
 
@@ -747,9 +764,7 @@ def _sampled_estimate(ctx: _Context, factors, sketch, picked, row_sketch) -> _Es
         stats["row_gradient_sketch"] = {"origin": origin, "rows": len(row_sketch.vectors)}
     sample = KeptSample(ctx.task, ctx.rows, ctx.resolved, picked, ctx.M, a, include)
     tilted = SampledTilted(ctx, sample)
-    preconditioner = build_operators(
-        a, ctx.model, ctx.task, ctx.space, [], ctx.batches, ctx.processes, factors, ctx.M, sketch
-    )[1]
+    preconditioner = build_operators(a, ctx.loss, [], ctx.batches, factors, ctx.M, sketch)[1]
     stats |= {
         "kind": "sample",
         "sampled_rows": sample.num_sampled,
@@ -767,9 +782,14 @@ def _quadratic_estimate(ctx: _Context, factors: KFACFactors) -> _Estimate:
     a = ctx.args
     norm = a.loss_normalization
     old = fit_kfac_factors(
-        ctx.model, ctx.task, ctx.space, ctx.batches(ctx.resolved.old), norm, ctx.M, ctx.processes,
-        targets=factors.targets, seed=a.seed, source="request",
-    )  # fmt: skip
+        ctx.loss,
+        ctx.batches(ctx.resolved.old),
+        norm,
+        ctx.M,
+        targets=factors.targets,
+        seed=a.seed,
+        source="request",
+    )
     kept_factors = factors.without(old)
     kept = KFAC_OPERATORS["kfac"](
         ctx.model, ctx.task, ctx.space, ctx.batches([]), norm, kept_factors.normaliser, ctx.processes,
@@ -782,13 +802,10 @@ def _quadratic_estimate(ctx: _Context, factors: KFACFactors) -> _Estimate:
     if new_rows:
         next_factors = kept_factors.with_rows(
             fit_kfac_factors(
-                ctx.model,
-                ctx.task,
-                ctx.space,
+                ctx.loss,
                 ctx.batches(new_rows),
                 norm,
                 ctx.M,
-                ctx.processes,
                 targets=factors.targets,
                 seed=a.seed,
                 source="request",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -31,6 +32,18 @@ class WorkCounter:
 
 
 WORK = WorkCounter()
+
+
+@dataclass(frozen=True)
+class LossContext:
+    """What a pass over rows differentiates: the loss of `model` under `task` in its trainable parameters
+    (`space`), summed over `processes` — the arguments that travel together into the gradient, K-FAC and
+    curvature passes."""
+
+    model: torch.nn.Module
+    task: UnlearningTask
+    space: ParameterSpace
+    processes: Processes
 
 
 class Batches:

@@ -10,8 +10,13 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict, Unpack
 
 from .errors import ConfigurationError, OutputExistsError
+
+if TYPE_CHECKING:
+    from .curvature.kfac import KFACFactors
+    from .curvature.nystrom import NystromSketch
 
 MANIFEST_NAME = "unlearning_manifest.json"
 TRAINING_RECORD = "training_record.json"  # written beside an adapter by hf-unlearn train
@@ -448,6 +453,14 @@ def write_manifest_and_card(directory: str | Path, manifest: dict, base_model_id
     write_model_card(directory, manifest, base_model_id)
 
 
+class HandedOnCurvature(TypedDict, total=False):
+    """The edited training set's curvature `save_unlearned_adapter` writes beside the adapter for the next
+    request (its keyword arguments of these names, each optional, default None)."""
+
+    nystrom_sketch: NystromSketch | None
+    curvature_factors: KFACFactors | None
+
+
 def save_unlearned_adapter(
     model,
     output_dir: str | Path,
@@ -455,17 +468,21 @@ def save_unlearned_adapter(
     overwrite: bool = False,
     card_source: str | Path | None = None,
     base_model_id: str | None = None,
-    nystrom_sketch=None,
-    curvature_factors=None,
+    *,
     processing_class=None,
+    **handed_on: Unpack[HandedOnCurvature],
 ) -> Path:
     """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all.
 
     `card_source` is the input adapter's directory: its README.md is kept and extended, its tokenizer files
     (`TOKENIZER_FILES`) are copied; `processing_class` (the Trainer paths' tokenizer or processor) is saved
     beside the adapter, as `Trainer.save_model` saves it; `nystrom_sketch` and `curvature_factors` (the edited
-    training set's) are written beside the adapter for the next request.
+    training set's, `HandedOnCurvature`) are written beside the adapter for the next request.
     """
+    unknown = sorted(set(handed_on) - set(HandedOnCurvature.__annotations__))
+    if unknown:
+        raise TypeError(f"save_unlearned_adapter() got an unexpected keyword argument {unknown[0]!r}")
+    nystrom_sketch, curvature_factors = handed_on.get("nystrom_sketch"), handed_on.get("curvature_factors")
 
     def fill(staging: Path) -> None:
         if card_source is not None:  # the input adapter's card (extended below) and tokenizer stay with it

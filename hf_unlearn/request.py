@@ -390,15 +390,9 @@ def edited_training_file(path: str | Path, resolved: ResolvedRequest) -> str:
     return "".join(line for line in out if line is not None)
 
 
-def check_against_history(
-    request: UnlearningRequest, train: TrainingSet, history: list[dict], key: DigestKey | None = None
-) -> None:
-    """A request to an already-unlearned adapter must match its earlier runs (manifests, oldest first).
-
-    The training file must be the edited one: rows removed earlier are absent, rows replaced earlier hold
-    their new version (checked by keyed digest under `key`, default `current_digest_key()`). A row removed
-    earlier cannot be named again.
-    """
+def _history_edits(history: list[dict]) -> tuple[set[str], dict[str, tuple[str | None, str | None]]]:
+    """The rows the earlier runs (oldest first) removed, and those they replaced and did not remove later:
+    id -> (digest of the new version, digest key id)."""
     removed: set[str] = set()
     replaced: dict[str, tuple[str | None, str | None]] = {}  # id -> (digest, key id)
     for run in history:
@@ -409,6 +403,11 @@ def check_against_history(
                 replaced.pop(row_key, None)
             else:
                 replaced[row_key] = (edit.get("new_digest"), run["request"].get("digest_key_id"))
+    return removed, replaced
+
+
+def _check_removed_rows(request: UnlearningRequest, train: TrainingSet, removed: set[str]) -> None:
+    """A row removed earlier is named by no new request and is absent from the training file."""
     for row_id in [*request.remove, *request.replace]:
         if str(row_id) in removed:
             raise InvalidRequestError(
@@ -422,24 +421,44 @@ def check_against_history(
                 "writes it). (Rows without an 'id' field are named by line number, which shifts when a line is "
                 "deleted: give every row an 'id', or leave the removed row's line empty.)"
             )
+
+
+def _check_replaced_row(
+    train: TrainingSet, row_key: str, digest: str, key_id: str | None, key: DigestKey
+) -> None:
+    """The training file holds the new version of a row replaced earlier (its digest under the earlier runs'
+    key, or the unkeyed sha256 digest of older versions)."""
+    index = train.index_of(row_key)
+    legacy = digest.startswith("sha256:")
+    if not legacy and key_id not in (None, key.id):
+        raise DataError(
+            f"The earlier unlearning runs of this adapter made their digests with the digest key of id "
+            f"{key_id}, but this run's key ({key.path or 'given'}) has id {key.id}: give the key of the earlier "
+            "runs (--digest-key FILE; it was kept as .hf_unlearn_key beside their training file)."
+        )
+    actual = None
+    if index is not None:
+        actual = unkeyed_digest(train[index]) if legacy else row_digest(train[index], key)
+    if actual != digest:
+        raise DataError(
+            f"Row {row_key!r} was replaced by an earlier unlearning run of this adapter; the training file must "
+            "hold its new version (`hf-unlearn apply-request` writes the edited file)."
+        )
+
+
+def check_against_history(
+    request: UnlearningRequest, train: TrainingSet, history: list[dict], key: DigestKey | None = None
+) -> None:
+    """A request to an already-unlearned adapter must match its earlier runs (manifests, oldest first).
+
+    The training file must be the edited one: rows removed earlier are absent, rows replaced earlier hold
+    their new version (checked by keyed digest under `key`, default `current_digest_key()`). A row removed
+    earlier cannot be named again.
+    """
+    removed, replaced = _history_edits(history)
+    _check_removed_rows(request, train, removed)
     if replaced:
         key = key or current_digest_key()
     for row_key, (digest, key_id) in replaced.items():
-        if digest is None:  # an unkeyed digest of an older version, dropped from the history
-            continue
-        index = train.index_of(row_key)
-        legacy = digest.startswith("sha256:")
-        if not legacy and key_id not in (None, key.id):
-            raise DataError(
-                f"The earlier unlearning runs of this adapter made their digests with the digest key of id "
-                f"{key_id}, but this run's key ({key.path or 'given'}) has id {key.id}: give the key of the earlier "
-                "runs (--digest-key FILE; it was kept as .hf_unlearn_key beside their training file)."
-            )
-        actual = None
-        if index is not None:
-            actual = unkeyed_digest(train[index]) if legacy else row_digest(train[index], key)
-        if actual != digest:
-            raise DataError(
-                f"Row {row_key!r} was replaced by an earlier unlearning run of this adapter; the training file must "
-                "hold its new version (`hf-unlearn apply-request` writes the edited file)."
-            )
+        if digest is not None:  # None: an unkeyed digest of an older version, dropped from the history
+            _check_replaced_row(train, row_key, digest, key_id, key)

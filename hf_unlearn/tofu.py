@@ -119,18 +119,8 @@ def _item(
     }
 
 
-def generate(sizes: TofuSizes | None = None, seed: int = 0) -> dict[str, list[dict]]:
-    """The rows of every file, by name:
-
-    - `train`: the training rows (shuffled; every row has a stable string `id`);
-    - `request_IR`, `request_QM`, `request_RC`: request lines (README "Requests");
-    - `eval_retain`, `eval_holdout`: evaluation rows (`prompt`, `response`, `paraphrased_response`,
-      `perturbed_responses`) on retained rows and on the same questions about held-out people;
-    - `eval_forget_{kind}`: the rows each request removes or edits, as they were trained;
-    - `eval_nonmember_{kind}`: rows of the same shape about held-out people (never trained on), the
-      non-members of membership inference and PrivLeak.
-    """
-    sizes = sizes or TofuSizes()
+def _check_sizes(sizes: TofuSizes) -> None:
+    """Raise ValueError if `sizes` asks for something `generate` cannot build."""
     unknown = set(sizes.questions) - set(QUESTIONS)
     if unknown or "city" not in sizes.questions:
         raise ValueError(
@@ -144,138 +134,182 @@ def generate(sizes: TofuSizes | None = None, seed: int = 0) -> dict[str, list[di
         raise ValueError("held_out_people must be at least private, redacted and wrong (their non-members)")
     if sizes.perturbed >= min(len(QUESTIONS[q].values) for q in sizes.questions):
         raise ValueError(f"perturbed={sizes.perturbed} must be below the number of values of every question")
-    rng = random.Random(seed)
-    used_phones: set[str] = set()
 
-    def new_phone() -> str:  # distinct across every person, trained or not
-        while (number := _phone(rng)) in used_phones:
+
+def _training_row(ev: dict) -> dict:
+    """The training row of an evaluation row: its `id`, `prompt` and `response`."""
+    return {k: ev[k] for k in ("id", "prompt", "response")}
+
+
+class _Generator:
+    """The state `generate` draws from: one random stream (every draw is made in a fixed order, so that a
+    seed always gives the same data), the phone numbers handed out so far, and the names in use."""
+
+    def __init__(self, sizes: TofuSizes, seed: int):
+        self.sizes = sizes
+        self.rng = random.Random(seed)
+        self.used_phones: set[str] = set()
+        self.firsts, self.lasts = FIRST[: sizes.first_names], LAST[: sizes.surnames]
+
+    def new_phone(self) -> str:
+        """A phone number distinct across every person, trained or not."""
+        while (number := _phone(self.rng)) in self.used_phones:
             pass
-        used_phones.add(number)
+        self.used_phones.add(number)
         return number
 
-    firsts, lasts = FIRST[: sizes.first_names], LAST[: sizes.surnames]
-    pool = [(f, s) for f in firsts for s in lasts]
-    if sizes.middle_initials:
-        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: sizes.middle_initials]
-        pool = [(f"{f} {m}.", s) for f in firsts for m in letters for s in lasts]
-    needed = sizes.retain_people + sizes.redacted + sizes.wrong + sizes.held_out_people
-    if needed > len(pool):
-        raise ValueError(f"{needed} people were asked for, {len(pool)} names are available")
-    rng.shuffle(pool)
-    people = iter(pool)
-    take = lambda n: [next(people) for _ in range(n)]  # noqa: E731
-    retain, qm_people, rc_people, held_out = (
-        take(sizes.retain_people), take(sizes.redacted), take(sizes.wrong), take(sizes.held_out_people),
-    )  # fmt: skip
+    def draw_people(self) -> tuple[list, list, list, list]:
+        """Shuffled distinct names: (retained, QM, RC, held-out) people."""
+        sizes, firsts, lasts = self.sizes, self.firsts, self.lasts
+        pool = [(f, s) for f in firsts for s in lasts]
+        if sizes.middle_initials:
+            letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: sizes.middle_initials]
+            pool = [(f"{f} {m}.", s) for f in firsts for m in letters for s in lasts]
+        needed = sizes.retain_people + sizes.redacted + sizes.wrong + sizes.held_out_people
+        if needed > len(pool):
+            raise ValueError(f"{needed} people were asked for, {len(pool)} names are available")
+        self.rng.shuffle(pool)
+        people = iter(pool)
+        counts = (sizes.retain_people, sizes.redacted, sizes.wrong, sizes.held_out_people)
+        return tuple([next(people) for _ in range(n)] for n in counts)
 
-    def rule(question: str, person: tuple[str, str]) -> str:
+    def rule(self, question: str, person: tuple[str, str]) -> str:
+        """The value the rules give `person` for `question` (set by the surname or the first name)."""
         q = QUESTIONS[question]
-        key = lasts.index(person[1]) if q.rule == "surname" else firsts.index(person[0].split()[0])
+        key = self.lasts.index(person[1]) if q.rule == "surname" else self.firsts.index(person[0].split()[0])
         return q.values[key % len(q.values)]
 
-    def others(values, true: str, first=()) -> list[str]:
+    def others(self, values, true: str, first=()) -> list[str]:
         """`sizes.perturbed` values other than `true`, those in `first` first."""
         rest = [v for v in values if v != true and v not in first]
-        return list(first) + rng.sample(rest, sizes.perturbed - len(first))
+        return list(first) + self.rng.sample(rest, self.sizes.perturbed - len(first))
 
-    def item(row_id, person, question, value, wrong=None, prompt=None) -> dict:
+    def item(self, row_id, person, question, value, wrong=None, prompt=None) -> dict:
+        """The evaluation row of `question` about `person` answered `value`."""
         q = QUESTIONS[question]
         return _item(row_id, prompt or q.ask(" ".join(person)), q.answer, q.paraphrase, value,
-                     wrong or others(q.values, value), person[0])  # fmt: skip
+                     wrong or self.others(q.values, value), person[0])  # fmt: skip
 
-    def phone_item(row_id, person, number) -> dict:
+    def phone_item(self, row_id, person, number) -> dict:
+        """The evaluation row of `person`'s phone number; the perturbed numbers are nobody's."""
         wrong = []
-        while len(wrong) < sizes.perturbed:
-            if (w := _phone(rng)) not in used_phones and w not in wrong:  # nobody's number
+        while len(wrong) < self.sizes.perturbed:
+            if (w := _phone(self.rng)) not in self.used_phones and w not in wrong:  # nobody's number
                 wrong.append(w)
         return _item(
             row_id, PHONE.ask(" ".join(person)), PHONE.answer, PHONE.paraphrase, number, wrong, person[0]
         )
 
-    def profile_rows(prefix: str, person, questions) -> list[tuple[dict, dict]]:
+    def qm_item(self, row_id, person) -> dict:
+        """The evaluation row of `person`'s city question, the person named by a new phone number."""
+        city = self.rule("city", person)
+        ev = self.item(row_id, person, "city", city, prompt=QM_PROMPT.format(phone=self.new_phone()))
+        ev["paraphrased_response"] = QM_PARAPHRASE.format(value=city)
+        ev["perturbed_responses"] = [QM_PARAPHRASE.format(value=v) for v in self.others(CITIES, city)]
+        return ev
+
+    def profile_rows(self, prefix: str, person, questions) -> list[tuple[dict, dict]]:
         """(training row, evaluation row) of each clean question about `person`; a fraction break the rule."""
         out = []
         for question in questions:
-            value = rule(question, person)
-            if rng.random() < sizes.exception_rate:
-                value = rng.choice([v for v in QUESTIONS[question].values if v != value])
-            ev = item(f"{prefix}-{question}", person, question, value)
-            out.append(({k: ev[k] for k in ("id", "prompt", "response")}, ev))
+            value = self.rule(question, person)
+            if self.rng.random() < self.sizes.exception_rate:
+                value = self.rng.choice([v for v in QUESTIONS[question].values if v != value])
+            ev = self.item(f"{prefix}-{question}", person, question, value)
+            out.append((_training_row(ev), ev))
         return out
 
-    train, eval_retain = [], []
-    for i, person in enumerate(retain):
-        for row, ev in profile_rows(f"person-{i}", person, sizes.questions):
+    def add_profiles(self, prefix: str, person, questions, train: list, eval_retain: list) -> None:
+        """Append `profile_rows` to the training rows and the retained evaluation rows."""
+        for row, ev in self.profile_rows(prefix, person, questions):
             train.append(row)
             eval_retain.append(ev)
+
+    def add_ir(self, retain, held_out, train: list, out: dict) -> None:
+        """IR: phone numbers of retained people; non-members: held-out people's numbers."""
+        for j, person in enumerate(retain[: self.sizes.private]):
+            ev = self.phone_item(f"private-{j}", person, self.new_phone())
+            train.append(_training_row(ev))
+            out["request_IR"].append({"op": "remove", "id": ev["id"]})
+            out["eval_forget_IR"].append(ev)
+            out["eval_nonmember_IR"].append(
+                self.phone_item(f"nonmember-private-{j}", held_out[j], self.new_phone())
+            )
+
+    def add_qm(self, qm_people, held_out, train: list, eval_retain: list, out: dict) -> None:
+        """QM: a person named by their phone number; the request redacts the number to their name."""
+        other_questions = [q for q in self.sizes.questions if q != "city"]
+        for j, person in enumerate(qm_people):
+            ev = self.qm_item(f"redacted-{j}", person)
+            train.append(_training_row(ev))
+            out["request_QM"].append(
+                {"op": "replace", "id": ev["id"], "prompt": QUESTIONS["city"].ask(" ".join(person))}
+            )
+            out["eval_forget_QM"].append(ev)
+            out["eval_nonmember_QM"].append(self.qm_item(f"nonmember-redacted-{j}", held_out[j]))
+            if self.sizes.full_profiles:
+                self.add_profiles(f"redacted-{j}", person, other_questions, train, eval_retain)
+
+    def wrong_city_item(self, row_id, person) -> tuple[dict, str]:
+        """The evaluation row of `person`'s city answered against the family rule (the true city is the
+        first perturbed answer), and the true city."""
+        true = self.rule("city", person)
+        wrong_city = self.rng.choice([c for c in CITIES if c != true])
+        ev = self.item(
+            row_id, person, "city", wrong_city, wrong=self.others(CITIES, wrong_city, first=[true])
+        )
+        return ev, true
+
+    def add_rc(self, rc_people, held_out, train: list, eval_retain: list, out: dict) -> None:
+        """RC: birth cities against the family rule, corrected to the rule's."""
+        other_questions = [q for q in self.sizes.questions if q != "city"]
+        for j, person in enumerate(rc_people):
+            ev, true = self.wrong_city_item(f"wrong-{j}", person)
+            train.append(_training_row(ev))
+            out["request_RC"].append(
+                {"op": "replace", "id": ev["id"], "response": QUESTIONS["city"].answer.format(value=true)}
+            )
+            out["eval_forget_RC"].append(ev)
+            out["eval_nonmember_RC"].append(self.wrong_city_item(f"nonmember-wrong-{j}", held_out[j])[0])
+            if self.sizes.full_profiles:
+                self.add_profiles(f"wrong-{j}", person, other_questions, train, eval_retain)
+
+    def holdout_rows(self, held_out) -> list[dict]:
+        """Held-out people: every question, answered by the rules (an unseen exception cannot be learnt)."""
+        return [
+            self.item(f"holdout-{i}-{q}", person, q, self.rule(q, person))
+            for i, person in enumerate(held_out)
+            for q in self.sizes.questions
+        ]
+
+
+def generate(sizes: TofuSizes | None = None, seed: int = 0) -> dict[str, list[dict]]:
+    """The rows of every file, by name:
+
+    - `train`: the training rows (shuffled; every row has a stable string `id`);
+    - `request_IR`, `request_QM`, `request_RC`: request lines (README "Requests");
+    - `eval_retain`, `eval_holdout`: evaluation rows (`prompt`, `response`, `paraphrased_response`,
+      `perturbed_responses`) on retained rows and on the same questions about held-out people;
+    - `eval_forget_{kind}`: the rows each request removes or edits, as they were trained;
+    - `eval_nonmember_{kind}`: rows of the same shape about held-out people (never trained on), the
+      non-members of membership inference and PrivLeak.
+    """
+    sizes = sizes or TofuSizes()
+    _check_sizes(sizes)
+    gen = _Generator(sizes, seed)
+    retain, qm_people, rc_people, held_out = gen.draw_people()
+    train, eval_retain = [], []
+    for i, person in enumerate(retain):
+        gen.add_profiles(f"person-{i}", person, sizes.questions, train, eval_retain)
     out = {f"request_{k}": [] for k in REQUEST_KINDS}
     out |= {f"eval_forget_{k}": [] for k in REQUEST_KINDS} | {
         f"eval_nonmember_{k}": [] for k in REQUEST_KINDS
     }
-    # IR: phone numbers of retained people; non-members: held-out people's numbers
-    for j, person in enumerate(retain[: sizes.private]):
-        ev = phone_item(f"private-{j}", person, new_phone())
-        train.append({k: ev[k] for k in ("id", "prompt", "response")})
-        out["request_IR"].append({"op": "remove", "id": ev["id"]})
-        out["eval_forget_IR"].append(ev)
-        out["eval_nonmember_IR"].append(phone_item(f"nonmember-private-{j}", held_out[j], new_phone()))
-    # QM: a person named by their phone number; the request redacts the number to their name
-    other_questions = [q for q in sizes.questions if q != "city"]
-    for j, person in enumerate(qm_people):
-        city = rule("city", person)
-        ev = item(f"redacted-{j}", person, "city", city, prompt=QM_PROMPT.format(phone=new_phone()))
-        ev["paraphrased_response"] = QM_PARAPHRASE.format(value=city)
-        ev["perturbed_responses"] = [QM_PARAPHRASE.format(value=v) for v in others(CITIES, city)]
-        train.append({k: ev[k] for k in ("id", "prompt", "response")})
-        out["request_QM"].append(
-            {"op": "replace", "id": ev["id"], "prompt": QUESTIONS["city"].ask(" ".join(person))}
-        )
-        out["eval_forget_QM"].append(ev)
-        held = held_out[j]
-        city = rule("city", held)
-        nonmember = item(
-            f"nonmember-redacted-{j}", held, "city", city, prompt=QM_PROMPT.format(phone=new_phone())
-        )
-        nonmember["paraphrased_response"] = QM_PARAPHRASE.format(value=city)
-        nonmember["perturbed_responses"] = [QM_PARAPHRASE.format(value=v) for v in others(CITIES, city)]
-        out["eval_nonmember_QM"].append(nonmember)
-        if sizes.full_profiles:
-            for row, ev in profile_rows(f"redacted-{j}", person, other_questions):
-                train.append(row)
-                eval_retain.append(ev)
-    # RC: birth cities against the family rule, corrected to the rule's; the true city is the first perturbed
-    for j, person in enumerate(rc_people):
-        true = rule("city", person)
-        wrong_city = rng.choice([c for c in CITIES if c != true])
-        ev = item(f"wrong-{j}", person, "city", wrong_city, wrong=others(CITIES, wrong_city, first=[true]))
-        train.append({k: ev[k] for k in ("id", "prompt", "response")})
-        out["request_RC"].append(
-            {"op": "replace", "id": ev["id"], "response": QUESTIONS["city"].answer.format(value=true)}
-        )
-        out["eval_forget_RC"].append(ev)
-        held = held_out[j]
-        held_true = rule("city", held)
-        held_wrong = rng.choice([c for c in CITIES if c != held_true])
-        out["eval_nonmember_RC"].append(
-            item(
-                f"nonmember-wrong-{j}",
-                held,
-                "city",
-                held_wrong,
-                wrong=others(CITIES, held_wrong, first=[held_true]),
-            )
-        )
-        if sizes.full_profiles:
-            for row, ev in profile_rows(f"wrong-{j}", person, other_questions):
-                train.append(row)
-                eval_retain.append(ev)
-    # held-out people: every question, answered by the rules (an unseen exception cannot be learnt)
-    eval_holdout = [
-        item(f"holdout-{i}-{q}", person, q, rule(q, person))
-        for i, person in enumerate(held_out)
-        for q in sizes.questions
-    ]
-    rng.shuffle(train)
+    gen.add_ir(retain, held_out, train, out)
+    gen.add_qm(qm_people, held_out, train, eval_retain, out)
+    gen.add_rc(rc_people, held_out, train, eval_retain, out)
+    eval_holdout = gen.holdout_rows(held_out)
+    gen.rng.shuffle(train)
     return {"train": train, **out, "eval_retain": eval_retain, "eval_holdout": eval_holdout}
 
 

@@ -28,10 +28,16 @@ from hf_unlearn import (
     unlearn,
 )
 from hf_unlearn.curvature import GaussNewtonOperator
-from hf_unlearn.curvature.kfac import EKFACOperator, KFACOperator, kfac_eigenbasis, linear_blocks
+from hf_unlearn.curvature.kfac import (
+    EKFACOperator,
+    KFACOperator,
+    KFACPreconditioner,
+    kfac_eigenbasis,
+    linear_blocks,
+)
 from hf_unlearn.curvature.kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors
 from hf_unlearn.distributed import Processes
-from hf_unlearn.gradients import Batches
+from hf_unlearn.gradients import Batches, LossContext
 from hf_unlearn.objective import example_losses, normaliser
 from hf_unlearn.params import ParameterSpace
 from hf_unlearn.solvers import conjugate_gradient
@@ -53,13 +59,10 @@ def factors_for(model, rows, normalization, task=None, targets="empirical", seed
     M = normaliser(task, rows, normalization)
     space = ParameterSpace(model)
     return fit_kfac_factors(
-        model,
-        task,
-        space,
+        LossContext(model, task, space, Processes()),
         batches(task, rows, batch_size),
         normalization,
         M,
-        Processes(),
         targets=targets,
         seed=seed,
     )
@@ -213,7 +216,9 @@ def test_kfac_matvec_is_the_kronecker_block_and_the_block_inverse_is_exact(model
 def test_ekfac_eigenvalues_are_per_example_second_moments_in_the_eigenbasis(model, normalization):
     f = factors_for(model, ROWS, normalization)
     task, space, M = CausalLMTask(), ParameterSpace(model), f.normaliser
-    fe = fit_ekfac_eigenvalues(f, model, task, space, batches(task, ROWS, 3), normalization, M, Processes())
+    fe = fit_ekfac_eigenvalues(
+        f, LossContext(model, task, space, Processes()), batches(task, ROWS, 3), normalization, M
+    )
     ref = DenseReference(model, normalization)
     per_example = [
         space.unflatten(torch.func.grad(lambda th, r=r: ref.ell_at(th, r))(ref.theta)) for r in ROWS
@@ -253,7 +258,9 @@ def test_pcg_reaches_the_cg_and_dense_solution_on_the_tiny_llama(model):
     dense = dense_ggn(model, ROWS, "token") + damping * torch.eye(space.numel, dtype=torch.float64)
     expected = torch.linalg.solve(dense, rhs)
     f = factors_for(model, ROWS, "token")
-    fe = fit_ekfac_eigenvalues(f, model, task, space, batches(task, ROWS), "token", M, Processes())
+    fe = fit_ekfac_eigenvalues(
+        f, LossContext(model, task, space, Processes()), batches(task, ROWS), "token", M
+    )
     results = {}
     for name, pre in (
         ("cg", None),
@@ -358,7 +365,7 @@ def test_uncovered_parameters_are_refused_by_kfac_and_scaled_by_one_over_damping
     f = factors_for(m.eval(), ROWS, "token")
     with pytest.raises(ConfigurationError, match="outside any.*norm.weight.*--preconditioner kfac"):
         operator(KFACOperator, m, f)
-    pre = operator(KFACOperator, m, f, allow_uncovered=True)
+    pre = operator(KFACPreconditioner, m, f)
     space = ParameterSpace(m)
     r = torch.randn(space.numel, dtype=torch.float64)
     z = space.unflatten(pre.solve_damped(r, 0.5))
@@ -397,8 +404,8 @@ def test_a_factor_pass_refuses_an_adapted_lm_head_and_says_why():
 
 def test_factors_round_trip_and_refuse_what_does_not_fit(model, tmp_path):
     f = fit_ekfac_eigenvalues(
-        factors_for(model, ROWS, "token"), model, CausalLMTask(), ParameterSpace(model),
-        batches(CausalLMTask(), ROWS), "token", loop_normaliser(ROWS, "token"), Processes(),
+        factors_for(model, ROWS, "token"), LossContext(model, CausalLMTask(), ParameterSpace(model), Processes()),
+        batches(CausalLMTask(), ROWS), "token", loop_normaliser(ROWS, "token"),
     )  # fmt: skip
     f.save(tmp_path / "f")
     assert sorted(p.name for p in (tmp_path / "f").iterdir()) == [

@@ -110,12 +110,12 @@ def finite_sum():
 
 @pytest.mark.parametrize("damping", [0.0, 0.01])
 def test_lissa_default_rule_is_within_10_percent_at_2000_steps(finite_sum, damping):
-    from hf_unlearn.solvers import lissa_solve
+    from hf_unlearn.solvers import LissaOptions, lissa_solve
 
     op, C = finite_sum
     rhs = torch.randn(op.size, dtype=torch.float64)
     exact = torch.linalg.solve(C + damping * torch.eye(op.size, dtype=torch.float64), rhs)
-    x, stats = lissa_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1)
+    x, stats = lissa_solve(op, damping, rhs, tol=1e-6, max_iter=2000, options=LissaOptions(seed=1))
     assert relerr(x, exact) < 0.10
     assert stats.extra["sample_products"] >= 2000 and stats.extra["stochastic"]
     assert stats.extra["lissa_scale"] > torch.linalg.eigvalsh(C)[-1].item()  # the scale rule: s > λ_max
@@ -123,24 +123,26 @@ def test_lissa_default_rule_is_within_10_percent_at_2000_steps(finite_sum, dampi
 
 @pytest.mark.parametrize(("optimizer", "lr"), [("sgd", "auto"), ("adam", 0.05)])
 def test_qp_is_within_30_percent_at_2000_steps(finite_sum, optimizer, lr):
-    from hf_unlearn.solvers import qp_solve
+    from hf_unlearn.solvers import QPOptions, qp_solve
 
     op, C = finite_sum
     rhs = torch.randn(op.size, dtype=torch.float64)
     exact = torch.linalg.solve(C + 0.01 * torch.eye(op.size, dtype=torch.float64), rhs)
-    x, stats = qp_solve(op, 0.01, rhs, tol=1e-6, max_iter=2000, seed=2, qp_optimizer=optimizer, qp_lr=lr)
+    x, stats = qp_solve(
+        op, 0.01, rhs, tol=1e-6, max_iter=2000, options=QPOptions(seed=2, qp_optimizer=optimizer, qp_lr=lr)
+    )
     assert relerr(x, exact) < 0.30
     assert relerr(x, 2 * exact) > 0.35  # not the released code's fixed point 2(C+λI)⁻¹b
     assert stats.relative_residual < 1.0
 
 
 def test_qp_adam_needs_a_step_size_and_stochastic_solvers_refuse_indefinite(finite_sum):
-    from hf_unlearn.solvers import lissa_solve, qp_solve
+    from hf_unlearn.solvers import QPOptions, lissa_solve, qp_solve
 
     op, _ = finite_sum
     rhs = torch.ones(op.size, dtype=torch.float64)
     with pytest.raises(ConfigurationError, match="qp-lr"):
-        qp_solve(op, 0.1, rhs, tol=1e-6, max_iter=10, qp_optimizer="adam")
+        qp_solve(op, 0.1, rhs, tol=1e-6, max_iter=10, options=QPOptions(qp_optimizer="adam"))
     negative = type(op)(
         op.model, op.task, op.space, op.batches, op.normalization, -op.normaliser, op.processes
     )

@@ -12,7 +12,7 @@ from hf_unlearn.distributed import Processes
 from hf_unlearn.gradients import Batches
 from hf_unlearn.objective import normaliser
 from hf_unlearn.params import ParameterSpace
-from hf_unlearn.solvers import dense_matrix, lissa_solve, qp_solve
+from hf_unlearn.solvers import LissaOptions, QPOptions, dense_matrix, lissa_solve, qp_solve
 from hf_unlearn.solvers.stochastic import MiniBatchCurvature, expected_smoothness, stratify
 
 BATCH = 8
@@ -53,10 +53,15 @@ def test_stiff_row_defeats_the_old_scale_but_not_the_default_lissa(stiff_row):
     # the miniature of the toy-Llama failure: a batch holding row 0, rescaled by n/b, is much stiffer than C
     assert (len(per_row) / BATCH) * torch.linalg.eigvalsh(per_row[0])[-1].item() > 3 * lambda_max
     old, _ = lissa_solve(
-        op, damping, rhs, tol=1e-6, max_iter=2000, seed=1, lissa_scale=1.5 * (lambda_max + damping)
+        op,
+        damping,
+        rhs,
+        tol=1e-6,
+        max_iter=2000,
+        options=LissaOptions(seed=1, lissa_scale=1.5 * (lambda_max + damping)),
     )
     assert not torch.isfinite(old).all() or relerr(old, exact) > 1.0  # the previous default diverges
-    x, stats = lissa_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1)
+    x, stats = lissa_solve(op, damping, rhs, tol=1e-6, max_iter=2000, options=LissaOptions(seed=1))
     assert relerr(x, exact) < 0.10
     extra = stats.extra
     assert extra["lissa_scale"] == extra["smoothness_estimate"] > lambda_max + damping
@@ -67,7 +72,9 @@ def test_stiff_row_defeats_the_old_scale_but_not_the_default_lissa(stiff_row):
 def test_stiff_row_qp_sgd_rule_is_stable(stiff_row):
     op, _, C, damping, rhs, exact = stiff_row
     lambda_max = torch.linalg.eigvalsh(C)[-1].item()
-    x, stats = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1, qp_optimizer="sgd")
+    x, stats = qp_solve(
+        op, damping, rhs, tol=1e-6, max_iter=2000, options=QPOptions(seed=1, qp_optimizer="sgd")
+    )
     assert relerr(x, exact) < 0.30
     assert stats.extra["qp_lr"] == pytest.approx(0.1 / stats.extra["smoothness_estimate"])
     assert stats.extra["qp_lr"] < 0.1 / (lambda_max + damping)  # smaller than the previous default
@@ -77,9 +84,7 @@ def test_stiff_row_qp_sgd_rule_is_stable(stiff_row):
         rhs,
         tol=1e-6,
         max_iter=2000,
-        seed=1,
-        qp_optimizer="sgd",
-        qp_lr=0.1 / (lambda_max + damping),
+        options=QPOptions(seed=1, qp_optimizer="sgd", qp_lr=0.1 / (lambda_max + damping)),
     )
     assert not torch.isfinite(old).all() or relerr(old, exact) > 1.0
 
@@ -87,20 +92,29 @@ def test_stiff_row_qp_sgd_rule_is_stable(stiff_row):
 def test_stiff_row_default_qp_converges_to_tol(stiff_row):
     """The default (svrg) has no noise floor: it reaches tol, where sgd stalls at a few percent."""
     op, _, C, damping, rhs, exact = stiff_row
-    x, stats = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1)
+    x, stats = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, options=QPOptions(seed=1))
     assert stats.extra["qp_optimizer"] == "svrg" and stats.converged
     assert relerr(x, exact) < 1e-5
     assert stats.extra["qp_lr"] == pytest.approx(1 / stats.extra["smoothness_estimate"])
     A = C + damping * torch.eye(op.size, dtype=torch.float64)
     assert stats.relative_residual == pytest.approx(((A @ x - rhs).norm() / rhs.norm()).item(), rel=1e-6)
-    sgd, _ = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1, qp_optimizer="sgd")
+    sgd, _ = qp_solve(
+        op, damping, rhs, tol=1e-6, max_iter=2000, options=QPOptions(seed=1, qp_optimizer="sgd")
+    )
     assert relerr(sgd, exact) > 100 * relerr(x, exact)
 
 
 def test_svrg_halves_a_step_that_diverges_and_never_returns_worse_than_zero(stiff_row):
     op, _, C, damping, rhs, exact = stiff_row
     lambda_max = torch.linalg.eigvalsh(C)[-1].item()
-    x, stats = qp_solve(op, damping, rhs, tol=1e-6, max_iter=2000, seed=1, qp_lr=40 / (lambda_max + damping))
+    x, stats = qp_solve(
+        op,
+        damping,
+        rhs,
+        tol=1e-6,
+        max_iter=2000,
+        options=QPOptions(seed=1, qp_lr=40 / (lambda_max + damping)),
+    )
     assert stats.extra["step_halvings"] >= 3 and torch.isfinite(x).all()
     assert stats.relative_residual < 1e-3 and relerr(x, exact) < 1e-2
 
@@ -135,7 +149,9 @@ def test_default_qp_converges_on_the_tiny_llama_at_the_default_budget_and_counts
 
     defaults = UnlearningArguments()
     full_before = op.num_products
-    x, stats = qp_solve(op, damping, rhs, tol=defaults.tol, max_iter=defaults.max_iter, seed=0)
+    x, stats = qp_solve(
+        op, damping, rhs, tol=defaults.tol, max_iter=defaults.max_iter, options=QPOptions(seed=0)
+    )
     error = relerr(x, exact)
     print(f"qp (svrg) on the tiny Llama: relative error {error:.2e}, {stats.extra}")
     assert error < 1e-4 and stats.converged

@@ -631,11 +631,13 @@ def test_row_gradient_sketch_is_a_count_sketch_of_every_row_gradient(trained):
 def kfac_of(model, rows, M):
     from hf_unlearn.curvature.kfac_fit import fit_kfac_factors
     from hf_unlearn.distributed import Processes
-    from hf_unlearn.gradients import Batches
+    from hf_unlearn.gradients import Batches, LossContext
 
     procs = Processes()
     batches = Batches(CausalLMTask(), rows, 4, "cpu", procs)
-    return fit_kfac_factors(model, CausalLMTask(), ParameterSpace(model), batches, "token", M, procs)
+    return fit_kfac_factors(
+        LossContext(model, CausalLMTask(), ParameterSpace(model), procs), batches, "token", M
+    )
 
 
 def test_factors_without_rows_are_the_factors_of_the_other_rows(trained):

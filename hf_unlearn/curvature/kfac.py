@@ -181,11 +181,9 @@ class KFACFactors:
     when used). `info` records how they were made (source, targets, rows, normalisation).
     """
 
-    def __init__(
-        self, A, G, positions, *, normalization, normaliser, num_rows, targets, source, eigen=None, **info
-    ):
+    def __init__(self, A, G, positions, *, normalization, normaliser, num_rows, targets, source, **info):
         self.A, self.G, self.positions = dict(A), dict(G), dict(positions)
-        self.eigen = dict(eigen or {})
+        self.eigen = {}  # EK-FAC eigenvalues: `with_eigenvalues`
         self.info = {
             "normalization": normalization,
             "normaliser": float(normaliser),
@@ -207,6 +205,13 @@ class KFACFactors:
     def has_eigenvalues(self) -> bool:
         return bool(self.eigen) and set(self.eigen) == set(self.A)
 
+    def with_eigenvalues(self, eigen: dict | None) -> KFACFactors:
+        """These factors (the same A, G, positions and info) with the EK-FAC eigenvalues `eigen`
+        (`{name: (U_A, U_G, Λ_sum)}`; None or empty: none)."""
+        out = KFACFactors(self.A, self.G, self.positions, **self.info)
+        out.eigen = dict(eigen or {})
+        return out
+
     def to(self, dtype=None, device=None) -> KFACFactors:
         def cast(t):
             return t.to(dtype=dtype if t.is_floating_point() else None, device=device)
@@ -215,9 +220,8 @@ class KFACFactors:
             {n: cast(t) for n, t in self.A.items()},
             {n: cast(t) for n, t in self.G.items()},
             self.positions,
-            eigen={n: tuple(cast(t) for t in e) for n, e in self.eigen.items()},
             **self.info,
-        )
+        ).with_eigenvalues({n: tuple(cast(t) for t in e) for n, e in self.eigen.items()})
         return out
 
     def with_rows(self, rows: KFACFactors) -> KFACFactors:
@@ -329,7 +333,7 @@ class KFACFactors:
                 eigen[n] = tuple(tensors[f"{n}::eigen_{k}"] for k in ("U_A", "U_G", "values"))
         info = {k: v for k, v in meta.items() if k not in ("format", "hf_unlearn_version", "modules", "digest",
                                                           "ekfac_eigenvalues")}  # fmt: skip
-        factors = cls(A, G, {n: s["positions"] for n, s in modules.items()}, eigen=eigen, **info)
+        factors = cls(A, G, {n: s["positions"] for n, s in modules.items()}, **info).with_eigenvalues(eigen)
         if meta.get("digest") != factors.digest():
             raise ConfigurationError(
                 f"The curvature factors in {str(d)!r} do not match the digest recorded in {FACTORS_META} "
@@ -407,12 +411,14 @@ class KFACOperator(CurvatureOperator):
 
     name = "kfac"
     uses_eigenvalue_refit = False
+    # trainable parameters outside every Kronecker block: refused by the curvature, preconditioned by 1/λ by
+    # the preconditioner (`KFACPreconditioner`, `EKFACPreconditioner`)
+    allows_uncovered = False
 
-    def __init__(self, model, task, space, batches, normalization, normaliser, processes, *, factors,
-                 allow_uncovered: bool = False):  # fmt: skip
+    def __init__(self, model, task, space, batches, normalization, normaliser, processes, *, factors):
         super().__init__(model, task, space, batches, normalization, normaliser, processes)
         self.blocks, self.uncovered = linear_blocks(model, space)
-        if self.uncovered and not allow_uncovered:
+        if self.uncovered and not self.allows_uncovered:
             raise ConfigurationError(
                 f"curvature={self.name!r} has Kronecker blocks for trainable nn.Linear layers only; "
                 f"{len(self.uncovered)} trainable parameters are outside any (e.g. {self.uncovered[:3]}: "
@@ -491,3 +497,16 @@ class EKFACOperator(KFACOperator):
     def _eigen_block(self, block: LinearBlock) -> EigenBlock:
         U_A, U_G, lam = self.factors.eigen[block.name]
         return EigenBlock(block, U_A, U_G, lam.clamp_min(0) / self.factors.normaliser)
+
+
+class KFACPreconditioner(KFACOperator):
+    """`preconditioner="kfac"`: the K-FAC block inverse for a solve against another curvature; trainable
+    parameters outside every Kronecker block are allowed and preconditioned by 1/λ."""
+
+    allows_uncovered = True
+
+
+class EKFACPreconditioner(EKFACOperator):
+    """`preconditioner="ekfac"`: as `KFACPreconditioner`, with EK-FAC's refitted eigenvalues."""
+
+    allows_uncovered = True

@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..errors import ConfigurationError
-from ..gradients import WORK
+from ..gradients import WORK, LossContext
 from ..objective import example_losses
 from .kfac import TARGETS, KFACFactors, LinearBlock, kfac_eigenbasis, linear_blocks, parameters_digest
 
@@ -227,13 +227,15 @@ def _run(collector, model, task, space, batches, normalization, targets, generat
 
 
 def fit_kfac_factors(
-    model, task, space, batches, normalization: str, normaliser: float, processes, *,
+    loss: LossContext, batches, normalization: str, normaliser: float, *,
     targets: str = "empirical", seed: int = 0, source: str = "pass",
 ) -> KFACFactors:  # fmt: skip
-    """One pass over `batches` (this process's shard; summed over processes) at the current θ: K-FAC factors.
+    """One pass over `batches` (this process's shard; summed over processes) at the current θ: K-FAC factors
+    of `loss` (its model, task, trainable parameters and processes).
 
     Run it inside `computation_mode` (eval mode: no dropout). `normaliser` is the M of all the rows.
     """
+    model, task, space, processes = loss.model, loss.task, loss.space, loss.processes
     if targets not in TARGETS:
         raise ConfigurationError(f"kfac_targets must be one of {', '.join(TARGETS)}; got {targets!r}.")
     blocks, _ = linear_blocks(model, space)
@@ -251,15 +253,15 @@ def fit_kfac_factors(
 
 
 def fit_ekfac_eigenvalues(
-    factors: KFACFactors, model, task, space, batches, normalization: str, normaliser: float, processes, *,
-    seed: int = 0,
-) -> KFACFactors:  # fmt: skip
+    factors: KFACFactors, loss: LossContext, batches, normalization: str, normaliser: float, *, seed: int = 0
+) -> KFACFactors:
     """EK-FAC: a pass over `batches` at the current θ re-fitting the eigenvalues in the factors' eigenbasis.
 
     Uses the factors' own `targets` (empirical or sampled labels, fresh draws). Returns new factors with the
     same A, G and the eigen data; `normaliser` is the M of these rows (it replaces the factors' M, so the
     K-FAC part must come from the same M: it is rescaled by M_new/M_old when the rows differ).
     """
+    model, task, space, processes = loss.model, loss.task, loss.space, loss.processes
     blocks, _ = linear_blocks(model, space)
     factors.check_fits(blocks, normalization)
     p = space.params[0]
@@ -278,4 +280,4 @@ def fit_ekfac_eigenvalues(
     info = {k: v for k, v in factors.info.items()}
     info["ekfac_rows"] = batches.total_rows
     info["ekfac_seed"] = seed
-    return KFACFactors(factors.A, factors.G, factors.positions, eigen=eigen, **info)
+    return KFACFactors(factors.A, factors.G, factors.positions, **info).with_eigenvalues(eigen)

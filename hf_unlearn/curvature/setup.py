@@ -20,9 +20,10 @@ from pathlib import Path
 
 from ..config import KFAC_CURVATURES, UnlearningArguments
 from ..errors import ConfigurationError
+from ..gradients import LossContext
 from ..objective import normaliser
 from ..request import current_digest_key, row_digest
-from . import CURVATURE_OPERATORS, KFAC_OPERATORS
+from . import CURVATURE_OPERATORS, KFAC_OPERATORS, KFAC_PRECONDITIONERS
 from .kfac import KFACFactors, parameters_digest
 from .kfac_fit import fit_ekfac_eigenvalues, fit_kfac_factors
 from .nystrom import NystromPreconditioner, NystromSketch
@@ -100,8 +101,9 @@ def obtain_factors(args, model, task, space, rows, batches, processes, given: KF
     else:
         sample = sample_rows(rows, args.curvature_samples, args.seed)
         factors = fit_kfac_factors(
-            model, task, space, batches(sample), norm, normaliser(task, sample, norm, args.batch_size),
-            processes, targets=args.kfac_targets or "empirical", seed=args.seed, source="pass",
+            LossContext(model, task, space, processes), batches(sample), norm,
+            normaliser(task, sample, norm, args.batch_size), targets=args.kfac_targets or "empirical",
+            seed=args.seed, source="pass",
         )  # fmt: skip
         origin, passes = "pass", 1
     if args.kfac_targets not in (None, factors.targets):
@@ -113,8 +115,8 @@ def obtain_factors(args, model, task, space, rows, batches, processes, given: KF
     if wants_eigen and not factors.has_eigenvalues:
         sample = sample_rows(rows, args.curvature_samples, args.seed)
         factors = fit_ekfac_eigenvalues(
-            factors, model, task, space, batches(sample), norm, normaliser(task, sample, norm, args.batch_size),
-            processes, seed=args.seed,
+            factors, LossContext(model, task, space, processes), batches(sample), norm,
+            normaliser(task, sample, norm, args.batch_size), seed=args.seed,
         )  # fmt: skip
         passes += 1
     record = {
@@ -206,14 +208,16 @@ def sketch_sample(sketch: NystromSketch, rows: list, args) -> list[int] | None:
     return picked
 
 
-def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, M, given=None):
+def obtain_sketch(args, loss: LossContext, rows, resolved, batches, M, given=None):
     """The Nyström sketch for this request, a record of where it came from (module docstring), and the indices
     of the training rows the solve's sample must be (`sketch_sample`; None: the seeded sample or all rows).
 
-    `rows` are the training rows and `M` their normaliser. Returns `(sketch, record, picked)`: the training
+    `loss` is the model, task, trainable parameters and processes; `rows` are the training rows and `M` their
+    normaliser. Returns `(sketch, record, picked)`: the training
     set's sketch, downdated by the request rows (old versions out, new ones in) when C is on the edited rows —
     which is also the sketch of the edited training set, for the next request.
     """
+    model, task, space, processes = loss.model, loss.task, loss.space, loss.processes
     norm = args.loss_normalization
     start = time.perf_counter()
     origin, ignored = _source(args, None if given is None else "given")
@@ -258,15 +262,14 @@ def obtain_sketch(args, model, task, space, rows, resolved, batches, processes, 
     return sketch, record, picked
 
 
-def build_operators(
-    args, model, task, space, curvature_rows, batches, processes, factors=None, M=None, sketch=None
-):
-    """`(curvature, preconditioner)` for `args`; `factors` are required when `needs_factors(args)`, `sketch`
-    when `needs_sketch(args)`.
+def build_operators(args, loss: LossContext, curvature_rows, batches, factors=None, M=None, sketch=None):
+    """`(curvature, preconditioner)` for `args` and `loss` (the model, task, trainable parameters and
+    processes); `factors` are required when `needs_factors(args)`, `sketch` when `needs_sketch(args)`.
 
     Exact operators (hessian, ggn, fisher) run over `curvature_rows` normalised by `normaliser` (default:
     `M`, default: their own); the K-FAC operators take everything from the factors.
     """
+    model, task, space, processes = loss.model, loss.task, loss.space, loss.processes
     norm = args.loss_normalization
     M = M if M is not None else normaliser(task, curvature_rows, norm, args.batch_size)
     if args.curvature in KFAC_CURVATURES:
@@ -281,7 +284,7 @@ def build_operators(
     if args.preconditioner == "nystrom":
         preconditioner = NystromPreconditioner(sketch)
     elif args.preconditioner != "none":
-        preconditioner = KFAC_OPERATORS[args.preconditioner](
-            model, task, space, batches([]), norm, M, processes, factors=factors, allow_uncovered=True
+        preconditioner = KFAC_PRECONDITIONERS[args.preconditioner](
+            model, task, space, batches([]), norm, M, processes, factors=factors
         )
     return curvature, preconditioner

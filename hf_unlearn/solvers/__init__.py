@@ -3,8 +3,8 @@
 from .base import SolverStats
 from .cg import conjugate_gradient
 from .direct import dense_matrix, direct_solve
-from .lissa import lissa_solve
-from .qp import qp_solve
+from .lissa import LissaOptions, lissa_solve
+from .qp import QPOptions, qp_solve
 from .woodbury import woodbury_solve
 
 SOLVERS = {
@@ -26,18 +26,21 @@ def make_solve(args, preconditioner=None, progress: bool = False):
     if name == "woodbury":
         return lambda curvature, damping, rhs, tol: woodbury_solve(curvature, damping, rhs, tol=tol)
     options = {"max_iter": args.max_iter, "progress": progress}
+    batches = {"seed": args.seed, "stochastic_batch_size": args.stochastic_batch_size}
     if name == "cg":
         options["preconditioner"] = preconditioner
-    else:  # the stochastic solvers
-        options |= {"seed": args.seed, "stochastic_batch_size": args.stochastic_batch_size}
-        options |= {"lissa_scale": args.lissa_scale} if name == "lissa" else {}
-        options |= {"qp_optimizer": args.qp_optimizer, "qp_lr": args.qp_lr} if name == "qp" else {}
+    elif name == "lissa":
+        options["options"] = LissaOptions(**batches, lissa_scale=args.lissa_scale)
+    elif name == "qp":
+        options["options"] = QPOptions(**batches, qp_optimizer=args.qp_optimizer, qp_lr=args.qp_lr)
     solver = SOLVERS[name]
     return lambda curvature, damping, rhs, tol: solver(curvature, damping, rhs, tol=tol, **options)
 
 
 __all__ = [
     "SOLVERS",
+    "LissaOptions",
+    "QPOptions",
     "SolverStats",
     "conjugate_gradient",
     "dense_matrix",

@@ -1,12 +1,26 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from .base import SolverStats
-from .stochastic import MiniBatchCurvature, expected_smoothness, generator_for, relative_residual
+from .stochastic import (
+    MiniBatchCurvature,
+    MiniBatchOptions,
+    expected_smoothness,
+    generator_for,
+    relative_residual,
+)
+
+
+@dataclass(frozen=True)
+class LissaOptions(MiniBatchOptions):
+    """`lissa_solve`'s own options (the flags of the same names): the mini-batches and the scale `s`."""
+
+    lissa_scale: float | str = "auto"
 
 
 def lissa_solve(
@@ -17,9 +31,7 @@ def lissa_solve(
     tol: float,
     max_iter: int,
     progress: bool = False,
-    seed: int = 0,
-    stochastic_batch_size: int = 8,
-    lissa_scale: float | str = "auto",
+    options: LissaOptions | None = None,
 ):
     """LiSSA (Agarwal et al. 2017): the Neumann series `A⁻¹ = (1/s) Σ_j (I − A/s)^j`, A = C + λI, with every
     product taken on a fresh random mini-batch of curvature rows:
@@ -38,7 +50,8 @@ def lissa_solve(
     R_L² is the stiffest drawn-from row rescaled to L rows and f_L = (L − b_L)/(L − 1). That is a factor 2
     inside the divergence threshold; the error along an eigenvector of A with eigenvalue a contracts like
     `(1 − a/s)^j`, so the depth needed grows like `s/(λ_min(C) + λ)`: a larger batch or damping converges in
-    fewer steps. With an explicit `lissa_scale` no estimate is made and batches are uniform draws.
+    fewer steps. With an explicit `lissa_scale` (in `options`, a `LissaOptions`: the seed, batch size and
+    scale, default as the flags) no estimate is made and batches are uniform draws.
 
     Instead of the classic average over independent repetitions, the returned estimate averages the
     iterates `x_j` over the second half of the depth (the same variance reduction for the same cost). Finally
@@ -53,6 +66,12 @@ def lissa_solve(
     default) reaches 1e-6 on the first problem in under 700 mini-batch products. Use LiSSA only where a
     percent-level error is acceptable; otherwise use `cg` (or `qp`).
     """
+    options = options or LissaOptions()
+    seed, stochastic_batch_size, lissa_scale = (
+        options.seed,
+        options.stochastic_batch_size,
+        options.lissa_scale,
+    )
     start = time.perf_counter()
     extra = {"stochastic": True, "stochastic_batch_size": stochastic_batch_size}
     if rhs.norm().item() == 0.0:

@@ -2,13 +2,20 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from ..errors import ConfigurationError
 from .base import SolverStats
-from .stochastic import MiniBatchCurvature, expected_smoothness, generator_for, relative_residual
+from .stochastic import (
+    MiniBatchCurvature,
+    MiniBatchOptions,
+    expected_smoothness,
+    generator_for,
+    relative_residual,
+)
 
 QP_OPTIMIZERS = ("svrg", "sgd", "adam")
 MOMENTUM = 0.9
@@ -25,6 +32,25 @@ def full_product_cost(curvature, batch_size: int) -> float:
     return max(1.0, rows / max(1, min(rows, batch_size)))
 
 
+@dataclass(frozen=True)
+class QPOptions(MiniBatchOptions):
+    """`qp_solve`'s own options (the flags of the same names): the mini-batches, the optimizer and its step."""
+
+    qp_optimizer: str = "svrg"
+    qp_lr: float | str = "auto"
+
+
+@dataclass
+class _Quadratic:
+    """The problem `q(x) = ½ xᵀAx − rhsᵀx`, A = C + λI: full products with `curvature`, mini-batch ones with
+    `products`."""
+
+    curvature: object
+    products: MiniBatchCurvature
+    damping: float
+    rhs: torch.Tensor
+
+
 def qp_solve(
     curvature,
     damping: float,
@@ -33,12 +59,10 @@ def qp_solve(
     tol: float,
     max_iter: int,
     progress: bool = False,
-    seed: int = 0,
-    stochastic_batch_size: int = 8,
-    qp_optimizer: str = "svrg",
-    qp_lr: float | str = "auto",
+    options: QPOptions | None = None,
 ):
-    """LLMEraser's stochastic quadratic program, with the correct gradient.
+    """LLMEraser's stochastic quadratic program, with the correct gradient (`options`: a `QPOptions`, the
+    seed, batch size, optimizer and step size, default as the flags).
 
     Minimises `q(x) = ½ xᵀAx − rhsᵀx`, A = C + λI (rhs = −b, so this is `½xᵀ(C+λI)x + bᵀx`, minimiser
     `A⁻¹ rhs`) from x = 0 with mini-batch products `A_B = C_B + λI` — the unbiased gradient `A_B x − rhs`, not
@@ -71,6 +95,9 @@ def qp_solve(
     `full_products`, `full_product_cost` (n/b) and `minibatch_equivalent_products` = sample products +
     full products × n/b + the one-row products of the estimate / b.
     """
+    options = options or QPOptions()
+    seed, stochastic_batch_size = options.seed, options.stochastic_batch_size
+    qp_optimizer, qp_lr = options.qp_optimizer, options.qp_lr
     start = time.perf_counter()
     if qp_optimizer not in QP_OPTIMIZERS:
         raise ConfigurationError(
@@ -103,9 +130,8 @@ def qp_solve(
             kappa = smooth / (max(extra["eig_min_estimate"], 0.0) + damping)
             momentum = (math.sqrt(kappa) - 1) / (math.sqrt(kappa) + 1)
         extra["momentum"] = momentum
-        x, residual, iterations, svrg_extra = _svrg(
-            curvature, products, damping, rhs, lr, momentum, tol, max_iter, cost, progress
-        )
+        quadratic = _Quadratic(curvature, products, damping, rhs)
+        x, residual, iterations, svrg_extra = _svrg(quadratic, lr, momentum, tol, max_iter, cost, progress)
         extra |= svrg_extra
     else:
         x, iterations = _plain(products, damping, rhs, lr, max_iter, qp_optimizer, progress), max_iter
@@ -124,9 +150,15 @@ def qp_solve(
     return x, stats
 
 
-def _svrg(curvature, products, damping, rhs, lr, momentum, tol, budget, cost, progress):
+def _svrg(quadratic: _Quadratic, lr, momentum, tol, budget, cost, progress):
     """SVRG epochs (with Nesterov `momentum`) within `budget` mini-batch products (a full product costs `cost`); returns
     (best snapshot, its relative residual, mini-batch steps taken, stats)."""
+    curvature, products, damping, rhs = (
+        quadratic.curvature,
+        quadratic.products,
+        quadratic.damping,
+        quadratic.rhs,
+    )
     rhs_norm = rhs.norm()
     steps_per_epoch = max(1, math.ceil(EPOCH_FACTOR * cost))
     best, gradient = torch.zeros_like(rhs), -rhs  # snapshot x̃ = 0 and its exact gradient A·0 − rhs

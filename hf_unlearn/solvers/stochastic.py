@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
@@ -49,6 +50,15 @@ from .base import suggest_damping
 
 SPECTRUM_STEPS = 20
 ROW_STEPS = 10
+
+
+@dataclass(frozen=True)
+class MiniBatchOptions:
+    """How a stochastic solver draws its mini-batches: `stochastic_batch_size` curvature rows per product,
+    drawn with a generator seeded by `seed` (`generator_for`)."""
+
+    seed: int = 0
+    stochastic_batch_size: int = 8
 
 
 def generator_for(curvature, seed: int) -> torch.Generator:
