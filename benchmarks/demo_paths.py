@@ -44,6 +44,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--output", default=str(RESULTS / "demo_paths.json"))
     opts = parser.parse_args(argv)
+    started = provenance(None)  # the code that runs, not what the tree holds when it ends
     work = Path(opts.work_dir)
     lab = Lab(DemoArguments(output_dir=str(work), progress=False))
     train = TrainingSet.from_jsonl(DEMO_FILES / "train.jsonl")
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
                 )
             )
             results.append(row)
-    out = {"provenance": provenance(None), "training_seconds": seconds, "results": results}
+    out = {"provenance": started, "training_seconds": seconds, "results": results}
     Path(opts.output).write_text(json.dumps(out, indent=1, default=str))
     return 0
 

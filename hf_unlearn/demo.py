@@ -255,6 +255,8 @@ def run_demo(args: DemoArguments) -> dict:
     from .evaluation import compare
     from .io import adapter_digest, build_manifest, save_unlearned_adapter
 
+    started = provenance()  # the code that runs, not what the tree holds when it ends
+
     # checked before any training: a bad flag fails now, not after the first fine-tuning
     given = {
         name: getattr(args, name)
@@ -294,6 +296,7 @@ def run_demo(args: DemoArguments) -> dict:
         "train_seconds": train_seconds,
         "spread": args.spread,
         "kinds": {},
+        "provenance": started,
     }
     for kind in ("IR", "QM", "RC"):
         request = UnlearningRequest.from_jsonl(DEMO_FILES / f"request_{kind}.jsonl")
@@ -358,7 +361,6 @@ def run_demo(args: DemoArguments) -> dict:
         if kind == "QM":
             entry["trigger_probe"] = {"metric": TRIGGER_PROBE} | extras["trigger_probe"]
     results["arguments"] = asdict(args)
-    results["provenance"] = provenance()
     (out / "demo_results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print_table(results)
     plot(results, out / "demo_results.png")
