@@ -9,14 +9,14 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def block(section: str, language: str) -> str:
-    """The first `language` code block under the README heading `section`."""
+def block(section: str, language: str, index: int = 0) -> str:
+    """The `index`-th `language` code block under the README heading `section`."""
     text = README.read_text()
     start = text.index(f"\n## {section}\n")
     end = text.find("\n## ", start + 1)
-    found = re.search(rf"```{language}\n(.*?)```", text[start:end], re.S)
-    assert found, f"no {language} block under '## {section}'"
-    return found.group(1)
+    found = re.findall(rf"```{language}\n(.*?)```", text[start:end], re.S)
+    assert len(found) > index, f"no {language} block {index} under '## {section}'"
+    return found[index]
 
 
 def test_the_quick_starts_run_as_written(tmp_path):
@@ -33,6 +33,17 @@ def test_the_quick_starts_run_as_written(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1].startswith("quadratic ")  # the default estimate ran
     assert (tmp_path / "unlearned" / "unlearning_manifest.json").is_file()
+
+    # the callback block continues the quick start (its rows, encode, lora and tokenizer)
+    script.write_text(
+        block("Quick start: in a Trainer", "python") + block("Quick start: in a Trainer", "python", 1)
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = (tmp_path / "unlearned-callback" / "unlearning_manifest.json").read_text()
+    assert '"IR": 1' in manifest
 
     done = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", block("Quick start: command line", "bash")],
