@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import UnlearningArguments
 from .data import TextEncoding
 from .errors import ConfigurationError
 from .preflight import UnlearnPaths, compare_training_file, prepare_unlearn, unlearn_digest_key
+
+if TYPE_CHECKING:
+    from .eraser import UnlearningResult
 
 # Over-forgetting: retraining would leave the removed rows about as likely as rows never trained on.
 OVER_FORGETTING_AUC = 0.1  # removed rows vs held-out rows (0.5: indistinguishable, as after retraining)
@@ -33,7 +37,7 @@ class UnlearnedAdapter:
     """What `unlearn_adapter_directory` did. On processes other than the main one of a multi-process launch
     only `result` is set (the main process writes)."""
 
-    result: object  # eraser.UnlearningResult
+    result: UnlearningResult
     args: UnlearningArguments  # as run: with the saved curvature and μ pre-flight filled in
     output_dir: Path | None = None
     manifest: dict | None = None
