@@ -9,8 +9,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict, Unpack
+from typing import TYPE_CHECKING
 
 from .errors import ConfigurationError, OutputExistsError
 
@@ -453,14 +454,6 @@ def write_manifest_and_card(directory: str | Path, manifest: dict, base_model_id
     write_model_card(directory, manifest, base_model_id)
 
 
-class HandedOnCurvature(TypedDict, total=False):
-    """The edited training set's curvature `save_unlearned_adapter` writes beside the adapter for the next
-    request (its keyword arguments of these names, each optional, default None)."""
-
-    nystrom_sketch: NystromSketch | None
-    curvature_factors: KFACFactors | None
-
-
 def save_unlearned_adapter(
     model,
     output_dir: str | Path,
@@ -470,19 +463,15 @@ def save_unlearned_adapter(
     base_model_id: str | None = None,
     *,
     processing_class=None,
-    **handed_on: Unpack[HandedOnCurvature],
+    handed_on: Sequence[KFACFactors | NystromSketch] = (),
 ) -> Path:
     """Write the adapter, manifest and model card to `output_dir` so that it appears complete or not at all.
 
     `card_source` is the input adapter's directory: its README.md is kept and extended, its tokenizer files
     (`TOKENIZER_FILES`) are copied; `processing_class` (the Trainer paths' tokenizer or processor) is saved
-    beside the adapter, as `Trainer.save_model` saves it; `nystrom_sketch` and `curvature_factors` (the edited
-    training set's, `HandedOnCurvature`) are written beside the adapter for the next request.
+    beside the adapter, as `Trainer.save_model` saves it; `handed_on` (the edited training set's Nyström sketch
+    or K-FAC factors) are written beside the adapter for the next request.
     """
-    unknown = sorted(set(handed_on) - set(HandedOnCurvature.__annotations__))
-    if unknown:
-        raise TypeError(f"save_unlearned_adapter() got an unexpected keyword argument {unknown[0]!r}")
-    nystrom_sketch, curvature_factors = handed_on.get("nystrom_sketch"), handed_on.get("curvature_factors")
 
     def fill(staging: Path) -> None:
         if card_source is not None:  # the input adapter's card (extended below) and tokenizer stay with it
@@ -493,10 +482,8 @@ def save_unlearned_adapter(
             processing_class.save_pretrained(staging)
         model.save_pretrained(staging, safe_serialization=True)
         write_manifest_and_card(staging, manifest, base_model_id)
-        if nystrom_sketch is not None:
-            nystrom_sketch.save(staging)
-        if curvature_factors is not None:
-            curvature_factors.save(staging)
+        for curvature in handed_on:
+            curvature.save(staging)
 
     return write_directory(output_dir, overwrite, fill)
 

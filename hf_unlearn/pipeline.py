@@ -177,8 +177,7 @@ def _write(done, loaded, paths, encoding, train, history, key, threads) -> None:
         overwrite=paths.overwrite,
         card_source=paths.adapter,
         base_model_id=paths.base_model_id,
-        nystrom_sketch=result.nystrom_sketch,
-        curvature_factors=result.curvature_factors,
+        handed_on=[c for c in (result.nystrom_sketch, result.curvature_factors) if c is not None],
     )
 
 
