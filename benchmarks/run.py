@@ -17,7 +17,7 @@ adapters, the fraction of the metric's rows whose response greedy decoding repro
 spread, the closest any method can be expected to land. A second section measures how the unlearning time grows with the
 request size, the training-set size and the adapter rank.
 
-Suites with an `evaluation` setting (quick) add the field's figures (#22), `report["evaluation"]`: on TOFU-style
+Suites with an `evaluation` setting (quick, full) add the field's figures (#22), `report["evaluation"]`: on TOFU-style
 data of the suite's size (`hf_unlearn.tofu`, candidate answers for the truth ratio, held-out questions,
 non-members), an original adapter trained with K-FAC capture, each kind's request served by the default path
 (`default`), retrained, and retrained with the next seed; every row as above plus `field`: utility (loss, exact
@@ -37,7 +37,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -45,7 +45,7 @@ import torch
 from hf_unlearn import TrainingSet, UnlearningArguments, UnlearningRequest, sketch_curvature, tofu, unlearn
 from hf_unlearn.config import SINGLE_UPDATE
 from hf_unlearn.demo import METRICS, DemoArguments, Lab, edited_rows, metric_rows
-from hf_unlearn.demo_data import DemoSizes, generate
+from hf_unlearn.demo_data import DEMO_SIZES, DemoSizes, generate
 from hf_unlearn.distributed import Processes
 from hf_unlearn.evaluation import compare
 from hf_unlearn.gradients import Batches, gradient_sum
@@ -170,6 +170,13 @@ SUITES = {
         ],
         "scaling_facts": [24, 48],
         "scaling_ranks": [4, 8],
+        # utility, forget quality and PrivLeak (#22) on the demo's TOFU-style data and recipe (SmolLM2), 6-row
+        # requests: the demo's measurement, with the next-seed retraining, inside the suite's report
+        "evaluation": {
+            "tofu": asdict(DEMO_SIZES),
+            "request_sizes": [6],
+            "methods": ["default", "retrain-next-seed", "retrain"],
+        },
     },
 }
 SUITES["scaling"] = {
