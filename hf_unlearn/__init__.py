@@ -17,6 +17,7 @@ from .errors import (
 from .objective import CausalLMTask, UnlearningTask
 from .pipeline import UnlearnedAdapter, UnlearnPaths, unlearn_adapter_directory
 from .request import UnlearningRequest
+from .stats import UnlearningStats
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "UnlearningError",
     "UnlearningRequest",
     "UnlearningResult",
+    "UnlearningStats",
     "prepare_curvature",
     "UnlearningTask",
     "UnlearnTrainer",

@@ -52,12 +52,9 @@ from .refinement import (
 from .request import ResolvedRequest, UnlearningRequest
 from .solvers import make_solve
 from .solvers.base import SolverStats
+from .stats import ForgetCheck, RetainCheck, Sizes, UnlearningStats
 
 logger = logging.getLogger(__name__)
-
-FORGET_LOSS_DEFINITION = (
-    "cross-entropy per loss token over the old versions (token-weighted mean, as hf-unlearn evaluate)"
-)
 
 
 @dataclass
@@ -65,7 +62,7 @@ class UnlearningResult:
     """What `unlearn` did. `delta` maps each trainable parameter's name to its Δθ (already applied)."""
 
     delta: dict[str, torch.Tensor]
-    stats: dict
+    stats: UnlearningStats
     request: ResolvedRequest
     timings: dict = field(default_factory=dict)
     # preconditioner "nystrom": the sketch downdated by this request, i.e. of the edited training set (the
@@ -76,7 +73,8 @@ class UnlearningResult:
 
     @property
     def delta_norm(self) -> float:
-        return math.sqrt(sum(float(d.double().pow(2).sum()) for d in self.delta.values()))
+        """‖Δθ‖ (as `stats.delta_norm`)."""
+        return self.stats.delta_norm
 
 
 class PrecomputedCurvature(TypedDict, total=False):
@@ -144,11 +142,9 @@ def unlearn(
     # the sketch is handed on (saved beside the output, reused by the next request) only once it is the
     # edited training set's: downdated, which happens when C is over the edited rows
     handed_on = curvature.sketch if args.curvature_on_edited else None
-    result = UnlearningResult(
+    return UnlearningResult(
         measured.delta, stats, resolved, ctx.timings, handed_on, curvature.estimate.next_factors
     )
-    result.stats["delta_norm"] = result.delta_norm
-    return result
 
 
 # The kept-rows check: rows sampled, and the rise of their loss (nats per token) that is named as a warning —
@@ -158,7 +154,7 @@ RETAIN_RISE_WARNING = 0.5
 KEPT_LOSS_RETRIES = 5
 
 
-def retain_check(before: float, after: float, rows: int) -> dict:
+def retain_check(before: float, after: float, rows: int) -> RetainCheck:
     """The kept rows' loss per token before and after the update, with a warning when it rose by more than
     `RETAIN_RISE_WARNING` (the update then left the region its quadratic model describes)."""
     warning = None
@@ -170,7 +166,7 @@ def retain_check(before: float, after: float, rows: int) -> dict:
             "a retrained adapter (hf-unlearn evaluate) before using this one."
         )
         logger.warning("Unlearning: %s", warning)
-    return {"rows": rows, "loss_before": before, "loss_after": after, "warning": warning}
+    return RetainCheck(rows, before, after, warning)
 
 
 def sketch_curvature(
@@ -646,9 +642,7 @@ def _solve_and_refine(ctx: _Context, solver: _Solver, kept: _KeptRows, damping: 
 class _Measured:
     """The forget-set check, Δθ by parameter name (applied) and ‖b‖."""
 
-    forget_before: float
-    forget_after: float
-    predicted_change: float | None
+    forget: ForgetCheck
     delta: dict[str, torch.Tensor]
     b_norm: float
 
@@ -664,33 +658,29 @@ def _apply_and_measure(ctx: _Context, delta: torch.Tensor) -> _Measured:
     predicted_change = (ctx.g_old.dot(delta) / tokens_old).item() if token_norm else None
     ctx.space.add_(delta)
     after = ctx.token_loss(old_batches) / tokens_old
-    return _Measured(before, after, predicted_change, ctx.space.as_dict(delta), ctx.b.norm().item())
+    forget = ForgetCheck(before, after, predicted_change)
+    return _Measured(forget, ctx.space.as_dict(delta), ctx.b.norm().item())
 
 
-def _stats(ctx, curvature, damping, kept, solution, measured, work_rows) -> dict:
-    """The result's stats: the solver's, then the measurements, then each phase's record."""
-    return solution.trial.stats.to_dict() | {
-        "inexact": bool(solution.problems),
-        "forget_loss_before": measured.forget_before,
-        "forget_loss_after": measured.forget_after,
-        "forget_loss_change_predicted": measured.predicted_change,
-        "forget_loss_change_measured": measured.forget_after - measured.forget_before,
-        "forget_loss_definition": FORGET_LOSS_DEFINITION,
-        "retain_check": retain_check(kept.loss_before, solution.kept_loss_after, len(kept.check_rows)),
-        "num_params": ctx.space.numel,
-        "normaliser": ctx.M,
-        "num_train": len(ctx.rows),
-        "num_curvature_rows": curvature.estimate.rows,
-        "b_norm": measured.b_norm,
-        "num_processes": ctx.processes.count,
-        "damping": solution.trial.damping,
-        "l2_regularization": ctx.args.l2,
-        # rows through the model, by kind of pass (this process's count of every process's rows)
-        "work_rows": work_rows,
-        **curvature.stats,
-        **damping.stats,
-        **solution.stats,
-    }
+def _stats(ctx, curvature, damping, kept, solution, measured, work_rows) -> UnlearningStats:
+    """The result's stats: the kept solve's, the checks, the sizes, and each phase's record."""
+    delta_norm = math.sqrt(sum(float(d.double().pow(2).sum()) for d in measured.delta.values()))
+    sizes = Sizes(ctx.space.numel, ctx.M, len(ctx.rows), curvature.estimate.rows, ctx.processes.count)
+    return UnlearningStats(
+        solver=solution.trial.stats,
+        inexact=bool(solution.problems),
+        forget=measured.forget,
+        retain=retain_check(kept.loss_before, solution.kept_loss_after, len(kept.check_rows)),
+        sizes=sizes,
+        b_norm=measured.b_norm,
+        damping=solution.trial.damping,
+        l2_regularization=ctx.args.l2,
+        work_rows=work_rows,
+        delta_norm=delta_norm,
+        curvature=curvature.stats,
+        damping_choice=damping.stats,
+        solution=solution.stats,
+    )
 
 
 def _full_curvature(ctx: _Context, curvature: _Curvature):

@@ -852,10 +852,10 @@ def test_auto_takes_the_full_objective_when_the_output_layer_is_adapted():
 def test_the_kept_rows_check_names_a_rise_of_their_loss(caplog):
     from hf_unlearn.eraser import RETAIN_RISE_WARNING, retain_check
 
-    assert retain_check(0.9, 0.9 + RETAIN_RISE_WARNING * 0.9, 32)["warning"] is None
+    assert retain_check(0.9, 0.9 + RETAIN_RISE_WARNING * 0.9, 32).warning is None
     with caplog.at_level("WARNING", logger="hf_unlearn.eraser"):
         check = retain_check(0.06, 4.4, 32)
-    assert "rose from 0.06 to 4.4" in check["warning"] and "rose from 0.06" in caplog.text
+    assert "rose from 0.06 to 4.4" in check.warning and "rose from 0.06" in caplog.text
 
 
 def test_a_kept_loss_rise_solves_again_with_tenfold_damping(trained):
@@ -966,3 +966,29 @@ def test_refinement_solves_each_step_to_the_inexact_newton_forcing_term(trained)
     assert UnlearningArguments(refine_tol=0.0, tol=1e-6).newton_tol(0.5, 1.0) == 1e-6
     with pytest.raises(ConfigurationError, match="refine_tol"):
         UnlearningArguments(refine_tol=1.0)
+
+
+def test_stats_are_typed_records_read_as_the_manifest_mapping(trained):
+    """`result.stats` holds typed records (the solve's `SolverStats`, the forget and kept-rows checks, the sizes)
+    and reads as the flat mapping the manifest serialises: the same values by key, ‖Δθ‖ from Δθ itself."""
+    import json
+    import math
+
+    from hf_unlearn import UnlearningStats
+    from hf_unlearn.solvers.base import SolverStats
+
+    result, delta = run(trained, REQUESTS["IR"][0])
+    stats = result.stats
+    assert isinstance(stats, UnlearningStats) and isinstance(stats.solver, SolverStats)
+    flat_stats = dict(stats)
+    assert list(flat_stats)[:4] == ["solver", "iterations", "relative_residual", "converged"]
+    assert flat_stats["iterations"] == stats.solver.iterations and flat_stats["damping"] == stats.damping
+    assert flat_stats["forget_loss_after"] == stats.forget.after
+    assert flat_stats["forget_loss_change_measured"] == stats.forget.after - stats.forget.before
+    assert flat_stats["retain_check"]["loss_after"] == stats.retain.loss_after
+    assert flat_stats["num_params"] == stats.sizes.num_params == delta.numel()
+    assert stats["delta_norm"] == result.delta_norm == pytest.approx(delta.norm().item(), rel=1e-12)
+    assert math.isfinite(stats.b_norm) and len(stats) == len(flat_stats)
+    json.dumps(flat_stats)  # serialisable as it stands
+    with pytest.raises(KeyError):
+        stats["no such figure"]
