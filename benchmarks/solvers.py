@@ -147,7 +147,7 @@ def run_solvers(results, save, problem: dict, damping: float, b: torch.Tensor, b
             results, save, problem, "woodbury", "woodbury", None, lambda: SOLVERS["woodbury"](op, damping, -b)
         )
     for budget in budgets:
-        for label, options in (("lissa", {}), ("qp-sgd", {}), ("qp-adam", {"qp_optimizer": "adam"})):
+        for label, options in (("lissa", {}), ("qp-svrg", {}), ("qp-adam", {"qp_optimizer": "adam"})):
             if label == "qp-adam":
                 if budget != budgets[-1]:
                     continue
