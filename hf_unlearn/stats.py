@@ -9,7 +9,7 @@ The fields are documented in docs/formats.md (the manifest).
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .solvers.base import SolverStats
@@ -49,12 +49,7 @@ class RetainCheck:
     warning: str | None
 
     def to_dict(self) -> dict:
-        return {
-            "rows": self.rows,
-            "loss_before": self.loss_before,
-            "loss_after": self.loss_after,
-            "warning": self.warning,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
